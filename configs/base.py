@@ -1,0 +1,77 @@
+"""Defaults shared by every md4_jax config.
+
+Dataset configs import this module, call `get_config()` and override fields.
+Every field is read somewhere; units and choices are in the comments.
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the base ConfigDict (a tiny digits run; datasets override)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # Seeds parameters, time/mask draws, dropout and data order.
+
+  # ---------------------------------------------------------------- data ---
+  config.dataset = "digits"  # digits | cifar10 | imagenet64 | text8 | openwebtext
+  config.data_dir = ""  # Where prepared data lives ('' = the dataset's default).
+  config.data_shape = (8, 8, 1)  # Shape of one example: (L,) text, (H, W, C) images.
+  config.vocab_size = 17  # V: tokens take values in [0, V); the mask id is V.
+  config.classes = 0  # Number of class labels for conditioning; 0 = unconditional.
+  config.batch_size = 64  # Global training batch (all devices, all processes).
+  config.eval_batch_size = 64  # Global evaluation batch.
+  config.random_flip = False  # Horizontal flips (images); off for likelihood runs.
+  config.grain_worker_count = 0  # grain worker processes (0 = in the main process).
+  config.grain_prefetch = 2  # Batches grain keeps ready ahead of the loop.
+
+  # ------------------------------------------------------------ diffusion ---
+  config.noise_schedule = "cosine"  # linear | cosine | polyK (K > 0, e.g. poly3).
+  config.cont_time = True  # True: continuous-time NELBO; False: T-step NELBO.
+  config.timesteps = 1000  # T of the discrete-time loss (used if not cont_time).
+  config.antithetic_time_sampling = True  # t_b = (u + b/B) mod 1 across the batch.
+
+  # ------------------------------------------------------------- network ---
+  config.network = "unet"  # transformer | unet
+  config.time_features = "t"  # t (sinusoidal embedding of t) | none (ignore t).
+  config.dropout_rate = 0.0  # Dropout probability inside the network.
+  config.dtype = "float32"  # Activation dtype: float32 | bfloat16.
+  config.param_dtype = "float32"  # Parameter dtype (master copy).
+  # Transformer (sequences).
+  config.transformer = ml_collections.ConfigDict()
+  config.transformer.width = 64  # Residual stream width (channels).
+  config.transformer.depth = 2  # Number of transformer blocks.
+  config.transformer.num_heads = 4  # Attention heads (width % num_heads == 0).
+  config.transformer.mlp_ratio = 4.0  # SwiGLU hidden = mlp_ratio * width * 2/3.
+  # UNet (images).
+  config.unet = ml_collections.ConfigDict()
+  config.unet.channels = 32  # Base channel count.
+  config.unet.channel_mult = (1, 2)  # Channel multiplier per resolution level.
+  config.unet.num_res_blocks = 1  # Residual blocks per level.
+  config.unet.attn_resolutions = (4,)  # Spatial sizes (H) with self-attention.
+  config.unet.embed_dim = 16  # Embedding width per channel value.
+
+  # ---------------------------------------------------------- optimiser ---
+  config.learning_rate = 1e-3  # Peak learning rate (after warmup).
+  config.warmup_steps = 100  # Linear warmup from 0 (steps).
+  config.lr_schedule = "cosine"  # cosine (decay to 0 at num_train_steps) | constant.
+  config.weight_decay = 0.0  # AdamW decoupled weight decay.
+  config.b1 = 0.9  # Adam beta1.
+  config.b2 = 0.999  # Adam beta2.
+  config.clip_grad_norm = 1.0  # Global-norm clip; <= 0 disables.
+  config.ema_rate = 0.999  # EMA decay of parameters (0 = EMA equals params).
+  config.grad_accum_steps = 1  # Microbatches per step (batch % this == 0).
+
+  # ---------------------------------------------------------------- loop ---
+  config.num_train_steps = 2000  # Total optimisation steps.
+  config.log_loss_every_steps = 50  # Train metric logging period (steps).
+  config.eval_every_steps = 500  # NELBO on the eval split with EMA params (steps).
+  config.checkpoint_every_steps = 500  # Checkpoint period (steps).
+  config.max_checkpoints_to_keep = 3  # Older checkpoints are deleted.
+  config.sample_every_steps = 1000  # Sample a small batch (0 = only at the end).
+  config.num_samples = 16  # Samples drawn each time.
+  config.sampling_steps = 100  # Reverse-chain steps for the periodic samples.
+
+  # -------------------------------------------------------------- devices ---
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Batch-parallel axis size (-1 = all devices).
+  return config

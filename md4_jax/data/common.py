@@ -1,0 +1,376 @@
+"""Shared by every dataset family: the `Datasets` bundle and grain pipelines.
+
+Every family module builds a random-access *source* (anything with `__len__`
+and `__getitem__` returning one example) and a per-example `transform` that
+turns a raw record into `{'x': int32 [*data_shape], ('label': int32 [])}`.
+This module turns those into
+
+* an infinite, checkpointable training iterator for this process
+  (shard → shuffle → repeat → transform → (flip) → batch), and
+* a finite evaluation iterable per call, padded so that every process yields
+  the same number of batches and the split is covered exactly once.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+import dataclasses
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+Example = dict[str, np.ndarray]
+Transform = Callable[[Any], Example]
+
+# Grain reads at most this many batches concurrently in the main process.
+_MAX_READ_THREADS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """What `create_datasets` hands the training loop.
+
+  Attributes:
+    train_iter: Infinite `grain.DatasetIterator` over this process's training
+      shard. Yields `{'x': int32 [B_local, *data_shape]}` plus
+      `'label': int32 [B_local]` when `config.classes > 0`. Checkpoint it with
+      `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
+    eval_batches: Returns a fresh finite iterator over this process's share of
+      the evaluation split: like `train_iter` plus `'weight': float32
+      [B_local_eval]` (1 real example, 0 padding). Every process yields the
+      same number of batches.
+    num_eval_examples: Examples in the evaluation split (all processes).
+    kind: 'image' or 'text'.
+    decode: For text, maps int tokens `[L]` to a string; None for images.
+  """
+
+  train_iter: grain.DatasetIterator
+  eval_batches: Callable[[], Iterator[Example]]
+  num_eval_examples: int
+  kind: str
+  decode: Callable[[np.ndarray], str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+  """Per-process pipeline settings, resolved from the config once.
+
+  Attributes:
+    process_index: This process, in [0, process_count).
+    process_count: Number of processes sharing the data.
+    batch_size: Per-process training batch (B_local).
+    eval_batch_size: Per-process evaluation batch (B_local_eval).
+    seed: Base seed of the training order and augmentation.
+    worker_count: grain worker processes (0 = read in this process).
+    prefetch: Batches kept ready ahead of the consumer.
+  """
+
+  process_index: int
+  process_count: int
+  batch_size: int
+  eval_batch_size: int
+  seed: int
+  worker_count: int
+  prefetch: int
+
+
+def pipeline_options(
+    config, process_index: int | None, process_count: int | None
+) -> PipelineOptions:
+  """Resolves process layout and per-process batch sizes from `config`.
+
+  Args:
+    config: The run config (`batch_size`, `eval_batch_size`, `seed`,
+      `grain_worker_count`, `grain_prefetch`).
+    process_index: This process; None means `jax.process_index()`.
+    process_count: Number of processes; None means `jax.process_count()`.
+
+  Returns:
+    The resolved `PipelineOptions`.
+
+  Raises:
+    ValueError: If a global batch size does not divide by `process_count`, or
+      the process layout is invalid.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+        f"Invalid process layout: process_index={process_index}, "
+        f"process_count={process_count}."
+    )
+  return PipelineOptions(
+      process_index=process_index,
+      process_count=process_count,
+      batch_size=_local_batch_size(
+          config.batch_size, process_count, "batch_size"
+      ),
+      eval_batch_size=_local_batch_size(
+          config.eval_batch_size, process_count, "eval_batch_size"
+      ),
+      seed=int(config.seed),
+      worker_count=int(config.grain_worker_count),
+      prefetch=int(config.grain_prefetch),
+  )
+
+
+def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+        f"config.{field}={global_batch} must be a positive multiple of the "
+        f"process count ({process_count}): every process loads "
+        f"{field} // process_count examples."
+    )
+  return global_batch // process_count
+
+
+def check_config(
+    config,
+    dataset: str,
+    *,
+    vocab_size: int,
+    data_shape: tuple[int, ...] | None = None,
+    sequence: bool = False,
+    classes: int = 0,
+) -> None:
+  """Checks that `config` matches what dataset `dataset` provides.
+
+  Args:
+    config: The run config (`data_shape`, `vocab_size`, `classes`).
+    dataset: Dataset name, for messages.
+    vocab_size: Number of token values the data takes.
+    data_shape: Exact example shape, or None to skip the check.
+    sequence: If True, `config.data_shape` must be `(L,)` with L > 0 and
+      `config.random_flip` must be off.
+    classes: Number of labels the dataset has (0 = unlabelled).
+
+  Raises:
+    ValueError: On any mismatch, naming the field and the expected value.
+  """
+  shape = tuple(config.data_shape)
+  if data_shape is not None and shape != tuple(data_shape):
+    raise ValueError(
+        f"Dataset {dataset!r} has examples of shape {tuple(data_shape)}, but "
+        f"config.data_shape={shape}."
+    )
+  if sequence and (len(shape) != 1 or shape[0] <= 0):
+    raise ValueError(
+        f"Dataset {dataset!r} yields token sequences: config.data_shape must "
+        f"be (L,) with L > 0, got {shape}."
+    )
+  if sequence and config.random_flip:
+    raise ValueError(
+        f"config.random_flip flips images; dataset {dataset!r} is text."
+    )
+  if config.vocab_size != vocab_size:
+    raise ValueError(
+        f"Dataset {dataset!r} has {vocab_size} token values, but "
+        f"config.vocab_size={config.vocab_size}."
+    )
+  if config.classes and not classes:
+    raise ValueError(
+        f"Dataset {dataset!r} has no labels: set config.classes = 0 "
+        f"(got {config.classes})."
+    )
+  if config.classes and config.classes != classes:
+    raise ValueError(
+        f"Dataset {dataset!r} has {classes} classes, but "
+        f"config.classes={config.classes}; use {classes} or 0."
+    )
+
+
+def process_seed(seed: int, process_index: int) -> int:
+  """A uint32 seed per process, so shards shuffle and flip independently."""
+  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+
+
+def random_flip(example: Example, rng: np.random.Generator) -> Example:
+  """Flips `example['x']` [H, W, C] left-right with probability 1/2."""
+  if rng.random() < 0.5:
+    example = dict(example, x=np.ascontiguousarray(example["x"][:, ::-1]))
+  return example
+
+
+def _read_options(prefetch: int) -> grain.ReadOptions:
+  # Each grain element is a whole batch, so `prefetch` threads can build the
+  # `prefetch` buffered batches concurrently.
+  threads = min(max(prefetch, 0), _MAX_READ_THREADS)
+  return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
+
+
+def train_iterator(
+    source: Sequence[Any],
+    transform: Transform,
+    options: PipelineOptions,
+    *,
+    flip: bool = False,
+) -> grain.DatasetIterator:
+  """Builds this process's infinite training iterator.
+
+  Pipeline: source → this process's strided shard → shuffle (per-process
+  seed, reshuffled every epoch) → repeat forever → transform → optional flip →
+  batch (B_local, batches may span an epoch boundary) → iterator with thread
+  prefetch, or `grain_worker_count` worker processes.
+
+  Args:
+    source: Random-access records of the training split (all processes).
+    transform: Record → `{'x': int32 [...], ('label': int32 [])}`; must be
+      picklable when `options.worker_count > 0`.
+    options: Per-process settings.
+    flip: Random horizontal flip of `x` [H, W, C].
+
+  Returns:
+    A `grain.DatasetIterator` yielding dicts of batched numpy arrays; it has
+    `get_state()` / `set_state()` for checkpointing.
+
+  Raises:
+    ValueError: If this process's shard is empty.
+  """
+  seed = process_seed(options.seed, options.process_index)
+  ds = grain.MapDataset.source(source)
+  ds = ds[options.process_index :: options.process_count]
+  if not len(ds):
+    raise ValueError(
+        f"The training split has {len(source)} examples, fewer than the "
+        f"{options.process_count} processes: process {options.process_index} "
+        "has none."
+    )
+  ds = ds.shuffle(seed=seed).repeat(None).map(transform)
+  if flip:
+    ds = ds.random_map(random_flip, seed=seed)
+  ds = ds.batch(options.batch_size, drop_remainder=True)
+  ids = ds.to_iter_dataset(_read_options(options.prefetch))
+  if options.worker_count > 0:
+    ids = ids.mp_prefetch(
+        grain.MultiprocessingOptions(
+            num_workers=options.worker_count,
+            per_worker_buffer_size=max(options.prefetch, 1),
+        )
+    )
+  return iter(ids)
+
+
+class _PaddedShard:
+  """Strided shard of `source`, padded with weight-0 copies of record 0.
+
+  Element i is `(record, weight)`: the process's i-th record with weight 1 for
+  i < shard size, else `(source[0], 0.0)`.
+  """
+
+  def __init__(self, source: Sequence[Any], indices: np.ndarray, length: int):
+    self._source = source
+    self._indices = indices
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int) -> tuple[Any, float]:
+    if i < len(self._indices):
+      return self._source[int(self._indices[i])], 1.0
+    return self._source[0], 0.0
+
+
+class _Weighted:
+  """Applies a transform to `(record, weight)` and adds float32 `weight`."""
+
+  def __init__(self, transform: Transform):
+    self._transform = transform
+
+  def __call__(self, record_and_weight: tuple[Any, float]) -> Example:
+    record, weight = record_and_weight
+    return dict(self._transform(record), weight=np.float32(weight))
+
+
+def eval_batches_fn(
+    source: Sequence[Any],
+    transform: Transform,
+    options: PipelineOptions,
+) -> Callable[[], Iterator[Example]]:
+  """Builds the evaluation-batch factory for this process.
+
+  Process p takes records p, p + P, p + 2P, ... of the split (P processes),
+  so the processes cover it exactly once. Every process yields
+  ceil(ceil(N / P) / B_local_eval) batches; slots past its records hold
+  weight-0 copies of record 0.
+
+  Args:
+    source: Random-access records of the evaluation split (all processes).
+    transform: Record → `{'x': int32 [...], ('label': int32 [])}`.
+    options: Per-process settings.
+
+  Returns:
+    A function returning a fresh iterator of dicts: the transform's keys
+    batched to `[B_local_eval, ...]` plus `'weight'` float32 `[B_local_eval]`.
+
+  Raises:
+    ValueError: If the split is empty.
+  """
+  n = len(source)
+  if not n:
+    raise ValueError("The evaluation split is empty.")
+  per_process = -(-n // options.process_count)
+  num_batches = -(-per_process // options.eval_batch_size)
+  indices = np.arange(options.process_index, n, options.process_count)
+  shard = _PaddedShard(source, indices, num_batches * options.eval_batch_size)
+  ds = grain.MapDataset.source(shard).map(_Weighted(transform))
+  ds = ds.batch(options.eval_batch_size)
+  ids = ds.to_iter_dataset(_read_options(options.prefetch))
+
+  def eval_batches() -> Iterator[Example]:
+    return iter(ids)
+
+  return eval_batches
+
+
+class ArraySource:
+  """In-memory records: `x` [N, ...] with optional `label` [N]."""
+
+  def __init__(self, x: np.ndarray, label: np.ndarray | None = None):
+    if label is not None and len(label) != len(x):
+      raise ValueError(f"{len(x)} examples but {len(label)} labels.")
+    self._x = x
+    self._label = label
+
+  def __len__(self) -> int:
+    return len(self._x)
+
+  def __getitem__(self, i: int) -> Example:
+    record = {"x": self._x[i]}
+    if self._label is not None:
+      record["label"] = self._label[i]
+    return record
+
+
+class ToTokens:
+  """Record `{x_key: int array, label_key: int}` → int32 `x` (and label).
+
+  Attributes:
+    x_key: Key of the token array in the record.
+    label_key: Key of the label, or None to drop labels.
+    shape: Expected shape of `x`, checked when given.
+  """
+
+  def __init__(
+      self,
+      x_key: str = "x",
+      label_key: str | None = None,
+      shape: tuple[int, ...] | None = None,
+  ):
+    self.x_key = x_key
+    self.label_key = label_key
+    self.shape = None if shape is None else tuple(shape)
+
+  def __call__(self, record: dict[str, Any]) -> Example:
+    x = np.asarray(record[self.x_key], np.int32)
+    if self.shape is not None and x.shape != self.shape:
+      raise ValueError(
+          f"A record's {self.x_key!r} has shape {x.shape}, expected "
+          f"{self.shape} (config.data_shape)."
+      )
+    example = {"x": x}
+    if self.label_key is not None:
+      example["label"] = np.asarray(record[self.label_key], np.int32)
+    return example

@@ -1,0 +1,119 @@
+"""TFDS image datasets read as ArrayRecord through `tfds.data_source` + grain.
+
+uint8 pixels become int32 tokens of a vocabulary of 256; examples are
+(H, W, 3). The data must be prepared once as ArrayRecord, on a machine with
+internet, e.g.
+
+  tfds build cifar10 --data_dir=DIR --file_format=array_record
+
+then `config.data_dir = DIR` ('' = TFDS's default data_dir, usually
+~/tensorflow_datasets or $TFDS_DATA_DIR).
+"""
+
+import dataclasses
+import functools
+
+import tensorflow_datasets as tfds
+
+from md4_jax.data import common
+
+VOCAB_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+  """A TFDS image dataset.
+
+  Attributes:
+    tfds_name: Name passed to `tfds.data_source`.
+    data_shape: (H, W, C) of one image.
+    classes: Number of labels (0 = the TFDS dataset has none).
+    train_split: TFDS split used for training.
+    eval_split: TFDS split used for evaluation.
+  """
+
+  tfds_name: str
+  data_shape: tuple[int, int, int]
+  classes: int
+  train_split: str = "train"
+  eval_split: str = "test"
+
+
+DATASETS = {
+    "cifar10": ImageDataset("cifar10", (32, 32, 3), classes=10),
+    "imagenet64": ImageDataset(
+        "downsampled_imagenet/64x64",
+        (64, 64, 3),
+        classes=0,
+        eval_split="validation",
+    ),
+}
+
+
+def data_source(tfds_name: str, split: str, data_dir: str | None):
+  """Opens one split of a prepared ArrayRecord TFDS dataset.
+
+  Args:
+    tfds_name: TFDS dataset name, e.g. 'cifar10'.
+    split: TFDS split name.
+    data_dir: TFDS data_dir; None means TFDS's default.
+
+  Returns:
+    A random-access source of decoded examples (dicts of numpy arrays).
+
+  Raises:
+    FileNotFoundError: If the dataset is not prepared as ArrayRecord there.
+  """
+  try:
+    return tfds.data_source(
+        tfds_name, split=split, data_dir=data_dir, download=False
+    )
+  except Exception:  # TFDS raises several types; diagnose below.
+    builder = tfds.builder(tfds_name, data_dir=data_dir)
+    prepared = builder.is_prepared() and (
+        builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+    )
+    if prepared:
+      raise
+  root = data_dir or tfds.core.constants.DATA_DIR
+  raise FileNotFoundError(
+      f"Dataset {tfds_name!r} is not prepared as ArrayRecord under "
+      f"data_dir={root!r} (looked in {builder.data_dir}). Prepare it on a "
+      f"machine with internet:\n  tfds build {tfds_name} --data_dir={root} "
+      "--file_format=array_record\nand point config.data_dir at that "
+      "directory."
+  )
+
+
+def build(
+    config, process_index=None, process_count=None, *, dataset: ImageDataset
+) -> common.Datasets:
+  """Builds the pipelines of a TFDS image dataset (see `create_datasets`)."""
+  common.check_config(
+      config,
+      config.dataset,
+      vocab_size=VOCAB_SIZE,
+      data_shape=dataset.data_shape,
+      classes=dataset.classes,
+  )
+  options = common.pipeline_options(config, process_index, process_count)
+  data_dir = config.data_dir or None
+  train_source = data_source(dataset.tfds_name, dataset.train_split, data_dir)
+  eval_source = data_source(dataset.tfds_name, dataset.eval_split, data_dir)
+  transform = common.ToTokens(
+      "image", "label" if config.classes else None, dataset.data_shape
+  )
+  return common.Datasets(
+      train_iter=common.train_iterator(
+          train_source, transform, options, flip=config.random_flip
+      ),
+      eval_batches=common.eval_batches_fn(eval_source, transform, options),
+      num_eval_examples=len(eval_source),
+      kind="image",
+  )
+
+
+BUILDERS = {
+    name: functools.partial(build, dataset=dataset)
+    for name, dataset in DATASETS.items()
+}

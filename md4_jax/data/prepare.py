@@ -1,0 +1,360 @@
+r"""Tokenises a web-text corpus into the ArrayRecord shards tokenized.py reads.
+
+  python -m md4_jax.data.prepare --dataset=openwebtext --data_dir=DIR \
+      --tokenizer=/path/to/gpt2/tokenizer.json
+
+Documents come from the Hugging Face `datasets` hub entry in `SOURCES`
+(streamed, so the corpus needs no local copy), are tokenised with a GPT-2
+tokenizer loaded from a local `tokenizer.json` (Hugging Face `tokenizers`
+format), joined with the EOS token and packed into sequences of `--seq_len`
+tokens. The first `--validation_docs` documents form the 'validation' split,
+the rest 'train'. Each split's final partial sequence is dropped.
+
+Output under DIR: `{split}-{i:05d}-of-{n:05d}.array_record` (one record per
+sequence: little-endian uint16 ids), a copy of `tokenizer.json`, and
+`summary.json`. Progress is saved after every shard in `prepare_state.json`;
+rerunning the same command resumes after the last finished shard.
+
+Needs the `datasets` and `tokenizers` packages (not needed for training).
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import shutil
+
+from absl import app
+from absl import flags
+from array_record.python import array_record_module
+import numpy as np
+import tqdm
+
+from md4_jax.data import tokenized
+
+EncodeBatch = Callable[[list[str]], list[list[int]]]
+Documents = Callable[[int, int | None], Iterable[str]]
+
+STATE_FILE = "prepare_state.json"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class HFSource:
+  """A Hugging Face hub corpus.
+
+  Attributes:
+    path: `datasets.load_dataset` path.
+    name: Its configuration name, or None.
+    text_field: Column holding the document text.
+  """
+
+  path: str
+  name: str | None = None
+  text_field: str = "text"
+
+
+SOURCES = {
+    "openwebtext": HFSource("Skylion007/openwebtext"),
+    "fineweb_edu": HFSource("HuggingFaceFW/fineweb-edu", "sample-10BT"),
+}
+assert set(SOURCES) == set(tokenized.DATASETS)
+
+
+@dataclasses.dataclass
+class SplitState:
+  """Progress of one split, saved after every finished shard.
+
+  Attributes:
+    docs_done: Documents consumed (all their tokens are in shards or carry).
+    shards_done: Finished shards.
+    sequences: Sequences written.
+    tokens: Tokens of consumed documents, EOS included.
+    carry: Tokens consumed but not yet in a sequence (< seq_len unless one
+      document filled several shards).
+    finished: All documents consumed and shards renamed to their final names.
+  """
+
+  docs_done: int = 0
+  shards_done: int = 0
+  sequences: int = 0
+  tokens: int = 0
+  carry: list[int] = dataclasses.field(default_factory=list)
+  finished: bool = False
+
+
+def _partial_path(data_dir: str, split: str, index: int) -> str:
+  return os.path.join(data_dir, f"{split}-{index:05d}.array_record.partial")
+
+
+def _done_path(data_dir: str, split: str, index: int) -> str:
+  return os.path.join(data_dir, f"{split}-{index:05d}.array_record.done")
+
+
+def _load_state(data_dir: str, seq_len: int) -> dict[str, SplitState]:
+  path = os.path.join(data_dir, STATE_FILE)
+  if not os.path.exists(path):
+    return {split: SplitState() for split in tokenized.SPLITS}
+  with open(path) as f:
+    saved = json.load(f)
+  if saved["seq_len"] != seq_len:
+    raise ValueError(
+        f"{path} was written with --seq_len={saved['seq_len']}, not "
+        f"{seq_len}; use another --data_dir or the same length."
+    )
+  return {s: SplitState(**saved["splits"][s]) for s in tokenized.SPLITS}
+
+
+def _save_state(
+    data_dir: str, seq_len: int, states: dict[str, SplitState]
+) -> None:
+  path = os.path.join(data_dir, STATE_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(
+        {
+            "seq_len": seq_len,
+            "splits": {s: dataclasses.asdict(v) for s, v in states.items()},
+        },
+        f,
+    )
+  os.replace(path + ".tmp", path)
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+  it = iter(items)
+  while batch := list(itertools.islice(it, size)):
+    yield batch
+
+
+def write_split(
+    documents: Iterable[str],
+    encode_batch: EncodeBatch,
+    *,
+    split: str,
+    states: dict[str, SplitState],
+    data_dir: str,
+    eos_id: int,
+    seq_len: int,
+    sequences_per_shard: int,
+    batch_docs: int = 256,
+    total_docs: int | None = None,
+) -> SplitState:
+  """Packs `documents` into shards of `split`, resuming from `states[split]`.
+
+  Args:
+    documents: The split's documents after the `states[split].docs_done`
+      already consumed.
+    encode_batch: Texts → token ids (no special tokens).
+    split: Split name.
+    states: Progress of every split; updated and saved after every shard.
+    data_dir: Output directory.
+    eos_id: Token appended to every document.
+    seq_len: L, tokens per sequence.
+    sequences_per_shard: Sequences per ArrayRecord file.
+    batch_docs: Documents tokenised per `encode_batch` call.
+    total_docs: Documents of the split, for the progress bar (None: unknown).
+
+  Returns:
+    The split's final state (`finished=True`).
+  """
+  state = states[split]
+  buffer = list(state.carry)
+  shard: list[bytes] = []
+
+  def finish_shard():
+    writer = array_record_module.ArrayRecordWriter(
+        _partial_path(data_dir, split, state.shards_done), "group_size:1"
+    )
+    for record in shard:
+      writer.write(record)
+    writer.close()
+    os.replace(
+        _partial_path(data_dir, split, state.shards_done),
+        _done_path(data_dir, split, state.shards_done),
+    )
+    state.shards_done += 1
+    state.sequences += len(shard)
+    shard.clear()
+
+  bar = tqdm.tqdm(
+      desc=split, unit="doc", initial=state.docs_done, total=total_docs
+  )
+  for texts in _batched(documents, batch_docs):
+    for ids in encode_batch(texts):
+      buffer.extend(ids)
+      buffer.append(eos_id)
+      state.docs_done += 1
+      state.tokens += len(ids) + 1
+      while len(buffer) >= seq_len:
+        tokens_L = np.asarray(buffer[:seq_len], tokenized.TOKEN_DTYPE)
+        shard.append(tokens_L.tobytes())
+        del buffer[:seq_len]
+        if len(shard) == sequences_per_shard:
+          finish_shard()
+          # Every token of documents < docs_done is in a shard or in `buffer`.
+          state.carry = list(buffer)
+          _save_state(data_dir, seq_len, states)
+    bar.update(len(texts))
+  bar.close()
+  if shard:
+    finish_shard()
+  count = state.shards_done
+  for i in range(count):
+    os.replace(
+        _done_path(data_dir, split, i),
+        tokenized.shard_path(data_dir, split, i, count),
+    )
+  state.carry = buffer  # Dropped: shorter than one sequence.
+  state.finished = True
+  _save_state(data_dir, seq_len, states)
+  return state
+
+
+def prepare(
+    documents: Documents,
+    encode_batch: EncodeBatch,
+    *,
+    data_dir: str,
+    eos_id: int,
+    seq_len: int = tokenized.SEQ_LEN,
+    validation_docs: int = 10_000,
+    max_docs: int | None = None,
+    sequences_per_shard: int = 100_000,
+    batch_docs: int = 256,
+) -> dict[str, dict[str, int]]:
+  """Writes both splits under `data_dir`, resuming any earlier run there.
+
+  Args:
+    documents: `(start, stop)` → the corpus's documents [start, stop)
+      (stop None = to the end).
+    encode_batch: Texts → token ids (no special tokens).
+    data_dir: Output directory (created).
+    eos_id: Token appended to every document.
+    seq_len: L, tokens per sequence.
+    validation_docs: The first this many documents form 'validation'.
+    max_docs: Stop after this many documents in all (None = whole corpus).
+    sequences_per_shard: Sequences per ArrayRecord file.
+    batch_docs: Documents tokenised per `encode_batch` call.
+
+  Returns:
+    Per split: documents, tokens, sequences, shards, dropped_tokens; also
+    written to `summary.json`.
+  """
+  os.makedirs(data_dir, exist_ok=True)
+  states = _load_state(data_dir, seq_len)
+  ranges = {
+      "validation": (0, validation_docs),
+      "train": (validation_docs, max_docs),
+  }
+  for split, (start, stop) in ranges.items():  # Corpus order.
+    state = states[split]
+    if state.finished:
+      logging.info("%s: already prepared.", split)
+      continue
+    write_split(
+        documents(start + state.docs_done, stop),
+        encode_batch,
+        split=split,
+        states=states,
+        data_dir=data_dir,
+        eos_id=eos_id,
+        seq_len=seq_len,
+        sequences_per_shard=sequences_per_shard,
+        batch_docs=batch_docs,
+        total_docs=None if stop is None else stop - start,
+    )
+  summary = {
+      split: {
+          "documents": s.docs_done,
+          "tokens": s.tokens,
+          "sequences": s.sequences,
+          "shards": s.shards_done,
+          "dropped_tokens": len(s.carry),
+      }
+      for split, s in states.items()
+  }
+  with open(os.path.join(data_dir, SUMMARY_FILE), "w") as f:
+    json.dump({"seq_len": seq_len, "splits": summary}, f, indent=2)
+  return summary
+
+
+# ------------------------------------------------------------------ CLI ---
+
+def _define_flags() -> None:
+  """Defines the CLI flags (only when run as a script, not on import)."""
+  flags.DEFINE_enum("dataset", None, sorted(SOURCES), "Corpus to tokenise.")
+  flags.DEFINE_string(
+      "data_dir", None, "Output directory (config.data_dir for training)."
+  )
+  flags.DEFINE_string(
+      "tokenizer", None, "Local GPT-2 tokenizer.json (Hugging Face format)."
+  )
+  flags.DEFINE_string("eos_token", "<|endoftext|>", "Document separator.")
+  flags.DEFINE_integer("seq_len", tokenized.SEQ_LEN, "Tokens per sequence.")
+  flags.DEFINE_integer(
+      "validation_docs", 10_000, "Leading documents held out for validation."
+  )
+  flags.DEFINE_integer(
+      "max_docs", 0, "Documents to use in all (0 = the whole corpus)."
+  )
+  flags.DEFINE_integer(
+      "sequences_per_shard", 100_000, "Sequences per ArrayRecord file."
+  )
+  flags.mark_flags_as_required(["dataset", "data_dir", "tokenizer"])
+
+
+def _hf_documents(source: HFSource) -> Documents:
+  import datasets  # pylint: disable=g-import-not-at-top
+
+  corpus = datasets.load_dataset(
+      source.path, source.name, split="train", streaming=True
+  )
+
+  def documents(start: int, stop: int | None) -> Iterable[str]:
+    ds = corpus.skip(start)
+    if stop is not None:
+      ds = ds.take(stop - start)
+    return (row[source.text_field] for row in ds)
+
+  return documents
+
+
+def main(argv):
+  del argv
+  import tokenizers  # pylint: disable=g-import-not-at-top
+
+  f = flags.FLAGS
+  tokenizer = tokenizers.Tokenizer.from_file(f.tokenizer)
+  eos_id = tokenizer.token_to_id(f.eos_token)
+  if eos_id is None:
+    raise ValueError(f"{f.tokenizer} has no token {f.eos_token!r}.")
+  if tokenizer.get_vocab_size() > np.iinfo(tokenized.TOKEN_DTYPE).max + 1:
+    raise ValueError(f"{f.tokenizer}: token ids must fit in uint16.")
+
+  def encode_batch(texts: list[str]) -> list[list[int]]:
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings]
+
+  os.makedirs(f.data_dir, exist_ok=True)
+  shutil.copyfile(
+      f.tokenizer, os.path.join(f.data_dir, tokenized.TOKENIZER_FILE)
+  )
+  summary = prepare(
+      _hf_documents(SOURCES[f.dataset]),
+      encode_batch,
+      data_dir=f.data_dir,
+      eos_id=eos_id,
+      seq_len=f.seq_len,
+      validation_docs=f.validation_docs,
+      max_docs=f.max_docs or None,
+      sequences_per_shard=f.sequences_per_shard,
+  )
+  for split, numbers in summary.items():
+    print(split, " ".join(f"{k}={v:,}" for k, v in numbers.items()))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,167 @@
+"""Pre-tokenised web text (OpenWebText, FineWeb-Edu) stored as ArrayRecord.
+
+The prepare step
+
+  python -m md4_jax.data.prepare --dataset=openwebtext --data_dir=DIR
+
+tokenises documents with the GPT-2 tokenizer, joins them with its EOS token
+(50256) and packs the stream into sequences of `SEQ_LEN` tokens. It writes,
+under DIR,
+
+* `train-00000-of-000NN.array_record`, ... and `validation-...` shards: one
+  record per sequence, the little-endian uint16 bytes of its L token ids;
+* `tokenizer.json`: the tokenizer used, for `decode`.
+
+This module only reads those shards; `config.data_shape` must be (L,) with L
+the packed length and `config.vocab_size` the GPT-2 vocabulary (50257).
+"""
+
+from collections.abc import Callable
+import dataclasses
+import functools
+import glob
+import logging
+import os
+
+import grain
+import numpy as np
+
+from md4_jax.data import common
+
+SEQ_LEN = 1024  # Default packed sequence length (tokens).
+VOCAB_SIZE = 50257  # GPT-2 byte-level BPE.
+EOS_ID = 50256  # GPT-2 '<|endoftext|>', joins documents.
+TOKEN_DTYPE = np.dtype("<u2")  # On-disk token type (GPT-2 ids < 2**16).
+SPLITS = ("train", "validation")
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedDataset:
+  """A corpus of packed GPT-2 sequences.
+
+  Attributes:
+    name: Dataset name (config.dataset and prepare's --dataset).
+    default_data_dir: Where shards live when config.data_dir is ''.
+  """
+
+  name: str
+  default_data_dir: str
+
+
+DATASETS = {
+    name: TokenizedDataset(name, f"~/md4_data/{name}")
+    for name in ("openwebtext", "fineweb_edu")
+}
+
+
+def shard_path(data_dir: str, split: str, index: int, count: int) -> str:
+  """Path of shard `index` of `count` of `split` (shared with prepare)."""
+  return os.path.join(
+      data_dir, f"{split}-{index:05d}-of-{count:05d}.array_record"
+  )
+
+
+def find_shards(
+    dataset: TokenizedDataset, data_dir: str, split: str
+) -> list[str]:
+  """Returns the sorted shard paths of `split`.
+
+  Raises:
+    FileNotFoundError: If there are none, naming the prepare command.
+  """
+  paths = sorted(
+      glob.glob(os.path.join(data_dir, f"{split}-*-of-*.array_record"))
+  )
+  if not paths:
+    raise FileNotFoundError(
+        f"Dataset {dataset.name!r}: no prepared '{split}' shards "
+        f"({split}-*-of-*.array_record) in {data_dir}. Tokenise the corpus "
+        "first with\n  python -m md4_jax.data.prepare "
+        f"--dataset={dataset.name} --data_dir={data_dir}\n"
+        "and set config.data_dir to that directory."
+    )
+  return paths
+
+
+class ToSequence:
+  """ArrayRecord bytes → `{'x': int32 token ids [L]}`."""
+
+  def __init__(self, length: int):
+    self.length = length
+
+  def __call__(self, record: bytes) -> dict[str, np.ndarray]:
+    tokens_L = np.frombuffer(record, TOKEN_DTYPE)
+    if tokens_L.shape != (self.length,):
+      raise ValueError(
+          f"A prepared record holds {tokens_L.size} tokens, but "
+          f"config.data_shape=({self.length},); re-run prepare with "
+          f"--seq_len={self.length} or fix config.data_shape."
+      )
+    return {"x": tokens_L.astype(np.int32)}
+
+
+class Decoder:
+  """Token ids [L] → text with the tokenizer saved by prepare.
+
+  Falls back to space-separated ids if the `tokenizers` package or
+  `tokenizer.json` is missing (the loop's periodic samples then still log).
+  """
+
+  def __init__(self, path: str):
+    self._path = path
+
+  @functools.cached_property
+  def _tokenizer(self):
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top
+
+      return tokenizers.Tokenizer.from_file(self._path)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Decoding token ids as numbers: %s (%s).", self._path, e)
+      return None
+
+  def __call__(self, ids_L: np.ndarray) -> str:
+    ids_L = np.asarray(ids_L)
+    if self._tokenizer is None:
+      return " ".join(map(str, ids_L.tolist()))
+    ids_L = ids_L[(ids_L >= 0) & (ids_L < VOCAB_SIZE)]
+    return self._tokenizer.decode(ids_L.tolist(), skip_special_tokens=False)
+
+
+def build(
+    config,
+    process_index=None,
+    process_count=None,
+    *,
+    dataset: TokenizedDataset,
+) -> common.Datasets:
+  """Builds the pipelines of a packed-token corpus (see `create_datasets`)."""
+  common.check_config(
+      config, dataset.name, vocab_size=VOCAB_SIZE, sequence=True
+  )
+  options = common.pipeline_options(config, process_index, process_count)
+  data_dir = os.path.expanduser(config.data_dir or dataset.default_data_dir)
+  train_paths = find_shards(dataset, data_dir, "train")
+  eval_paths = find_shards(dataset, data_dir, "validation")
+  train_source = grain.sources.ArrayRecordDataSource(train_paths)
+  eval_source = grain.sources.ArrayRecordDataSource(eval_paths)
+  (length,) = config.data_shape
+  transform = ToSequence(length)
+  transform(train_source[0])  # Fails early on a length mismatch.
+  decoder: Callable[[np.ndarray], str] = Decoder(
+      os.path.join(data_dir, TOKENIZER_FILE)
+  )
+  return common.Datasets(
+      train_iter=common.train_iterator(train_source, transform, options),
+      eval_batches=common.eval_batches_fn(eval_source, transform, options),
+      num_eval_examples=len(eval_source),
+      kind="text",
+      decode=decoder,
+  )
+
+
+BUILDERS = {
+    name: functools.partial(build, dataset=dataset)
+    for name, dataset in DATASETS.items()
+}

@@ -1,0 +1,135 @@
+"""MD4: a Flax module tying a denoising network to a masking schedule.
+
+The network is an attribute, so any backbone (or a test's toy network) plugs in
+with the contract `network(z_t, t, cond=None, train=False) -> logits[..., V]`.
+Random streams: 'sample' (times and masks), 'dropout' (inside the network).
+"""
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md4_jax.diffusion import losses
+from md4_jax.diffusion import schedules as schedules_lib
+
+
+def check_tokens(x: Any, vocab_size: int) -> None:
+  """Raises ValueError for tokens outside [0, V) when x is a concrete array.
+
+  Inside jit the values are unknown; there `losses.token_nll` turns them into
+  NaN instead, which the training loop's NaN guard reports.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return
+  x = np.asarray(x)
+  if not np.issubdtype(x.dtype, np.integer):
+    raise ValueError(f"Tokens must be integers, got dtype {x.dtype}.")
+  if x.size and (x.min() < 0 or x.max() >= vocab_size):
+    raise ValueError(
+        f"Token ids must lie in [0, {vocab_size}) (vocab_size={vocab_size}); got "
+        f"min {x.min()}, max {x.max()}. Check the dataset's vocab_size in the config."
+    )
+
+
+class MD4(nn.Module):
+  """Masked diffusion model: negative ELBO and the network's predictions.
+
+  Attributes:
+    network: (z_t [B, *data_shape], t [B], cond, train) -> logits [B, *data_shape, V].
+    schedule: masking schedule name ('linear', 'cosine', 'polyK').
+    vocab_size: V; token ids in [0, V), the mask id is V.
+    data_shape: shape of one example, e.g. (L,) or (H, W, C).
+    cont_time: continuous-time NELBO if True, else the T-step discrete one.
+    timesteps: T for the discrete-time loss.
+    antithetic_time_sampling: stratify t across the batch.
+  """
+
+  network: nn.Module
+  schedule: str
+  vocab_size: int
+  data_shape: tuple[int, ...]
+  cont_time: bool = True
+  timesteps: int = 1000
+  antithetic_time_sampling: bool = True
+
+  @property
+  def mask_id(self) -> int:
+    return self.vocab_size
+
+  @property
+  def noise_schedule(self) -> schedules_lib.Schedule:
+    return schedules_lib.get_schedule(self.schedule)
+
+  @property
+  def num_positions(self) -> int:
+    return math.prod(self.data_shape)
+
+  def predict(self, z_t, t, cond=None, train: bool = False):
+    """Logits of the clean tokens. z_t: int [B, *data_shape]; t: float [B]."""
+    return self.network(z_t, t, cond=cond, train=train)
+
+  def nelbo(self, x, cond=None, train: bool = False, t=None, noise=None):
+    """Per-example negative ELBO terms in nats.
+
+    Args:
+      x: int [B, *data_shape] clean tokens in [0, V).
+      cond: optional int [B] labels.
+      train: dropout on.
+      t: optional float [B] times (default: drawn from the 'sample' stream).
+      noise: optional float [B, *data_shape] mask uniforms (default: drawn).
+
+    Returns:
+      dict of float32 [B]: loss_diff, loss_recon, loss_prior, loss.
+    """
+    check_tokens(x, self.vocab_size)
+    if x.shape[1:] != tuple(self.data_shape):
+      raise ValueError(
+          f"Batch has example shape {x.shape[1:]}, the model expects data_shape "
+          f"{tuple(self.data_shape)}."
+      )
+    schedule = self.noise_schedule
+    batch = x.shape[0]
+    if t is None:
+      t = losses.sample_times(self.make_rng("sample"), batch, self.antithetic_time_sampling)
+    if noise is None:
+      noise = jax.random.uniform(self.make_rng("sample"), x.shape)
+    t, weight_B = losses.diffusion_weight(schedule, t, self.cont_time, self.timesteps)
+    z_t, masked = losses.forward_mask(x, schedule.alpha(t), noise, self.mask_id)
+    logits = self.predict(z_t, t, cond=cond, train=train)
+    nll = losses.token_nll(logits, x)
+    masked_nll_B = jnp.sum(jnp.where(masked, nll, 0.0).reshape(batch, -1), axis=-1)
+    # Out-of-range tokens must poison the loss even at unmasked positions.
+    masked_nll_B += jnp.sum(jnp.where(jnp.isnan(nll), jnp.nan, 0.0).reshape(batch, -1), -1)
+    loss_diff = weight_B * masked_nll_B
+    loss_recon = jnp.full((batch,), losses.recon_loss(schedule, self.num_positions, self.vocab_size))
+    loss_prior = jnp.zeros((batch,))  # z_1 is all-mask up to α(1) = eps.
+    return {
+        "loss_diff": loss_diff,
+        "loss_recon": loss_recon,
+        "loss_prior": loss_prior,
+        "loss": loss_diff + loss_recon + loss_prior,
+    }
+
+  def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
+    """Batch-mean NELBO terms (nats per example) and bits per dimension."""
+    terms = jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
+    terms["bpd"] = terms["loss"] / (self.num_positions * math.log(2.0))
+    return terms
+
+
+def build_model(config, network: nn.Module) -> MD4:
+  """The MD4 module described by `config` around `network`."""
+  schedules_lib.get_schedule(config.noise_schedule)  # Fail early on a bad name.
+  return MD4(
+      network=network,
+      schedule=config.noise_schedule,
+      vocab_size=config.vocab_size,
+      data_shape=tuple(config.data_shape),
+      cont_time=config.cont_time,
+      timesteps=config.timesteps,
+      antithetic_time_sampling=config.antithetic_time_sampling,
+  )

@@ -1,0 +1,97 @@
+"""Denoising networks: (z_t, t, cond) -> logits, and a name -> builder registry.
+
+Every network is a Flax linen module called as
+
+  logits = network(z, t, cond=None, train=False)
+
+  z:      [B, *data_shape] int tokens in [0, V]; V = vocab_size is the mask id.
+  t:      [B] float times in [0, 1].
+  cond:   [B] int class labels in [0, classes), or None.
+  train:  enables dropout (rng stream 'dropout').
+  logits: [B, *data_shape, V] float32, over the V real tokens.
+
+Only the builders here read the config; the modules take typed attributes.
+Parameters carry logical axis names (see transformer.py / unet.py) and come
+back from `init` as `nn.LogicallyPartitioned` boxes: use `nn.get_partition_spec`
+for shardings and `nn.meta.unbox` for plain arrays.
+"""
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from md4_jax.networks import layers
+from md4_jax.networks.transformer import Transformer
+from md4_jax.networks.unet import UNet
+
+
+def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
+  """Attributes every network shares, read from the config."""
+  layers.check_time_features(config.time_features)
+  return dict(
+      vocab_size=config.vocab_size,
+      num_classes=config.classes,
+      time_features=config.time_features,
+      dropout_rate=config.dropout_rate,
+      dtype=jnp.dtype(config.dtype),
+      param_dtype=jnp.dtype(config.param_dtype),
+  )
+
+
+def build_transformer(config: ml_collections.ConfigDict) -> Transformer:
+  """Transformer over the flattened data_shape (normally (L,))."""
+  tc = config.transformer
+  return Transformer(
+      max_length=math.prod(config.data_shape),
+      width=tc.width,
+      depth=tc.depth,
+      num_heads=tc.num_heads,
+      mlp_ratio=tc.mlp_ratio,
+      remat=config.get("remat", False),
+      **_common_kwargs(config),
+  )
+
+
+def build_unet(config: ml_collections.ConfigDict) -> UNet:
+  """UNet for data_shape (H, W, C)."""
+  if len(config.data_shape) != 3:
+    raise ValueError(
+        f"unet needs data_shape (H, W, C), got {tuple(config.data_shape)}."
+    )
+  uc = config.unet
+  return UNet(
+      channels=uc.channels,
+      channel_mult=tuple(uc.channel_mult),
+      num_res_blocks=uc.num_res_blocks,
+      attn_resolutions=tuple(uc.attn_resolutions),
+      embed_dim=uc.embed_dim,
+      **_common_kwargs(config),
+  )
+
+
+NETWORKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
+    "transformer": build_transformer,
+    "unet": build_unet,
+}
+
+
+def build_network(config: ml_collections.ConfigDict) -> nn.Module:
+  """Builds `config.network` from NETWORKS; ValueError lists valid names."""
+  if config.network not in NETWORKS:
+    raise ValueError(
+        f"Unknown network {config.network!r}; valid: {sorted(NETWORKS)}."
+    )
+  return NETWORKS[config.network](config)
+
+
+__all__ = [
+    "NETWORKS",
+    "Transformer",
+    "UNet",
+    "build_network",
+    "build_transformer",
+    "build_unet",
+]

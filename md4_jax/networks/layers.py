@@ -1,0 +1,300 @@
+"""Pieces shared by the denoising networks.
+
+Time and class conditioning, norms and small helpers. Everything here takes
+explicit arguments; nothing reads a config.
+
+Logical axis names used on parameters in this file (see also transformer.py and
+unet.py; `md4_jax/parallel.py` maps them to mesh axes, unknown names replicate):
+  'vocab'  rows of a token embedding table / logits.
+  'embed'  the model width (residual stream, embedding features, conv inputs).
+  'mlp'    hidden units of an MLP / conv output channels.
+  'cond'   width of the conditioning vector (time + label embedding).
+  'heads'  attention heads (query/key/value/out projections).
+  'kv'     per-head width (query/key/value/out projections).
+  'norm'   scale and bias vectors of a norm layer.
+  None     an axis left replicated.
+"""
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# time_features value -> whether the network sees t. 'none' networks must not
+# depend on t at all (not even through a constant path).
+TIME_FEATURES = {
+    "t": True,  # Sinusoidal embedding of 1000 * t through a 2-layer MLP.
+    "none": False,  # Ignore t entirely.
+}
+
+# Scale applied to t in [0, 1] before the sinusoid, so the frequencies match
+# the usual integer-timestep embeddings (DDPM, DiT).
+TIME_SCALE = 1000.0
+
+
+def check_time_features(time_features: str) -> bool:
+  """Returns whether `time_features` uses t; raises ValueError if unknown."""
+  if time_features not in TIME_FEATURES:
+    raise ValueError(
+        f"Unknown time_features {time_features!r}; valid: "
+        f"{sorted(TIME_FEATURES)}."
+    )
+  return TIME_FEATURES[time_features]
+
+
+def partitioned(init_fn, names):
+  """Shorthand for `nn.with_logical_partitioning(init_fn, names)`."""
+  return nn.with_logical_partitioning(init_fn, names)
+
+
+def dense(
+    features,
+    names,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    use_bias: bool = True,
+    kernel_init=nn.initializers.lecun_normal(),
+    axis=-1,
+    name: Optional[str] = None,
+) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+
+  Args:
+    features: output features, an int or a tuple.
+    names: logical names of the kernel axes (inputs first, then outputs); the
+      bias takes the output names.
+    dtype: computation dtype.
+    param_dtype: parameter dtype.
+    use_bias: whether to add a bias.
+    kernel_init: kernel initialiser (before partitioning).
+    axis: input axes contracted.
+    name: module name.
+
+  Returns:
+    The (unbound) module.
+  """
+  n_out = len(features) if isinstance(features, (tuple, list)) else 1
+  return nn.DenseGeneral(
+      features=features,
+      axis=axis,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=partitioned(kernel_init, tuple(names)),
+      bias_init=partitioned(nn.initializers.zeros, tuple(names[-n_out:])),
+      name=name,
+  )
+
+
+def layer_norm(
+    *, dtype: Dtype, param_dtype: Dtype, affine: bool = True, name=None
+) -> nn.LayerNorm:
+  """LayerNorm over the last axis; `affine=False` for adaLN (no scale/bias)."""
+  return nn.LayerNorm(
+      epsilon=1e-6,
+      use_scale=affine,
+      use_bias=affine,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=partitioned(nn.initializers.ones, ("norm",)),
+      bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+      name=name,
+  )
+
+
+def num_groups(channels: int, max_groups: int = 32) -> int:
+  """Largest divisor of `channels` that is at most `max_groups`."""
+  for g in range(min(max_groups, channels), 0, -1):
+    if channels % g == 0:
+      return g
+  return 1
+
+
+def group_norm(
+    channels: int, *, dtype: Dtype, param_dtype: Dtype, name=None
+) -> nn.GroupNorm:
+  """GroupNorm with min(32, channels) groups, or the largest divisor below."""
+  return nn.GroupNorm(
+      num_groups=num_groups(channels),
+      epsilon=1e-6,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=partitioned(nn.initializers.ones, ("norm",)),
+      bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+      name=name,
+  )
+
+
+def modulate(x: Array, shift: Array, scale: Array) -> Array:
+  """x * (1 + scale) + shift, with shift/scale already broadcastable in rank."""
+  return x * (1 + scale) + shift
+
+
+def timestep_embedding(
+    t_B: Array, dim: int, max_period: float = 10_000.0
+) -> Array:
+  """Sinusoidal embedding of TIME_SCALE * t (float32).
+
+  Args:
+    t_B: [B] times in [0, 1].
+    dim: embedding width (even or odd; odd widths get one zero pad).
+    max_period: longest period of the sinusoids.
+
+  Returns:
+    [B, dim] float32 features [cos(...), sin(...)].
+  """
+  half = dim // 2
+  freqs_H = jnp.exp(
+      -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+  )
+  args_BxH = (TIME_SCALE * t_B.astype(jnp.float32))[:, None] * freqs_H[None, :]
+  emb_BxD = jnp.concatenate([jnp.cos(args_BxH), jnp.sin(args_BxH)], axis=-1)
+  if dim % 2:
+    emb_BxD = jnp.pad(emb_BxD, ((0, 0), (0, 1)))
+  return emb_BxD
+
+
+class TimeEmbedding(nn.Module):
+  """Sinusoid of 1000 t -> Dense -> swish -> Dense.
+
+  Attributes:
+    features: output width (the conditioning width).
+    frequency_dim: width of the sinusoidal features.
+  """
+
+  features: int
+  frequency_dim: int = 256
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t_B: Array) -> Array:
+    """[B] times -> [B, features] embedding in `dtype`."""
+    h = timestep_embedding(t_B, self.frequency_dim).astype(self.dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.features, (None, "mlp"), name="dense_0", **kw)(h)
+    h = nn.swish(h)
+    return dense(self.features, ("mlp", "cond"), name="dense_1", **kw)(h)
+
+
+class LabelEmbedding(nn.Module):
+  """Class-label embedding with an extra 'no label' row.
+
+  Row `num_classes` stands for "no label" and is used when cond is None, so the
+  parameters exist whatever init saw and the network can be run unconditionally
+  (e.g. for classifier-free guidance).
+
+  Attributes:
+    num_classes: number of real labels (> 0).
+    features: embedding width.
+  """
+
+  num_classes: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, cond_B: Optional[Array], batch_size: int) -> Array:
+    """[B] int labels (or None) -> [B, features]."""
+    if cond_B is None:
+      cond_B = jnp.full((batch_size,), self.num_classes, dtype=jnp.int32)
+    return nn.Embed(
+        self.num_classes + 1,
+        self.features,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        embedding_init=partitioned(
+            nn.initializers.normal(stddev=0.02), (None, "cond")
+        ),
+        name="embedding",
+    )(cond_B)
+
+
+class Conditioning(nn.Module):
+  """Builds the conditioning vector from t and the class label.
+
+  c = TimeEmbedding(t) [if time_features == 't'] + LabelEmbedding(cond)
+  [if num_classes > 0]. Returns None when neither applies, so the network can
+  use its unconditioned path; with time_features == 'none' t is never read.
+  With num_classes == 0 a given `cond` is ignored.
+
+  Attributes:
+    features: conditioning width.
+    time_features: key of TIME_FEATURES.
+    num_classes: number of class labels (0 = unconditional).
+  """
+
+  features: int
+  time_features: str = "t"
+  num_classes: int = 0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: Array, cond_B: Optional[Array], batch_size: int):
+    """Returns [B, features] in `dtype`, or None when there is nothing to use.
+
+    Args:
+      t: [B] (or scalar) times in [0, 1].
+      cond_B: [B] int labels in [0, num_classes), or None.
+      batch_size: B.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c_BxD = None
+    if check_time_features(self.time_features):
+      t_B = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch_size,))
+      c_BxD = TimeEmbedding(self.features, name="time", **kw)(t_B)
+    if self.num_classes > 0:
+      y_BxD = LabelEmbedding(
+          self.num_classes, self.features, name="label", **kw
+      )(cond_B, batch_size)
+      c_BxD = y_BxD if c_BxD is None else c_BxD + y_BxD
+    return c_BxD
+
+
+class SelfAttention(nn.Module):
+  """Bidirectional multi-head self-attention via jax.nn.dot_product_attention.
+
+  Attributes:
+    num_heads: number of heads; the input width must be divisible by it.
+    out_kernel_init: initialiser of the output projection (zeros for blocks
+      that should start as the identity).
+  """
+
+  num_heads: int
+  out_kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    """[B, L, D] -> [B, L, D]; every position attends to every position."""
+    width = x_BxLxD.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} not divisible by {self.num_heads} heads")
+    head_dim = width // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+    def project(name):
+      return dense(
+          (self.num_heads, head_dim), ("embed", "heads", "kv"), name=name, **kw
+      )(x_BxLxD)
+
+    q_BxLxHxK = project("query")
+    k_BxLxHxK = project("key")
+    v_BxLxHxK = project("value")
+    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+    return dense(
+        width,
+        ("heads", "kv", "embed"),
+        axis=(-2, -1),
+        kernel_init=self.out_kernel_init,
+        name="out",
+        **kw,
+    )(o_BxLxHxK)

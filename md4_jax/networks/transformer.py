@@ -1,0 +1,261 @@
+"""Bidirectional DiT-style transformer for token sequences.
+
+(z_t, t, cond) -> logits. Tokens (V real ones plus the mask id V) are embedded,
+a learned absolute positional embedding is added, `depth` pre-norm blocks of
+full (non-causal) self-attention and a SwiGLU MLP follow, each modulated by
+adaLN-zero: per block shift/scale/gate vectors from the conditioning vector
+c = TimeEmbedding(t) + LabelEmbedding(cond), projections initialised to zero so
+every block starts as the identity. A final adaLN and a linear head give
+logits over the V real tokens.
+
+Without a conditioning vector (time_features='none' and no classes) the
+modulation comes from a learned constant instead, which keeps one code path and
+makes the output provably independent of t.
+
+Inputs of any shape [B, *data_shape] are flattened to [B, prod(data_shape)]
+and the logits reshaped back, so the same network also runs on images.
+
+Logical axis names on parameters (map them to mesh axes in parallel.py):
+  'vocab'   token embedding rows / logits        (embedding, head)
+  'embed'   residual width                       (everywhere)
+  'length'  positions                            (pos_embedding)
+  'heads'   attention heads                      (query/key/value/out)
+  'kv'      per-head width                       (query/key/value/out)
+  'mlp'     SwiGLU hidden, time-MLP hidden       (wi_gate/wi_up/wo)
+  'cond'    conditioning width                   (time/label embedding, adaLN)
+  'norm'    LayerNorm scale/bias (affine norms only)
+  None      the chunk axis of adaLN projections (replicated)
+"""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from md4_jax.networks import layers
+
+Array = jax.Array
+Dtype = Any
+
+
+def swiglu_hidden(width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
+  """SwiGLU hidden width: mlp_ratio * width * 2/3 rounded up to multiple_of."""
+  hidden = int(mlp_ratio * width * 2 / 3)
+  return max(multiple_of, -(-hidden // multiple_of) * multiple_of)
+
+
+class AdaLNModulation(nn.Module):
+  """c -> `num_chunks` modulation vectors (adaLN-zero).
+
+  With c given: Dense(swish(c)) with zero-initialised kernel and bias. With c
+  None: a learned constant initialised to zero. Either way every chunk starts at
+  zero (shift = scale = gate = 0).
+
+  Attributes:
+    num_chunks: number of vectors returned.
+    features: width of each vector.
+  """
+
+  num_chunks: int
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, c_BxC: Optional[Array]) -> tuple[Array, ...]:
+    """Returns `num_chunks` [B, 1, features] arrays ([1, 1, ...] if no c)."""
+    shape = (self.num_chunks, self.features)
+    if c_BxC is None:
+      mod_BxKxD = self.param(
+          "constant",
+          layers.partitioned(nn.initializers.zeros, (None, "embed")),
+          shape,
+          self.param_dtype,
+      )[None].astype(self.dtype)
+    else:
+      mod_BxKxD = layers.dense(
+          shape,
+          ("cond", None, "embed"),
+          kernel_init=nn.initializers.zeros,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          name="dense",
+      )(nn.swish(c_BxC))
+    return tuple(mod_BxKxD[:, None, k] for k in range(self.num_chunks))
+
+
+class SwiGLU(nn.Module):
+  """swish(x W_gate) * (x W_up) -> W_out, no biases.
+
+  Attributes:
+    hidden: hidden width.
+  """
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array) -> Array:
+    """[B, L, D] -> [B, L, D]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+    gate_BxLxF = layers.dense(
+        self.hidden, ("embed", "mlp"), name="wi_gate", **kw
+    )(x_BxLxD)
+    up_BxLxF = layers.dense(self.hidden, ("embed", "mlp"), name="wi_up", **kw)(
+        x_BxLxD
+    )
+    return layers.dense(x_BxLxD.shape[-1], ("mlp", "embed"), name="wo", **kw)(
+        nn.swish(gate_BxLxF) * up_BxLxF
+    )
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm attention + SwiGLU block with adaLN-zero modulation.
+
+  Attributes:
+    num_heads: attention heads.
+    mlp_hidden: SwiGLU hidden width.
+    dropout_rate: dropout after attention and after the MLP.
+  """
+
+  num_heads: int
+  mlp_hidden: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x_BxLxD: Array, c_BxC: Optional[Array], train: bool
+  ) -> Array:
+    """[B, L, D] (and [B, C] conditioning or None) -> [B, L, D]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = x_BxLxD.shape[-1]
+    shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
+        6, width, name="modulation", **kw
+    )(c_BxC)
+
+    h_BxLxD = layers.layer_norm(affine=False, name="norm_attn", **kw)(x_BxLxD)
+    h_BxLxD = layers.modulate(h_BxLxD, shift_a, scale_a)
+    h_BxLxD = layers.SelfAttention(self.num_heads, name="attn", **kw)(h_BxLxD)
+    h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
+    x_BxLxD = x_BxLxD + gate_a * h_BxLxD
+
+    h_BxLxD = layers.layer_norm(affine=False, name="norm_mlp", **kw)(x_BxLxD)
+    h_BxLxD = layers.modulate(h_BxLxD, shift_m, scale_m)
+    h_BxLxD = SwiGLU(self.mlp_hidden, name="mlp", **kw)(h_BxLxD)
+    h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
+    return x_BxLxD + gate_m * h_BxLxD
+
+
+class Transformer(nn.Module):
+  """MD4 denoising transformer: (z, t, cond) -> logits over the V real tokens.
+
+  Attributes:
+    vocab_size: V; inputs lie in [0, V] with V the mask id.
+    max_length: number of positions (prod(data_shape)).
+    width: residual width.
+    depth: number of blocks.
+    num_heads: attention heads (width % num_heads == 0).
+    mlp_ratio: SwiGLU hidden = mlp_ratio * width * 2/3 (rounded up to 8).
+    num_classes: class labels for conditioning (0 = unconditional).
+    time_features: 't' or 'none' (see layers.TIME_FEATURES).
+    dropout_rate: dropout probability (active with train=True).
+    dtype: activation dtype.
+    param_dtype: parameter dtype.
+    remat: rematerialise each block in the backward pass.
+  """
+
+  vocab_size: int
+  max_length: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  num_classes: int = 0
+  time_features: str = "t"
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(
+      self,
+      z: Array,
+      t: Array,
+      cond: Optional[Array] = None,
+      train: bool = False,
+  ) -> Array:
+    """Computes logits.
+
+    Args:
+      z: [B, *data_shape] int tokens in [0, V].
+      t: [B] float times in [0, 1] (ignored if time_features == 'none').
+      cond: [B] int labels in [0, num_classes), or None.
+      train: enables dropout (rng stream 'dropout').
+
+    Returns:
+      [B, *data_shape, V] float32 logits.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    batch_size, data_shape = z.shape[0], z.shape[1:]
+    length = int(np.prod(data_shape))
+    if length > self.max_length:
+      raise ValueError(f"{length} positions > max_length {self.max_length}.")
+    z_BxL = z.reshape(batch_size, length)
+
+    c_BxC = layers.Conditioning(
+        self.width,
+        self.time_features,
+        self.num_classes,
+        name="conditioning",
+        **kw,
+    )(t, cond, batch_size)
+
+    x_BxLxD = nn.Embed(
+        self.vocab_size + 1,
+        self.width,
+        embedding_init=layers.partitioned(
+            nn.initializers.normal(stddev=0.02), ("vocab", "embed")
+        ),
+        name="token_embedding",
+        **kw,
+    )(z_BxL)
+    pos_LxD = self.param(
+        "pos_embedding",
+        layers.partitioned(
+            nn.initializers.normal(stddev=0.02), ("length", "embed")
+        ),
+        (self.max_length, self.width),
+        self.param_dtype,
+    )
+    x_BxLxD = x_BxLxD + pos_LxD[None, :length].astype(self.dtype)
+
+    block_cls = TransformerBlock
+    if self.remat:
+      block_cls = nn.remat(TransformerBlock, static_argnums=(3,))
+    mlp_hidden = swiglu_hidden(self.width, self.mlp_ratio)
+    for i in range(self.depth):
+      x_BxLxD = block_cls(
+          self.num_heads,
+          mlp_hidden,
+          self.dropout_rate,
+          name=f"block_{i}",
+          **kw,
+      )(x_BxLxD, c_BxC, train)
+
+    shift, scale = AdaLNModulation(
+        2, self.width, name="final_modulation", **kw
+    )(c_BxC)
+    x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
+    x_BxLxD = layers.modulate(x_BxLxD, shift, scale)
+    logits_BxLxV = layers.dense(
+        self.vocab_size, ("embed", "vocab"), name="head", **kw
+    )(x_BxLxD)
+    return logits_BxLxV.astype(jnp.float32).reshape(
+        batch_size, *data_shape, self.vocab_size
+    )

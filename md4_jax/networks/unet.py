@@ -1,0 +1,255 @@
+"""UNet for images of discrete channel values (the MD4 paper's image setup).
+
+(z_t, t, cond) -> logits. Each channel value of z [B, H, W, C] (V levels plus
+the mask id V) is embedded on its own with one shared table, the C embeddings
+of a pixel are concatenated and a 3x3 conv stem maps them to `channels`.
+Levels with channel multipliers `channel_mult` hold `num_res_blocks` residual
+blocks each (GroupNorm, swish, conv; the conditioning vector enters by
+scale/shift after the second GroupNorm; dropout; zero-initialised second conv),
+self-attention where the spatial size is in `attn_resolutions`, a strided conv
+between levels. A middle
+block (res, attention, res) and the mirrored upsampling path with skip
+connections follow; a final GroupNorm, swish and 3x3 conv give C * V channels,
+reshaped to [B, H, W, C, V].
+
+Without a conditioning vector (time_features='none' and no classes) the
+residual blocks skip the scale/shift, so the output does not depend on t.
+
+Logical axis names on parameters:
+  'vocab'  embedding rows (V + 1)
+  'embed'  conv input channels, attention width
+  'mlp'    conv output channels (and FiLM / time-MLP outputs)
+  'heads', 'kv'  attention projections
+  'cond'   conditioning width (time/label embeddings, FiLM inputs)
+  'norm'   GroupNorm scale/bias
+  None     spatial kernel axes and the FiLM chunk axis (replicated)
+"""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from md4_jax.networks import layers
+
+Array = jax.Array
+Dtype = Any
+
+
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    *,
+    strides: int = 1,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    kernel_init=nn.initializers.lecun_normal(),
+    name: Optional[str] = None,
+) -> nn.Conv:
+  """A 'SAME'-padded square conv with logical axis names on its parameters."""
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding="SAME",
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=layers.partitioned(kernel_init, (None, None, "embed", "mlp")),
+      bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)),
+      name=name,
+  )
+
+
+class ResBlock(nn.Module):
+  """GN -> swish -> conv -> GN -> FiLM(c) -> swish -> dropout -> conv, + skip.
+
+  Attributes:
+    features: output channels.
+    dropout_rate: dropout before the second conv.
+  """
+
+  features: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x_BxHxWxC: Array, c_BxE: Optional[Array], train: bool
+  ) -> Array:
+    """[B, H, W, C] (and [B, E] conditioning or None) -> [B, H, W, features]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    in_features = x_BxHxWxC.shape[-1]
+    h = layers.group_norm(in_features, name="norm_0", **kw)(x_BxHxWxC)
+    h = conv(self.features, name="conv_0", **kw)(nn.swish(h))
+    h = layers.group_norm(self.features, name="norm_1", **kw)(h)
+    if c_BxE is not None:
+      film_Bx2xF = layers.dense(
+          (2, self.features), ("cond", None, "mlp"), name="film", **kw
+      )(nn.swish(c_BxE))
+      scale_Bx1x1xF = film_Bx2xF[:, None, None, 0]
+      shift_Bx1x1xF = film_Bx2xF[:, None, None, 1]
+      h = layers.modulate(h, shift_Bx1x1xF, scale_Bx1x1xF)
+    h = nn.Dropout(self.dropout_rate)(nn.swish(h), deterministic=not train)
+    h = conv(
+        self.features,
+        kernel_init=nn.initializers.zeros,
+        name="conv_1",
+        **kw,
+    )(h)
+    if in_features != self.features:
+      x_BxHxWxC = conv(self.features, 1, name="skip", **kw)(x_BxHxWxC)
+    return x_BxHxWxC + h
+
+
+class AttnBlock(nn.Module):
+  """GroupNorm then self-attention over all H * W positions, residual.
+
+  Attributes:
+    num_heads: attention heads (must divide the channel count).
+  """
+
+  num_heads: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: Array) -> Array:
+    """[B, H, W, C] -> [B, H, W, C]."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, hh, ww, c = x_BxHxWxC.shape
+    h = layers.group_norm(c, name="norm", **kw)(x_BxHxWxC)
+    h_BxLxC = layers.SelfAttention(
+        self.num_heads,
+        out_kernel_init=nn.initializers.zeros,
+        name="attn",
+        **kw,
+    )(h.reshape(b, hh * ww, c))
+    return x_BxHxWxC + h_BxLxC.reshape(b, hh, ww, c)
+
+
+class UNet(nn.Module):
+  """MD4 image UNet: (z, t, cond) -> logits [B, H, W, C, V].
+
+  Attributes:
+    vocab_size: V values per channel; inputs lie in [0, V] with V the mask id.
+    channels: base channel count.
+    channel_mult: channel multiplier per level (len = number of levels).
+    num_res_blocks: residual blocks per level (num_res_blocks + 1 going up).
+    attn_resolutions: spatial sizes (H) at which self-attention is used.
+    embed_dim: embedding width per channel value.
+    num_classes: class labels for conditioning (0 = unconditional).
+    time_features: 't' or 'none' (see layers.TIME_FEATURES).
+    dropout_rate: dropout probability in residual blocks (train=True).
+    num_heads: attention heads in attention blocks.
+    dtype: activation dtype.
+    param_dtype: parameter dtype.
+  """
+
+  vocab_size: int
+  channels: int
+  channel_mult: Sequence[int] = (1, 2)
+  num_res_blocks: int = 1
+  attn_resolutions: Sequence[int] = ()
+  embed_dim: int = 16
+  num_classes: int = 0
+  time_features: str = "t"
+  dropout_rate: float = 0.0
+  num_heads: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      z: Array,
+      t: Array,
+      cond: Optional[Array] = None,
+      train: bool = False,
+  ) -> Array:
+    """Computes logits.
+
+    Args:
+      z: [B, H, W, C] int values in [0, V].
+      t: [B] float times in [0, 1] (ignored if time_features == 'none').
+      cond: [B] int labels in [0, num_classes), or None.
+      train: enables dropout (rng stream 'dropout').
+
+    Returns:
+      [B, H, W, C, V] float32 logits.
+    """
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if z.ndim != 4:
+      raise ValueError(f"UNet expects z of shape [B, H, W, C], got {z.shape}.")
+    b, height, width, c = z.shape
+    factor = 2 ** (len(self.channel_mult) - 1)
+    if height % factor or width % factor:
+      raise ValueError(
+          f"Image {height}x{width} not divisible by {factor} "
+          f"({len(self.channel_mult)} levels)."
+      )
+    num_levels = len(self.channel_mult)
+
+    c_BxE = layers.Conditioning(
+        4 * self.channels,
+        self.time_features,
+        self.num_classes,
+        name="conditioning",
+        **kw,
+    )(t, cond, b)
+
+    def res(h, level, name):
+      return ResBlock(
+          self.channels * self.channel_mult[level],
+          self.dropout_rate,
+          name=name,
+          **kw,
+      )(h, c_BxE, train)
+
+    def maybe_attn(h, name):
+      if h.shape[1] in self.attn_resolutions:
+        h = AttnBlock(self.num_heads, name=name, **kw)(h)
+      return h
+
+    e_BxHxWxCxE = nn.Embed(
+        self.vocab_size + 1,
+        self.embed_dim,
+        embedding_init=layers.partitioned(
+            nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+        ),
+        name="value_embedding",
+        **kw,
+    )(z)
+    h = e_BxHxWxCxE.reshape(b, height, width, c * self.embed_dim)
+    h = conv(self.channels, name="stem", **kw)(h)
+
+    skips = [h]
+    for level in range(num_levels):
+      for i in range(self.num_res_blocks):
+        h = res(h, level, f"down_{level}_res_{i}")
+        h = maybe_attn(h, f"down_{level}_attn_{i}")
+        skips.append(h)
+      if level != num_levels - 1:
+        h = conv(
+            h.shape[-1], strides=2, name=f"down_{level}_downsample", **kw
+        )(h)
+        skips.append(h)
+
+    h = res(h, num_levels - 1, "mid_res_0")
+    h = AttnBlock(self.num_heads, name="mid_attn", **kw)(h)
+    h = res(h, num_levels - 1, "mid_res_1")
+
+    for level in reversed(range(num_levels)):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res(h, level, f"up_{level}_res_{i}")
+        h = maybe_attn(h, f"up_{level}_attn_{i}")
+      if level != 0:
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+        h = conv(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
+    assert not skips, len(skips)
+
+    h = layers.group_norm(h.shape[-1], name="out_norm", **kw)(h)
+    h = conv(c * self.vocab_size, name="out_conv", **kw)(nn.swish(h))
+    return h.astype(jnp.float32).reshape(b, height, width, c, self.vocab_size)

@@ -1,0 +1,252 @@
+"""Build, restore, train; periodic eval, samples, checkpoints and metrics.
+
+This is the only training loop: one `jax.jit` over a mesh serves one CPU as
+well as many devices and processes.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from md4_jax import checkpoint as checkpoint_lib
+from md4_jax import data as data_lib
+from md4_jax import networks
+from md4_jax import optim
+from md4_jax import parallel
+from md4_jax import visualize
+from md4_jax.diffusion import model as model_lib
+from md4_jax.diffusion import samplers
+from md4_jax.train import state as state_lib
+from md4_jax.train import step as step_lib
+
+EVAL_RNG_SALT = 1  # Eval noise is fixed per run: fold_in(key(seed), salt).
+SAMPLE_RNG_SALT = 2
+
+
+def build_model(config: ml_collections.ConfigDict) -> model_lib.MD4:
+  """The MD4 model (network from the registry) described by the config."""
+  return model_lib.build_model(config, networks.build_network(config))
+
+
+def _init_fn(config, model, optimizer, mesh):
+  return functools.partial(step_lib.init_state, model=model, optimizer=optimizer,
+                           batch_size=parallel.batch_size_per_shard(mesh),
+                           with_labels=config.classes > 0)
+
+
+def abstract_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
+  """Shapes, dtypes and shardings of the TrainState, without computing it."""
+  abstract = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
+  sharding = parallel.replicated(mesh)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
+def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
+  """Initialises the state directly in its shardings (shapes → shardings → init)."""
+  abstract = abstract_train_state(config, model, optimizer, mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  init = _init_fn(config, model, optimizer, mesh)
+  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+
+
+def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
+  """The jitted, donated train step over `mesh`."""
+  fn = functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
+                         lr_schedule=lr_schedule, ema_rate=config.ema_rate,
+                         accum_steps=config.grad_accum_steps)
+  state_shardings = jax.tree.map(lambda a: a.sharding, state)
+  return jax.jit(fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model, mesh):
+  fn = functools.partial(step_lib.eval_step, model=model)
+  return jax.jit(fn, in_shardings=(None, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(eval_step, params, datasets, mesh, model, seed: int) -> dict[str, float]:
+  """NELBO over the whole eval split: nats per example and bits per dimension."""
+  base = jax.random.fold_in(jax.random.key(seed), EVAL_RNG_SALT)
+  totals = None
+  for i, batch in enumerate(datasets.eval_batches()):
+    out = eval_step(params, parallel.to_global(batch, mesh), jax.random.fold_in(base, i))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    raise ValueError("The evaluation split is empty.")
+  totals = jax.device_get(totals)
+  n = float(totals.pop("sum_weight"))
+  result = {k.replace("sum_", "eval_"): float(v) / n for k, v in totals.items()}
+  result["eval_bpd"] = result["eval_loss"] / (model.num_positions * math.log(2.0))
+  result["eval_examples"] = n
+  return result
+
+
+def make_sample_fn(config, model, mesh):
+  """Jitted ancestral sampler for the periodic samples (replicated, small batch)."""
+  def fn(params, rng, cond):
+    return samplers.sample(model, {"params": params}, rng, batch_size=config.num_samples,
+                           cond=cond, steps=config.sampling_steps)[0]
+  return jax.jit(fn, out_shardings=parallel.replicated(mesh))
+
+
+def write_samples(tokens, datasets, model, workdir, step, writer) -> str:
+  """Writes a PNG grid (images) or a text file (text) and logs it to TensorBoard."""
+  tokens = np.asarray(tokens)
+  out_dir = os.path.join(workdir, "samples")
+  if datasets.kind == "image":
+    grid = visualize.image_grid(tokens, model.vocab_size)
+    path = visualize.save_png(grid, os.path.join(out_dir, f"step_{step:08d}.png"), scale=4)
+    writer.write_images(step, {"samples": grid[None]})
+  else:
+    texts = visualize.decode_all(tokens, datasets.decode) if datasets.decode else [str(r.tolist()) for r in tokens]
+    path = visualize.save_texts(texts, os.path.join(out_dir, f"step_{step:08d}.txt"))
+    writer.write_texts(step, {"samples": "\n\n".join(texts[:4])})
+  return path
+
+
+def class_labels(config) -> Optional[jax.Array]:
+  if config.classes <= 0:
+    return None
+  return jnp.arange(config.num_samples, dtype=jnp.int32) % config.classes
+
+
+def save_run_info(config, workdir: str) -> None:
+  """Writes the config and the software/hardware it ran on into the workdir."""
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  import flax, optax  # pylint: disable=g-import-not-at-top,multiple-imports
+  info = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+class _MetricLog:
+  """Collects device metrics each step; writes them one step late (no host sync)."""
+
+  def __init__(self, writer):
+    self._writer = writer
+    self._buffer: list[dict[str, jax.Array]] = []
+    self._pending: Optional[tuple[int, list]] = None
+
+  def add(self, metrics) -> None:
+    self._buffer.append(metrics)
+
+  def mark(self, step: int) -> None:
+    """The metrics collected so far belong to the log line of `step`."""
+    self._pending, self._buffer = (step, self._buffer), []
+
+  def flush(self) -> Optional[dict[str, float]]:
+    if self._pending is None:
+      return None
+    step, buffer = self._pending
+    self._pending = None
+    values = jax.device_get(buffer)
+    summary = {f"train_{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
+    if not math.isfinite(summary["train_loss"]):
+      raise FloatingPointError(
+          f"Non-finite training loss ({summary['train_loss']}) in the steps up to {step}; "
+          "last good checkpoint is kept. Lower the learning rate or check the data.")
+    self._writer.write_scalars(step, summary)
+    return summary
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`. Returns the final eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  save_run_info(config, workdir)
+  logging.info("Config:\n%s", config)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() == 0:
+    writer.write_texts(0, {"config": f"```\n{config}\n```"})
+
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  datasets = data_lib.create_datasets(config)
+  model = build_model(config)
+  optimizer, lr_schedule = optim.build_optimizer(config)
+
+  state = create_train_state(config, model, optimizer, mesh)
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
+                                             config.max_checkpoints_to_keep)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state, datasets.train_iter)
+    logging.info("Resuming from step %d.", int(state.step))
+  parameter_overview.log_parameter_overview(state.params)
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  logging.info("Parameters: %d", num_params)
+
+  train_step = make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  eval_step = make_eval_step(model, mesh)
+  sample_fn = make_sample_fn(config, model, mesh)
+  sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
+
+  total = config.num_train_steps
+  step = int(state.step)
+  initial_step = step
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=config.log_loss_every_steps)
+  log = _MetricLog(writer)
+  eval_metrics: dict[str, Any] = {}
+  start = time.time()
+
+  def due(every: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+  with metric_writers.ensure_flushes(writer):
+    while step < total:
+      batch = next(datasets.train_iter)
+      model_lib.check_tokens(batch["x"], config.vocab_size)
+      state, metrics = train_step(state, parallel.to_global(batch, mesh))
+      step += 1
+      log.flush()  # The previous log line, while this step runs.
+      log.add(metrics)
+      report(step)
+      if due(config.log_loss_every_steps):
+        log.mark(step)
+      if due(config.eval_every_steps):
+        log.flush()
+        with report.timed("eval"):
+          eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
+        writer.write_scalars(step, {k: v for k, v in eval_metrics.items() if k != "eval_examples"})
+        logging.info("step %d: eval bpd %.4f", step, eval_metrics["eval_bpd"])
+      if due(config.sample_every_steps) and config.num_samples > 0:
+        with report.timed("sample"):
+          tokens = sample_fn(state.ema_params, jax.random.fold_in(sample_rng, step), class_labels(config))
+          if jax.process_index() == 0:
+            logging.info("Samples: %s", write_samples(tokens, datasets, model, workdir, step, writer))
+      if due(config.checkpoint_every_steps):
+        with report.timed("checkpoint"):
+          checkpointer.save(step, state, datasets.train_iter)
+    log.flush()
+
+  if not eval_metrics:  # Nothing left to train: evaluate the restored state.
+    eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
+  elapsed = time.time() - start
+  eval_metrics.update(step=step, num_params=num_params, train_seconds=elapsed,
+                      steps_per_second=(step - initial_step) / elapsed if step > initial_step else 0.0)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump(eval_metrics, f, indent=2)
+  checkpointer.close()
+  writer.close()
+  print(f"Final eval at step {step}: {eval_metrics['eval_bpd']:.4f} bits/dim "
+        f"(NELBO {eval_metrics['eval_loss']:.3f} nats/example) on "
+        f"{int(eval_metrics['eval_examples'])} held-out examples.", flush=True)
+  return eval_metrics

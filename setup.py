@@ -1,0 +1,37 @@
+"""md4_jax: masked (absorbing-state) discrete diffusion (MD4) in JAX/Flax."""
+
+import setuptools
+
+_RUNTIME = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.10",
+    "tensorflow-datasets>=4.9.7",
+    "ml-collections>=1.0",
+    "absl-py>=2.1",
+    "clu>=0.0.12",
+    # clu's metric writers import TensorFlow's summary ops and TensorBoard.
+    "tensorflow-cpu>=2.18",
+    "tensorboard>=2.18",
+    # The embedded default dataset (8x8 digits ships inside scikit-learn).
+    "scikit-learn>=1.3",
+    # PNG sample grids.
+    "pillow>=10",
+    "numpy>=1.26",
+]
+
+setuptools.setup(
+    name="md4_jax",
+    version="0.1.0",
+    description="Simplified and generalized masked diffusion (MD4) in JAX/Flax.",
+    packages=setuptools.find_packages(include=["md4_jax", "md4_jax.*", "configs"]),
+    python_requires=">=3.10",
+    install_requires=_RUNTIME,
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.87"],
+        # Tokenising OpenWebText / FineWeb-Edu once (md4_jax.data.prepare).
+        "prepare": ["datasets>=2.18", "tokenizers>=0.15", "tqdm>=4.60"],
+    },
+)
