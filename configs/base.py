@@ -70,6 +70,9 @@ def get_config():
   config.sample_every_steps = 1000  # Sample a small batch (0 = only at the end).
   config.num_samples = 16  # Samples drawn each time.
   config.sampling_steps = 100  # Reverse-chain steps for the periodic samples.
+  config.check_nans = True  # Check every step's loss/gradient for NaN/Inf.
+  config.nan_policy = "stop"  # stop (exit non-zero, keep last good ckpt) | skip (drop the update).
+  config.debug_nan_at_step = -1  # Testing aid: poison the loss at this step (-1 = never).
 
   # -------------------------------------------------------------- devices ---
   config.mesh = ml_collections.ConfigDict()

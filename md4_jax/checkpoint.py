@@ -32,7 +32,7 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: Optional[int] = 3, read_only: bool = False):
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False)
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     self.directory = directory
     self._manager = ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA_ITER))
 

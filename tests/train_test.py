@@ -150,7 +150,8 @@ def test_command_trains_checkpoints_and_resumes(tmp_path):
   metrics = json.loads((workdir / "final_metrics.json").read_text())
   assert np.isfinite(metrics["eval_bpd"]) and metrics["eval_examples"] == 300
 
-  second = _run_main(workdir, "--config.num_train_steps=15", "--config.checkpoint_every_steps=5",
+  second = _run_main(workdir, "--allow_config_change", "--config.num_train_steps=15",
+                     "--config.checkpoint_every_steps=5",
                      "--config.eval_every_steps=0", "--config.sample_every_steps=0")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resuming from step 10" in second.stderr

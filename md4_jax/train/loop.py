@@ -17,12 +17,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
 
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
 from md4_jax import networks
 from md4_jax import optim
 from md4_jax import parallel
+from md4_jax import preemption
+from md4_jax import run_config
 from md4_jax import visualize
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
@@ -63,7 +66,8 @@ def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
   """The jitted, donated train step over `mesh`."""
   fn = functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
                          lr_schedule=lr_schedule, ema_rate=config.ema_rate,
-                         accum_steps=config.grad_accum_steps)
+                         accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
+                         debug_nan_at_step=config.debug_nan_at_step)
   state_shardings = jax.tree.map(lambda a: a.sharding, state)
   return jax.jit(fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
@@ -121,24 +125,48 @@ def class_labels(config) -> Optional[jax.Array]:
   return jnp.arange(config.num_samples, dtype=jnp.int32) % config.classes
 
 
-def save_run_info(config, workdir: str) -> None:
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir (its parent must exist) and checks that it is writable."""
+  path = epath.Path(workdir)
+  if "://" not in workdir and not path.parent.is_dir():
+    raise ValueError(f"The parent of --workdir ({path.parent}) does not exist; create it "
+                     f"(mkdir -p {path.parent}) or fix --workdir.")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write_probe_{jax.process_index()}"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(f"--workdir {workdir} is not a writable directory ({e.strerror or e}); "
+                          "choose a directory you can write to.") from None
+
+
+def save_run_info(config, workdir: str, num_params: int) -> None:
   """Writes the config and the software/hardware it ran on into the workdir."""
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  run_config.save_config(config, workdir)
   import flax, optax  # pylint: disable=g-import-not-at-top,multiple-imports
   info = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count()}
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(info, f, indent=2)
+          "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+          "num_params": num_params}
+  (epath.Path(workdir) / "run_info.json").write_text(json.dumps(info, indent=2))
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient became NaN/Inf and the policy is to stop."""
 
 
 class _MetricLog:
-  """Collects device metrics each step; writes them one step late (no host sync)."""
+  """Collects device metrics each step; writes them one step late (no host sync).
 
-  def __init__(self, writer):
+  Means are over the finite steps; `raise_on_nonfinite` makes a non-finite step
+  an error at log time (the guard of last resort when check_nans is off).
+  """
+
+  def __init__(self, writer, raise_on_nonfinite: bool):
     self._writer = writer
+    self._raise = raise_on_nonfinite
     self._buffer: list[dict[str, jax.Array]] = []
     self._pending: Optional[tuple[int, list]] = None
 
@@ -149,101 +177,161 @@ class _MetricLog:
     """The metrics collected so far belong to the log line of `step`."""
     self._pending, self._buffer = (step, self._buffer), []
 
-  def flush(self) -> Optional[dict[str, float]]:
+  def flush(self) -> None:
     if self._pending is None:
-      return None
+      return
     step, buffer = self._pending
     self._pending = None
     values = jax.device_get(buffer)
-    summary = {f"train_{k}": float(np.mean([v[k] for v in values])) for k in values[0]}
-    if not math.isfinite(summary["train_loss"]):
-      raise FloatingPointError(
-          f"Non-finite training loss ({summary['train_loss']}) in the steps up to {step}; "
-          "last good checkpoint is kept. Lower the learning rate or check the data.")
+    good = [v for v in values if bool(v["finite"])]
+    if self._raise and len(good) < len(values):
+      raise NonFiniteError(f"Non-finite training loss/gradient in the steps up to {step}. Lower "
+                           "the learning rate or check the data.")
+    summary = {f"train_{k}": float(np.mean([v[k] for v in good]))
+               for k in values[0] if k != "finite"} if good else {}
+    summary["train_nonfinite_steps"] = float(len(values) - len(good))
     self._writer.write_scalars(step, summary)
-    return summary
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`. Returns the final eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  save_run_info(config, workdir)
-  logging.info("Config:\n%s", config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  if jax.process_index() == 0:
-    writer.write_texts(0, {"config": f"```\n{config}\n```"})
+def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`. Returns the final eval metrics.
 
+  Everything that can be wrong with the inputs (names, shapes, batch sizes,
+  the workdir, a changed config) raises before anything is compiled.
+  """
+  # ---------------------------------------------- validate, then build ---
+  if config.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")
+  prepare_workdir(workdir)
+  changes = run_config.check_resume(workdir, config, allow_config_change)
+  if changes:
+    logging.warning("Resuming with changed safe config keys: %s", changes)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
+  if config.num_samples > 0:
+    parallel.check_batch_size(config.num_samples, mesh, "num_samples")
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  datasets = data_lib.create_datasets(config)
   model = build_model(config)
   optimizer, lr_schedule = optim.build_optimizer(config)
-
-  state = create_train_state(config, model, optimizer, mesh)
+  datasets = data_lib.create_datasets(config)
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                              config.max_checkpoints_to_keep)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state, datasets.train_iter)
+  abstract_state = abstract_train_state(config, model, optimizer, mesh)
+  resumed = checkpointer.latest_step() is not None
+  if resumed:  # Restores the data iterator too, before the first batch is read.
+    state = checkpointer.restore(abstract_state, datasets.train_iter)
     logging.info("Resuming from step %d.", int(state.step))
-  parameter_overview.log_parameter_overview(state.params)
+  first_batch = next(datasets.train_iter)
+  model_lib.check_tokens(first_batch["x"], config.vocab_size)
+  if not resumed:
+    state = create_train_state(config, model, optimizer, mesh)
+
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  save_run_info(config, workdir, num_params)
+  logging.info("Config:\n%s", config)
+  parameter_overview.log_parameter_overview(state.params)
   logging.info("Parameters: %d", num_params)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if not resumed:
+    writer.write_texts(0, {"config": f"```\n{config}\n```"})
 
   train_step = make_train_step(config, model, optimizer, lr_schedule, mesh, state)
   eval_step = make_eval_step(model, mesh)
   sample_fn = make_sample_fn(config, model, mesh)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
+  watcher = preemption.PreemptionWatcher()
 
   total = config.num_train_steps
   step = int(state.step)
   initial_step = step
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_loss_every_steps)
-  log = _MetricLog(writer)
+  log = _MetricLog(writer, raise_on_nonfinite=not config.check_nans)
   eval_metrics: dict[str, Any] = {}
+  preempted = False
+  pending_finite: Optional[tuple[int, jax.Array, dict]] = None
   start = time.time()
 
   def due(every: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
-  with metric_writers.ensure_flushes(writer):
-    while step < total:
-      batch = next(datasets.train_iter)
-      model_lib.check_tokens(batch["x"], config.vocab_size)
-      state, metrics = train_step(state, parallel.to_global(batch, mesh))
-      step += 1
-      log.flush()  # The previous log line, while this step runs.
-      log.add(metrics)
-      report(step)
-      if due(config.log_loss_every_steps):
-        log.mark(step)
-      if due(config.eval_every_steps):
-        log.flush()
-        with report.timed("eval"):
-          eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
-        writer.write_scalars(step, {k: v for k, v in eval_metrics.items() if k != "eval_examples"})
-        logging.info("step %d: eval bpd %.4f", step, eval_metrics["eval_bpd"])
-      if due(config.sample_every_steps) and config.num_samples > 0:
-        with report.timed("sample"):
-          tokens = sample_fn(state.ema_params, jax.random.fold_in(sample_rng, step), class_labels(config))
-          if jax.process_index() == 0:
-            logging.info("Samples: %s", write_samples(tokens, datasets, model, workdir, step, writer))
-      if due(config.checkpoint_every_steps):
-        with report.timed("checkpoint"):
-          checkpointer.save(step, state, datasets.train_iter)
-    log.flush()
+  def check_finite(pending) -> None:
+    """Host side of the NaN guard (the jitted step already dropped the update)."""
+    bad_step, finite, metrics = pending
+    if bool(finite):
+      return
+    values = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
+    if config.nan_policy == "skip":
+      logging.warning("Step %d: non-finite %s; update skipped.", bad_step, values)
+      return
+    raise NonFiniteError(
+        f"Non-finite loss/gradient at step {bad_step} ({values}); the update was not applied and "
+        f"the last good checkpoint is step {checkpointer.latest_step()}. Lower the learning rate, "
+        "check the data, or set --config.nan_policy=skip.")
 
+  try:
+    with metric_writers.ensure_flushes(writer):
+      batch = first_batch
+      while step < total:
+        if batch is None:
+          batch = next(datasets.train_iter)
+          model_lib.check_tokens(batch["x"], config.vocab_size)
+        state, metrics = train_step(state, parallel.to_global(batch, mesh))
+        batch = None
+        step += 1
+        if config.check_nans:  # Checked one step late, except before a checkpoint.
+          if pending_finite is not None:
+            check_finite(pending_finite)
+          pending_finite = (step, metrics["finite"], metrics)
+        log.flush()  # The previous log line, while this step runs.
+        log.add(metrics)
+        report(step)
+        if due(config.log_loss_every_steps):
+          log.mark(step)
+        if due(config.eval_every_steps):
+          log.flush()
+          with report.timed("eval"):
+            eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
+          writer.write_scalars(step, {k: v for k, v in eval_metrics.items() if k != "eval_examples"})
+          logging.info("step %d: eval bpd %.4f", step, eval_metrics["eval_bpd"])
+        if due(config.sample_every_steps) and config.num_samples > 0:
+          with report.timed("sample"):
+            tokens = sample_fn(state.ema_params, jax.random.fold_in(sample_rng, step), class_labels(config))
+            if jax.process_index() == 0:
+              logging.info("Samples: %s", write_samples(tokens, datasets, model, workdir, step, writer))
+        preempted = watcher.reached(step)
+        if due(config.checkpoint_every_steps) or preempted:
+          if pending_finite is not None:
+            check_finite(pending_finite)
+            pending_finite = None
+          with report.timed("checkpoint"):
+            checkpointer.save(step, state, datasets.train_iter)
+        if preempted:
+          logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
+                          "resume.", step)
+          break
+      if pending_finite is not None:
+        check_finite(pending_finite)
+      log.flush()
+  finally:
+    watcher.close()
+    writer.flush()
+
+  if preempted:
+    checkpointer.close()
+    writer.close()
+    print(f"Preempted at step {step}: checkpoint saved in {checkpointer.directory}; re-run the "
+          "same command to resume.", flush=True)
+    return {"step": step, "preempted": True}
   if not eval_metrics:  # Nothing left to train: evaluate the restored state.
     eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
   elapsed = time.time() - start
   eval_metrics.update(step=step, num_params=num_params, train_seconds=elapsed,
                       steps_per_second=(step - initial_step) / elapsed if step > initial_step else 0.0)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump(eval_metrics, f, indent=2)
+    (epath.Path(workdir) / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
   checkpointer.close()
   writer.close()
   print(f"Final eval at step {step}: {eval_metrics['eval_bpd']:.4f} bits/dim "

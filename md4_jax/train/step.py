@@ -77,16 +77,37 @@ def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, ac
 def train_step(
     state: TrainState, batch: Batch, *, model: model_lib.MD4,
     optimizer: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
-    ema_rate: float, accum_steps: int = 1,
+    ema_rate: float, accum_steps: int = 1, skip_nonfinite: bool = False,
+    debug_nan_at_step: int = -1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimisation step with EMA update. Returns the new state and metrics."""
+  """One optimisation step with EMA update. Returns the new state and metrics.
+
+  Args:
+    skip_nonfinite: if the loss or the gradient norm is not finite, keep the
+      old params / EMA / optimiser state (the step counter still advances).
+      metrics['finite'] reports it either way.
+    debug_nan_at_step: poison the loss and gradients with NaN at this step
+      (for testing the guard; -1 = never).
+  """
   grads, metrics = compute_grads(model, state.params, batch, state.step_key(), accum_steps)
+  if debug_nan_at_step >= 0:
+    poison = jnp.where(state.step == debug_nan_at_step, jnp.nan, 1.0)
+    grads = jax.tree.map(lambda g: g * poison, grads)
+    metrics = dict(metrics, loss=metrics["loss"] * poison)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=lr_schedule(state.step))
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-  return new_state, metrics
+  new = (params, ema_params, opt_state)
+  if skip_nonfinite:
+    old = (state.params, state.ema_params, state.opt_state)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, grad_norm=grad_norm, learning_rate=lr_schedule(state.step),
+                 finite=finite)
+  params, ema_params, opt_state = new
+  return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
+                       opt_state=opt_state), metrics
 
 
 def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MD4) -> dict[str, jax.Array]:

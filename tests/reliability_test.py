@@ -1,0 +1,227 @@
+"""Reliability: SIGTERM, kill -9, exact resume, NaN guard, config safety, bad inputs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits
+from md4_jax import run_config
+from md4_jax import workdir as workdir_lib
+from md4_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL_STEPS = 30
+TINY = ["--config.unet.channels=8", "--config.unet.channel_mult=(1,)",
+        "--config.unet.attn_resolutions=()", "--config.unet.embed_dim=4",
+        "--config.batch_size=16", "--config.eval_batch_size=100", "--config.num_samples=0",
+        "--config.eval_every_steps=0", "--config.sample_every_steps=0",
+        "--config.log_loss_every_steps=5", f"--config.num_train_steps={TOTAL_STEPS}",
+        "--config.checkpoint_every_steps=1", "--config.max_checkpoints_to_keep=2"]
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "md4_jax.main", "--config=configs/digits.py",
+          f"--workdir={workdir}", *TINY, *extra]
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _run(workdir, *extra):
+  return subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(), capture_output=True,
+                        text=True, timeout=600)
+
+
+def _start(workdir):
+  return subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _complete_steps(workdir):
+  ckpt = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = _complete_steps(workdir)
+    if steps and steps[-1] >= step:
+      return steps[-1]
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  raise TimeoutError(f"step {step} never checkpointed in {workdir}")
+
+
+def _final_params(workdir):
+  _, _, state = workdir_lib.restore_run(str(workdir))
+  assert int(state.step) == TOTAL_STEPS
+  return jax.device_get(state.params), jax.device_get(state.ema_params)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  result = _run(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _final_params(workdir)
+
+
+def _assert_bit_identical(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, reference):
+  workdir = tmp_path / "run"
+  proc = _start(workdir)
+  _wait_for_step(workdir, 8, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Preempted at step" in out
+  stopped_at = int(out.split("Preempted at step ")[1].split(":")[0])
+  assert stopped_at < TOTAL_STEPS
+  assert _complete_steps(workdir)[-1] == stopped_at  # Saved at exactly that step.
+  resumed = _run(workdir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resuming from step {stopped_at}" in resumed.stderr
+  _assert_bit_identical(_final_params(workdir), reference)
+
+
+def test_kill_9_at_several_moments_then_resume_is_bit_identical(tmp_path, reference):
+  workdir = tmp_path / "run"
+  # checkpoint_every_steps=1 keeps a checkpoint write in flight most of the time.
+  for target, delay in ((5, 0.0), (12, 0.13)):
+    proc = _start(workdir)
+    _wait_for_step(workdir, target, proc)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate()
+    steps = _complete_steps(workdir)
+    assert steps, "no complete checkpoint survived"
+  final = _run(workdir)
+  assert final.returncode == 0, final.stderr[-3000:]
+  assert "Resuming from step" in final.stderr
+  assert not [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]
+  _assert_bit_identical(_final_params(workdir), reference)
+
+
+def _tiny_config(**overrides):
+  config = digits.get_config()
+  config.unet.channels = 8
+  config.unet.channel_mult = (1,)
+  config.unet.attn_resolutions = ()
+  config.unet.embed_dim = 4
+  config.batch_size = 16
+  config.eval_batch_size = 40
+  config.num_samples = 0
+  config.eval_every_steps = 0
+  config.sample_every_steps = 0
+  config.num_train_steps = 8
+  config.checkpoint_every_steps = 2
+  config.update(overrides)
+  return config
+
+
+def test_nan_stop_keeps_last_good_checkpoint(tmp_path):
+  config = _tiny_config(debug_nan_at_step=5, nan_policy="stop")
+  with pytest.raises(loop.NonFiniteError, match="step 6"):  # Step index 5 is the 6th step.
+    loop.run(config, str(tmp_path))
+  steps = _complete_steps(tmp_path)
+  assert steps[-1] == 4  # Nothing written after the bad step.
+  _, _, state = workdir_lib.restore_run(str(tmp_path))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_nan_skip_drops_the_update_and_continues(tmp_path):
+  config = _tiny_config(debug_nan_at_step=3, nan_policy="skip", log_loss_every_steps=8)
+  metrics = loop.run(config, str(tmp_path))
+  assert metrics["step"] == 8 and np.isfinite(metrics["eval_bpd"])
+  _, _, state = workdir_lib.restore_run(str(tmp_path))
+  assert all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_nan_without_guard_still_stops_at_the_log_line(tmp_path):
+  config = _tiny_config(debug_nan_at_step=1, check_nans=False, log_loss_every_steps=2)
+  with pytest.raises(loop.NonFiniteError, match="up to 2"):
+    loop.run(config, str(tmp_path))
+
+
+class _BadTokens:
+  """Wraps a train iterator and corrupts one token of the first batch."""
+
+  def __init__(self, it):
+    self._it = it
+
+  def __next__(self):
+    batch = dict(next(self._it))
+    batch["x"] = batch["x"].copy()
+    batch["x"][0, 0, 0, 0] = 99
+    return batch
+
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("schedule", {"noise_schedule": "quadratic"}, "polyK"),
+    ("dataset", {"dataset": "mnist"}, "Unknown dataset 'mnist'"),
+    ("network", {"network": "resnet"}, "Unknown network"),
+    ("data shape", {"data_shape": (8, 8, 3)}, "data_shape"),
+    ("vocab", {"vocab_size": 10}, "vocab_size"),
+    ("batch", {"batch_size": 12}, "divisible by the 8 batch shards"),
+    ("nan policy", {"nan_policy": "ignore"}, "nan_policy"),
+    ("tokens", {}, r"\[0, 17\)"),
+    ("workdir parent", {}, "does not exist"),
+    ("workdir unwritable", {}, "not a writable directory"),
+])
+def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch, case, overrides, message):
+  config = _tiny_config(**overrides)
+  workdir = str(tmp_path / "run")
+  if case == "workdir parent":
+    workdir = str(tmp_path / "missing" / "run")
+  if case == "workdir unwritable":
+    (tmp_path / "file").write_text("")
+    workdir = str(tmp_path / "file")  # A regular file: no directory can be made there.
+  if case == "tokens":
+    real = loop.data_lib.create_datasets
+    def corrupt(cfg):
+      ds = real(cfg)
+      return ds.__class__(**{**ds.__dict__, "train_iter": _BadTokens(ds.train_iter)})
+    monkeypatch.setattr(loop.data_lib, "create_datasets", corrupt)
+  compiled = []
+  monkeypatch.setattr(loop, "create_train_state", lambda *a: compiled.append(1))
+  with pytest.raises((ValueError, PermissionError), match=message):
+    loop.run(config, workdir)
+  assert not compiled
+  assert not _complete_steps(workdir) if os.path.isdir(workdir) else True
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+  result = _run(tmp_path / "run", "--config.noise_schedule=quadratic")
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith("md4_jax: error:")]
+  assert len(errors) == 1 and "quadratic" in errors[0]
+  assert "Traceback" not in result.stderr
+
+
+def test_config_changes_on_resume(tmp_path):
+  config = _tiny_config(num_train_steps=2, checkpoint_every_steps=2)
+  loop.run(config, str(tmp_path))
+  changed_model = _tiny_config(num_train_steps=2)
+  changed_model.unet.channels = 16
+  with pytest.raises(ValueError, match=r"unet.channels: 8 -> 16"):
+    loop.run(changed_model, str(tmp_path))
+  longer = _tiny_config(num_train_steps=3, checkpoint_every_steps=2)
+  with pytest.raises(ValueError, match="--allow_config_change"):
+    loop.run(longer, str(tmp_path))
+  assert loop.run(longer, str(tmp_path), allow_config_change=True)["step"] == 3
+  assert run_config.load_config(str(tmp_path)).num_train_steps == 3
+  for name in ("run_info.json", "config.json"):
+    assert (tmp_path / name).exists()
