@@ -20,6 +20,8 @@ _RUNTIME = [
     # PNG sample grids.
     "pillow>=10",
     "numpy>=1.26",
+    # Progress bars (evaluation CLI, data preparation).
+    "tqdm>=4.60",
 ]
 
 setuptools.setup(

@@ -20,6 +20,9 @@ def get_config():
   config.classes = 0  # Number of class labels for conditioning; 0 = unconditional.
   config.batch_size = 64  # Global training batch (all devices, all processes).
   config.eval_batch_size = 64  # Global evaluation batch.
+  # Split scored by eval ('' = the dataset's held-out split: digits test, text8 validation,
+  # cifar10 test, imagenet64 validation, openwebtext/fineweb_edu validation).
+  config.eval_split = ""
   config.random_flip = False  # Horizontal flips (images); off for likelihood runs.
   config.grain_worker_count = 0  # grain worker processes (0 = in the main process).
   config.grain_prefetch = 2  # Batches grain keeps ready ahead of the loop.
@@ -76,5 +79,23 @@ def get_config():
 
   # -------------------------------------------------------------- devices ---
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1  # Batch-parallel axis size (-1 = all devices).
+  config.mesh.data = -1  # Batch-parallel axis size (-1 = the devices left over).
+  config.mesh.fsdp = 1  # Fully-sharded data parallel: batch AND parameters/optimiser split.
+  config.mesh.tensor = 1  # Tensor parallel: heads / MLP hidden / vocab split.
+  # Logical axis name (on params and activations) -> mesh axis, tuple of axes, or None
+  # (replicated). A dimension that its mesh axes do not divide stays replicated.
+  config.sharding_rules = (
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("cond", None),
+      ("norm", None),
+      ("activation_batch", ("data", "fsdp")),
+      ("activation_length", None),
+      ("activation_embed", None),
+      ("activation_vocab", "tensor"),
+  )
   return config

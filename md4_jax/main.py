@@ -24,6 +24,14 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume even though safe config keys (frequencies, num_train_steps, devices...) changed.")
 
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", os.environ.get("MD4_DISTRIBUTED", "0") == "1",
+    "Call jax.distributed.initialize() (multi-process runs). Without the three flags below JAX "
+    "auto-detects TPU pods, SLURM and other clusters. Default from $MD4_DISTRIBUTED.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
 # Exit codes: bad input or config (2), training stopped on NaN/Inf (3).
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -39,11 +47,20 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno > pylogging.INFO or not any(n in record.pathname for n in self.NOISY)
 
 
+def initialize_distributed(coordinator_address, num_processes, process_id) -> None:
+  """jax.distributed.initialize; CPU processes talk through gloo collectives."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   jax.config.update("jax_threefry_partitionable", True)
+  if _DISTRIBUTED.value:
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
   try:

@@ -2,12 +2,15 @@
 
 One mesh serves 1 to N devices across all processes. Axes: 'data' (batch),
 'fsdp' (batch + parameter shards) and 'tensor' (model parallel). The batch is
-split over ('data', 'fsdp'); parameters are replicated until sharding rules
-are given.
+split over ('data', 'fsdp'). Parameters carry logical axis names ('embed',
+'mlp', 'heads', 'vocab', ...); a rules table (config.sharding_rules) maps them
+to mesh axes. A dimension that a mesh axis does not divide stays replicated.
 """
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
 
 import jax
 import numpy as np
@@ -68,7 +71,71 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "batch_size") -> N
         f"{dict(mesh.shape)}; pick a multiple of {shards}.")
 
 
+def data_shards(mesh: Mesh) -> tuple[int, int]:
+  """(index, count) of this process's slice of every global batch.
+
+  Processes whose devices hold the same rows of the batch (e.g. a 'tensor'
+  axis spanning processes) read the same data; `count` is the number of
+  distinct row blocks, and each process loads `global_batch / count` rows.
+  """
+  nominal = batch_size_per_shard(mesh)
+  rows: dict[int, set[int]] = {}
+  for device, index in batch_sharding(mesh).devices_indices_map((nominal,)).items():
+    start = index[0].start or 0
+    stop = nominal if index[0].stop is None else index[0].stop
+    rows.setdefault(device.process_index, set()).update(range(start, stop))
+  blocks = sorted({(min(r), max(r)) for r in rows.values()})
+  mine = rows[jax.process_index()]
+  if max(mine) - min(mine) + 1 != len(mine):
+    raise ValueError(f"Mesh {dict(mesh.shape)} gives process {jax.process_index()} a "
+                     "non-contiguous part of the batch; reorder the mesh axes or devices.")
+  return blocks.index((min(mine), max(mine))), len(blocks)
+
+
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
   """Assembles each process's share of the batch into global jax.Arrays."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+  _, count = data_shards(mesh)
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * count,) + v.shape[1:])
+  return out
+
+
+def fetch(tree: Any) -> Any:
+  """Host numpy copies of replicated arrays (works on every process)."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
+  entries = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    size = math.prod(mesh.shape[a] for a in names)
+    entries.append(axes if names and dim % size == 0 else None)
+  return P(*entries)
+
+
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for a pytree whose leaves may be nn.LogicallyPartitioned.
+
+  Args:
+    abstract_boxed: e.g. jax.eval_shape of a function returning boxed params.
+    mesh: the device mesh.
+    rules: (logical name, mesh axis | tuple of axes | None) pairs.
+
+  Returns:
+    A pytree of NamedSharding matching the unboxed tree.
+  """
+  logical = nn.get_partition_spec(abstract_boxed)
+  shapes = nn.meta.unbox(abstract_boxed)
+  is_spec = lambda x: isinstance(x, P)
+  def one(spec, leaf):
+    mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
+    return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
+  return jax.tree.map(one, logical, shapes, is_leaf=is_spec)

@@ -7,10 +7,10 @@ run length, logging, devices) may change when the caller allows it explicitly.
 """
 
 import json
-import os
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 CONFIG_FILE = "config.json"
 
@@ -18,8 +18,8 @@ CONFIG_FILE = "config.json"
 SAFE_KEYS = frozenset({
     "num_train_steps", "log_loss_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "sample_every_steps", "num_samples", "sampling_steps",
-    "eval_batch_size", "grain_worker_count", "grain_prefetch", "data_dir", "check_nans",
-    "nan_policy", "debug_nan_at_step", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "eval_batch_size", "eval_split", "grain_worker_count", "grain_prefetch", "data_dir", "check_nans",
+    "nan_policy", "debug_nan_at_step", "mesh.data", "mesh.fsdp", "mesh.tensor", "sharding_rules",
 })
 
 
@@ -49,18 +49,16 @@ def _tuples(value):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the run in `workdir` was started with."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"No {CONFIG_FILE} in {workdir!r}: not an md4_jax workdir (train first with "
         f"`python -m md4_jax.main --config=configs/digits.py --workdir={workdir}`).")
-  with open(path) as f:
-    return ml_collections.ConfigDict(_tuples(json.load(f)))
+  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    json.dump(_plain(config), f, indent=2, sort_keys=True)
+  (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
 
 
 def differences(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict[str, tuple]:
@@ -75,7 +73,7 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, allow_safe_cha
   Returns:
     The (allowed) differences, empty for a first start or an identical config.
   """
-  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+  if not (epath.Path(workdir) / CONFIG_FILE).exists():
     return {}
   diffs = differences(load_config(workdir), config)
   describe = lambda keys: ", ".join(f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in keys)

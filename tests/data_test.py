@@ -3,6 +3,9 @@
 import collections
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 from absl import flags
@@ -185,6 +188,48 @@ def test_iterator_checkpoints_with_orbax(tmp_path):
   assert_batches_equal(take(restored["data"], 2), expected)
 
 
+_RESTORE_IN_FRESH_PROCESS = textwrap.dedent("""
+    import json, sys
+    import grain, numpy as np, orbax.checkpoint as ocp
+    from configs import digits as digits_config
+    from md4_jax import data
+    workdir, overrides, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    config = digits_config.get_config("cond")
+    config.update(overrides)
+    it = data.create_datasets(config, 0, 1).train_iter
+    with ocp.CheckpointManager(workdir, item_names=("data",)) as manager:
+      it = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(it)))["data"]
+    batches = [next(it) for _ in range(n)]
+    np.savez(workdir + "/next.npz", **{f"{i}_{k}": v
+             for i, b in enumerate(batches) for k, v in b.items()})
+""")
+
+
+def test_iterator_resumes_in_a_fresh_process(tmp_path):
+  overrides = dict(batch_size=16, eval_batch_size=64, grain_prefetch=0,
+                   random_flip=True, seed=7)
+  config = digits_cfg(**overrides)
+  it = data.create_datasets(config, 0, 1).train_iter
+  take(it, 100)  # Past the first epoch of 1497 // 16 batches.
+  with ocp.CheckpointManager(tmp_path, item_names=("data",)) as manager:
+    manager.save(100, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+  expected = take(it, 3)
+
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", _RESTORE_IN_FRESH_PROCESS, str(tmp_path),
+       json.dumps(overrides), "3"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(tmp_path / "next.npz") as saved:
+    resumed = [{k: saved[f"{i}_{k}"] for k in b} for i, b in enumerate(expected)]
+  assert_batches_equal(resumed, expected)
+
+
 def test_worker_processes_match_in_process_reading():
   if not flags.FLAGS.is_parsed():  # grain workers read absl flags.
     flags.FLAGS.mark_as_parsed()
@@ -201,18 +246,24 @@ def test_worker_processes_match_in_process_reading():
 
 def test_train_shards_are_disjoint_and_epochs_reshuffle():
   n = 24
-  epochs = {}
+  single = concat(take(common.train_iterator(
+      index_source(n), common.ToTokens("x"), options(batch_size=8)), 6))["x"][:, 0]
+  per_process = []
   for p in range(2):
     it = common.train_iterator(
         index_source(n), common.ToTokens("x"),
         options(batch_size=4, process_index=p, process_count=2))
-    ids = concat(take(it, 6))["x"][:, 0]  # Two epochs of 12.
-    first, second = ids[:12], ids[12:]
-    assert sorted(first) == sorted(second)
-    assert not np.array_equal(first, second)
-    epochs[p] = set(first.tolist())
-  assert epochs[0].isdisjoint(epochs[1])
-  assert epochs[0] | epochs[1] == set(range(n))
+    per_process.append(concat(take(it, 6))["x"][:, 0])  # Two epochs of 24.
+  # Global batch k = process 0's rows then process 1's: the same as one process.
+  merged = np.concatenate(
+      [np.concatenate([per_process[0][k:k + 4], per_process[1][k:k + 4]])
+       for k in range(0, 24, 4)])
+  np.testing.assert_array_equal(merged, single)
+  for epoch in (slice(0, 12), slice(12, 24)):
+    first, second = set(per_process[0][epoch]), set(per_process[1][epoch])
+    assert first.isdisjoint(second) and first | second == set(range(n))
+  assert not np.array_equal(single[:24], single[24:])  # Reshuffled each epoch.
+  assert sorted(single[:24]) == sorted(single[24:])
 
 
 @pytest.mark.parametrize("n, process_count, batch", [(10, 3, 2), (2, 4, 3)])
@@ -272,6 +323,29 @@ def test_tfds_images_on_mock_data():
   assert len(evals) == 3  # ceil(ceil(21 / 2) / 4)
   assert sum(b["weight"].sum() for b in evals) == 10  # Records 1, 3, ..., 19.
 
+
+
+def test_tfds_image_processes_share_global_batches():
+  config = image_cfg("cifar10", classes=10)
+  with tfds.testing.mock_data(num_examples=24):
+    single = data.create_datasets(config, 0, 1)
+    whole = take(single.train_iter, 2)
+    whole_eval = concat(single.eval_batches())
+    parts = [data.create_datasets(config, p, 2) for p in range(2)]
+    per_process = [take(ds.train_iter, 2) for ds in parts]
+    evals = [concat(ds.eval_batches()) for ds in parts]
+  for k in range(2):  # Global batch k = process 0's rows then process 1's.
+    assert_batches_equal([concat([per_process[0][k], per_process[1][k]])],
+                         [whole[k]])
+
+  def real(b):
+    return collections.Counter(
+        (x.tobytes(), int(y))
+        for x, y, w in zip(b["x"], b["label"], b["weight"]) if w == 1)
+
+  assert real(evals[0]) + real(evals[1]) == real(whole_eval)
+  assert sum(real(whole_eval).values()) == 24
+  assert not real(evals[0]) & real(evals[1])
 
 
 def test_imagenet64_on_mock_data():
@@ -366,6 +440,30 @@ def test_text8_on_generated_file(tmp_path):
     text8.build(config, 0, 1, split_sizes=(1000, 50, 50))
 
 
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_text8_eval_scores_every_character_once(tmp_path, process_count):
+  text = write_text8(tmp_path)
+  sizes = (896, 48, 56)  # Validation: 6 chunks of 8, nothing dropped.
+  config = text8_cfg(tmp_path, batch_size=6, eval_batch_size=6)
+  rows = []
+  for p in range(process_count):
+    ds = text8.build(config, p, process_count, split_sizes=sizes)
+    b = concat(ds.eval_batches())
+    rows.append([ds.decode(x) for x in b["x"][b["weight"] == 1]])
+  # Process p holds chunks p, p + P, ...: interleave back into split order.
+  chunks = [rows[i % process_count][i // process_count]
+            for i in range(sum(map(len, rows)))]
+  assert "".join(chunks) == text[896:944]
+
+
+def test_text8_standard_split_drops_only_the_tail():
+  # Record counts need no file: 5M = 19,531 x 256 + 64 characters.
+  valid = text8.load_split("unused", "validation", 256)
+  train = text8.load_split("unused", "train", 256)
+  assert len(valid) == 19_531 and 5_000_000 - len(valid) * 256 == 64
+  assert len(train) == 351_562 and 90_000_000 - len(train) * 256 == 128
+
+
 def test_text8_reads_zip(tmp_path):
   text = write_text8(tmp_path)
   with zipfile.ZipFile(tmp_path / "text8.zip", "w") as z:
@@ -442,6 +540,58 @@ def test_unprepared_tokenized_data_is_a_clear_error(tmp_path, name):
   message = str(error.value)
   assert str(tmp_path) in message
   assert f"python -m md4_jax.data.prepare --dataset={name}" in message
+
+
+# ----------------------------------------------------- evaluation split ---
+
+
+def test_digits_eval_split_is_selectable():
+  default = data.create_datasets(digits_cfg(), 0, 1)
+  assert (default.eval_split, default.num_eval_examples) == ("test", 300)
+  ds = data.create_datasets(digits_cfg(eval_split="train", classes=0), 0, 1)
+  assert (ds.eval_split, ds.num_eval_examples) == ("train", 1497)
+  b = concat(ds.eval_batches())
+  train = digits.load_split("train")
+  expected = sorted(train[i]["x"].astype(np.int32).tobytes() for i in range(len(train)))
+  assert sorted(x.tobytes() for x in b["x"][b["weight"] == 1]) == expected
+  with pytest.raises(ValueError, match="no split 'validation'.*train, test"):
+    data.create_datasets(digits_cfg(eval_split="validation"), 0, 1)
+
+
+def test_text8_eval_split_is_selectable(tmp_path):
+  text = write_text8(tmp_path)
+  default = text8.build(text8_cfg(tmp_path), 0, 1, split_sizes=SPLIT_SIZES)
+  assert default.eval_split == "validation"
+  ds = text8.build(text8_cfg(tmp_path, eval_split="test"), 0, 1,
+                   split_sizes=SPLIT_SIZES)
+  assert ds.eval_split == "test" and ds.num_eval_examples == 50 // 8
+  b = concat(ds.eval_batches())
+  assert [ds.decode(r) for r in b["x"][b["weight"] == 1]] == [
+      text[950 + i:958 + i] for i in range(0, 48, 8)]
+  with pytest.raises(ValueError, match="no split 'dev'"):
+    text8.build(text8_cfg(tmp_path, eval_split="dev"), 0, 1,
+                split_sizes=SPLIT_SIZES)
+
+
+def test_tfds_eval_split_is_passed_through():
+  with tfds.testing.mock_data(num_examples=5):
+    assert data.create_datasets(image_cfg("cifar10"), 0, 1).eval_split == "test"
+    ds = data.create_datasets(image_cfg("cifar10", eval_split="train"), 0, 1)
+  assert ds.eval_split == "train" and ds.num_eval_examples == 5
+
+
+def test_tokenized_eval_split_is_selectable(tmp_path):
+  rng = np.random.default_rng(1)
+  train = rng.integers(0, tokenized.VOCAB_SIZE, (10, 16))
+  write_shards(tmp_path, "train", train)
+  write_shards(tmp_path, "validation", train[:3])
+  config = owt_cfg(tmp_path)
+  config.eval_split = "train"
+  ds = data.create_datasets(config, 0, 1)
+  assert ds.eval_split == "train" and ds.num_eval_examples == 10
+  config.eval_split = "test"
+  with pytest.raises(ValueError, match="no split 'test'.*train, validation"):
+    data.create_datasets(config, 0, 1)
 
 
 def test_every_registered_dataset_is_tested():

@@ -191,8 +191,8 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch, case, overrides
     workdir = str(tmp_path / "file")  # A regular file: no directory can be made there.
   if case == "tokens":
     real = loop.data_lib.create_datasets
-    def corrupt(cfg):
-      ds = real(cfg)
+    def corrupt(cfg, *args):
+      ds = real(cfg, *args)
       return ds.__class__(**{**ds.__dict__, "train_iter": _BadTokens(ds.train_iter)})
     monkeypatch.setattr(loop.data_lib, "create_datasets", corrupt)
   compiled = []

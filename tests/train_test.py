@@ -105,7 +105,11 @@ def test_gradient_accumulation_equals_full_batch():
   full = jax.jit(lambda p: step_lib.compute_grads(model, p, batch, rng, 1))(state.params)
   micro = jax.jit(lambda p: step_lib.compute_grads(model, p, batch, rng, 4))(state.params)
   np.testing.assert_allclose(full[1]["loss"], micro[1]["loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), full[0], micro[0])
+  # Entries whose true value is 0 (biases feeding a norm) are float noise: atol is relative
+  # to the largest gradient.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(full[0]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * scale),
+               full[0], micro[0])
   assert any(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(full[0]))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(full[0]))
 

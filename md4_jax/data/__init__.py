@@ -31,7 +31,10 @@ def create_datasets(config, process_index=None, process_count=None) -> Datasets:
   Args:
     config: The run config; reads `dataset`, `data_dir`, `data_shape`,
       `vocab_size`, `classes`, `batch_size`, `eval_batch_size`, `seed`,
-      `random_flip`, `grain_worker_count`, `grain_prefetch`.
+      `random_flip`, `grain_worker_count`, `grain_prefetch`, and
+      `eval_split` if present ('' or absent = the dataset's held-out split:
+      digits 'test', text8 'validation', cifar10 'test', imagenet64
+      'validation', openwebtext / fineweb_edu 'validation').
     process_index: This process; None means `jax.process_index()`.
     process_count: Number of processes; None means `jax.process_count()`.
 

@@ -42,6 +42,8 @@ class Datasets:
     num_eval_examples: Examples in the evaluation split (all processes).
     kind: 'image' or 'text'.
     decode: For text, maps int tokens `[L]` to a string; None for images.
+    eval_split: Name of the split `eval_batches` covers (`config.eval_split`
+      or the dataset's held-out default).
   """
 
   train_iter: grain.DatasetIterator
@@ -49,6 +51,7 @@ class Datasets:
   num_eval_examples: int
   kind: str
   decode: Callable[[np.ndarray], str] | None = None
+  eval_split: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +184,31 @@ def check_config(
     )
 
 
-def process_seed(seed: int, process_index: int) -> int:
-  """A uint32 seed per process, so shards shuffle and flip independently."""
-  return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+def eval_split(
+    config, dataset: str, default: str, splits: Sequence[str] | None = None
+) -> str:
+  """The split to evaluate on: `config.eval_split`, or `default` when unset.
+
+  Args:
+    config: The run config; `eval_split` may be absent (older runs) or ''.
+    dataset: Dataset name, for messages.
+    default: The dataset's held-out split.
+    splits: The valid split names, or None to pass any name through (TFDS
+      also accepts slices such as 'test[:1000]').
+
+  Returns:
+    The split name.
+
+  Raises:
+    ValueError: If the split is not one of `splits`.
+  """
+  split = config.get("eval_split", "") or default
+  if splits is not None and split not in splits:
+    raise ValueError(
+        f"Dataset {dataset!r} has no split {split!r} (config.eval_split); "
+        f"valid: {', '.join(splits)}."
+    )
+  return split
 
 
 def random_flip(example: Example, rng: np.random.Generator) -> Example:
@@ -209,10 +234,12 @@ def train_iterator(
 ) -> grain.DatasetIterator:
   """Builds this process's infinite training iterator.
 
-  Pipeline: source → this process's strided shard → shuffle (per-process
-  seed, reshuffled every epoch) → repeat forever → transform → optional flip →
-  batch (B_local, batches may span an epoch boundary) → iterator with thread
-  prefetch, or `grain_worker_count` worker processes.
+  Pipeline: source → shuffle (global seed, reshuffled every epoch) → repeat
+  forever → transform → optional flip → this process's rows of each global
+  batch (`_ProcessRows`) → batch (B_local, batches may span an epoch boundary)
+  → iterator with thread prefetch, or `grain_worker_count` worker processes.
+  Global batch k is the same for any process count: process p holds its rows
+  [p·B_local, (p+1)·B_local).
 
   Args:
     source: Random-access records of the training split (all processes).
@@ -226,20 +253,17 @@ def train_iterator(
     `get_state()` / `set_state()` for checkpointing.
 
   Raises:
-    ValueError: If this process's shard is empty.
+    ValueError: If the training split is empty.
   """
-  seed = process_seed(options.seed, options.process_index)
-  ds = grain.MapDataset.source(source)
-  ds = ds[options.process_index :: options.process_count]
-  if not len(ds):
-    raise ValueError(
-        f"The training split has {len(source)} examples, fewer than the "
-        f"{options.process_count} processes: process {options.process_index} "
-        "has none."
-    )
-  ds = ds.shuffle(seed=seed).repeat(None).map(transform)
+  if not len(source):
+    raise ValueError("The training split is empty.")
+  # One global order (seeded by config.seed alone), so the global batch is the
+  # same whatever the number of processes; each process reads only its rows.
+  ds = grain.MapDataset.source(source).shuffle(seed=options.seed).repeat(None)
+  ds = ds.map(transform)
   if flip:
-    ds = ds.random_map(random_flip, seed=seed)
+    ds = ds.random_map(random_flip, seed=options.seed)
+  ds = grain.MapDataset.source(_ProcessRows(ds, options))
   ds = ds.batch(options.batch_size, drop_remainder=True)
   ids = ds.to_iter_dataset(_read_options(options.prefetch))
   if options.worker_count > 0:
@@ -250,6 +274,27 @@ def train_iterator(
         )
     )
   return iter(ids)
+
+
+class _ProcessRows:
+  """This process's rows of every global batch of an (infinite) record stream.
+
+  Element j is global element (j // b)·b·P + p·b + j % b, with b = B_local,
+  P processes and p this process: processes read disjoint records.
+  """
+
+  def __init__(self, stream, options: PipelineOptions):
+    self._stream = stream
+    self._b = options.batch_size
+    self._p = options.process_index
+    self._count = options.process_count
+
+  def __len__(self) -> int:
+    return len(self._stream) // self._count
+
+  def __getitem__(self, j: int):
+    step, row = divmod(j, self._b)
+    return self._stream[(step * self._count + self._p) * self._b + row]
 
 
 class _PaddedShard:

@@ -29,7 +29,8 @@ class ImageDataset:
     data_shape: (H, W, C) of one image.
     classes: Number of labels (0 = the TFDS dataset has none).
     train_split: TFDS split used for training.
-    eval_split: TFDS split used for evaluation.
+    eval_split: TFDS split used for evaluation unless `config.eval_split`
+      names another (any TFDS split or slice, e.g. 'train[:10000]').
   """
 
   tfds_name: str
@@ -99,7 +100,8 @@ def build(
   options = common.pipeline_options(config, process_index, process_count)
   data_dir = config.data_dir or None
   train_source = data_source(dataset.tfds_name, dataset.train_split, data_dir)
-  eval_source = data_source(dataset.tfds_name, dataset.eval_split, data_dir)
+  split = common.eval_split(config, config.dataset, dataset.eval_split)
+  eval_source = data_source(dataset.tfds_name, split, data_dir)
   transform = common.ToTokens(
       "image", "label" if config.classes else None, dataset.data_shape
   )
@@ -110,6 +112,7 @@ def build(
       eval_batches=common.eval_batches_fn(eval_source, transform, options),
       num_eval_examples=len(eval_source),
       kind="image",
+      eval_split=split,
   )
 
 

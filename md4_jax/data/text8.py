@@ -4,8 +4,13 @@ Tokens: ' ' → 0 and 'a'..'z' → 1..26 (vocabulary 27, see `CHARS`). The
 standard split takes the first 90M characters for training, the next 5M for
 validation and the last 5M for test; evaluation uses validation. Examples are
 non-overlapping chunks of L = config.data_shape[0] characters; in each split
-the tail shorter than L is dropped (so evaluation scores
-5M - 5M mod L characters).
+the tail shorter than L is dropped, so evaluation scores every character of
+the split exactly once except the last 5M mod L. At L = 256:
+5,000,000 = 19,531 x 256 + 64, so bits per character are measured on
+4,999,936 characters (the last 64 are not scored); training uses
+351,562 chunks, 89,999,872 of the 90M characters (the last 128 unused).
+Scoring the tail would need a padded last chunk with per-token weights,
+which the batch contract (one weight per example) does not carry.
 
 The reader looks for `text8` (or `text8.zip`, extracted next to it) in
 `config.data_dir` ('' = `DEFAULT_DATA_DIR`) and otherwise downloads `URL`
@@ -179,7 +184,8 @@ def build(
   _check_file(path, split_sizes)
   (length,) = config.data_shape
   transform = common.ToTokens("x")
-  eval_source = load_split(path, "validation", length, split_sizes)
+  split = common.eval_split(config, NAME, "validation", SPLITS)
+  eval_source = load_split(path, split, length, split_sizes)
   return common.Datasets(
       train_iter=common.train_iterator(
           load_split(path, "train", length, split_sizes), transform, options
@@ -187,5 +193,6 @@ def build(
       eval_batches=common.eval_batches_fn(eval_source, transform, options),
       num_eval_examples=len(eval_source),
       kind="text",
+      eval_split=split,
       decode=decode,
   )

@@ -143,7 +143,8 @@ def build(
   options = common.pipeline_options(config, process_index, process_count)
   data_dir = os.path.expanduser(config.data_dir or dataset.default_data_dir)
   train_paths = find_shards(dataset, data_dir, "train")
-  eval_paths = find_shards(dataset, data_dir, "validation")
+  split = common.eval_split(config, dataset.name, "validation", SPLITS)
+  eval_paths = find_shards(dataset, data_dir, split)
   train_source = grain.sources.ArrayRecordDataSource(train_paths)
   eval_source = grain.sources.ArrayRecordDataSource(eval_paths)
   (length,) = config.data_shape
@@ -157,6 +158,7 @@ def build(
       eval_batches=common.eval_batches_fn(eval_source, transform, options),
       num_eval_examples=len(eval_source),
       kind="text",
+      eval_split=split,
       decode=decoder,
   )
 

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,11 +48,17 @@ def _init_fn(config, model, optimizer, mesh):
                            with_labels=config.classes > 0)
 
 
+def sharding_rules(config) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in config.sharding_rules)
+
+
 def abstract_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
-  """Shapes, dtypes and shardings of the TrainState, without computing it."""
-  abstract = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
-  sharding = parallel.replicated(mesh)
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+  """Shapes, dtypes and shardings (from the logical rules) of the TrainState."""
+  boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
+  shardings = parallel.logical_shardings(boxed, mesh, sharding_rules(config))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
 
 
 def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
@@ -59,7 +66,20 @@ def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
   abstract = abstract_train_state(config, model, optimizer, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   init = _init_fn(config, model, optimizer, mesh)
-  return jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  with nn.logical_axis_rules(sharding_rules(config)):
+    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
+        jax.random.key(config.seed))
+
+
+def with_rules(fn, config):
+  """Traces `fn` inside the logical-axis rules (for activation constraints)."""
+  rules = sharding_rules(config)
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
@@ -69,30 +89,68 @@ def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
                          accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
                          debug_nan_at_step=config.debug_nan_at_step)
   state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  return jax.jit(fn, in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+  return jax.jit(with_rules(fn, config), in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(model, mesh):
-  fn = functools.partial(step_lib.eval_step, model=model)
-  return jax.jit(fn, in_shardings=(None, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+def make_eval_step(config, model, mesh, num_t_samples: int = 1):
+  """Jitted `(params, batch, rng) -> per-example NELBO estimates` over `mesh`.
+
+  See `step.eval_step`; outputs are replicated float32 [B] arrays.
+  """
+  if num_t_samples < 1:
+    raise ValueError(f"num_t_samples must be >= 1, got {num_t_samples}.")
+  fn = functools.partial(step_lib.eval_step, model=model, num_t_samples=int(num_t_samples))
+  return jax.jit(with_rules(fn, config),
+                 in_shardings=(None, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
 
-def evaluate(eval_step, params, datasets, mesh, model, seed: int) -> dict[str, float]:
-  """NELBO over the whole eval split: nats per example and bits per dimension."""
+def evaluate(eval_step, params, datasets, mesh, model, seed: int,
+             progress=None) -> dict[str, float]:
+  """NELBO over the whole eval split (every example once), with standard errors.
+
+  Batch i draws its times and masks from fold_in(fold_in(key(seed), salt), i).
+  Results are fetched one batch late, so the device never waits for the host;
+  the statistics are computed on the host in float64.
+
+  Args:
+    eval_step: from `make_eval_step` (any number of time samples K).
+    params: the parameters to evaluate (e.g. the EMA ones).
+    datasets: `eval_batches()` covers the split once; padding has weight 0.
+    mesh: the device mesh the batches are sharded over.
+    model: the MD4 model (for D, the positions per example).
+    seed: base seed of the times and masks.
+    progress: optional wrapper of the batch iterator (e.g. a tqdm bar).
+
+  Returns:
+    eval_loss (mean NELBO, nats per example), eval_loss_diff, eval_loss_recon,
+    eval_bpd = eval_loss / (D ln 2), eval_loss_stderr and eval_bpd_stderr (the
+    sample std of the N per-example estimates / sqrt(N): data spread plus
+    the estimator's noise, which falls with K) and eval_examples (N).
+  """
   base = jax.random.fold_in(jax.random.key(seed), EVAL_RNG_SALT)
-  totals = None
-  for i, batch in enumerate(datasets.eval_batches()):
+  batches = datasets.eval_batches()
+  if progress is not None:
+    batches = progress(batches)
+  chunks, pending = [], None
+  for i, batch in enumerate(batches):
     out = eval_step(params, parallel.to_global(batch, mesh), jax.random.fold_in(base, i))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  if totals is None:
+    if pending is not None:
+      chunks.append(parallel.fetch(pending))
+    pending = out
+  if pending is None:
     raise ValueError("The evaluation split is empty.")
-  totals = jax.device_get(totals)
-  n = float(totals.pop("sum_weight"))
-  result = {k.replace("sum_", "eval_"): float(v) / n for k, v in totals.items()}
-  result["eval_bpd"] = result["eval_loss"] / (model.num_positions * math.log(2.0))
-  result["eval_examples"] = n
+  chunks.append(parallel.fetch(pending))
+  real = np.concatenate([c["weight"] for c in chunks]) > 0
+  values = {k: np.concatenate([c[k] for c in chunks]).astype(np.float64)[real]
+            for k in chunks[0] if k != "weight"}
+  n = int(real.sum())
+  bits = model.num_positions * math.log(2.0)
+  result = {f"eval_{k}": float(np.mean(v)) for k, v in values.items()}
+  stderr = float(np.std(values["loss"], ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+  result.update(eval_bpd=result["eval_loss"] / bits, eval_loss_stderr=stderr,
+                eval_bpd_stderr=stderr / bits, eval_examples=float(n))
   return result
 
 
@@ -182,7 +240,7 @@ class _MetricLog:
       return
     step, buffer = self._pending
     self._pending = None
-    values = jax.device_get(buffer)
+    values = parallel.fetch(buffer)
     good = [v for v in values if bool(v["finite"])]
     if self._raise and len(good) < len(values):
       raise NonFiniteError(f"Non-finite training loss/gradient in the steps up to {step}. Lower "
@@ -215,7 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
                jax.process_count())
   model = build_model(config)
   optimizer, lr_schedule = optim.build_optimizer(config)
-  datasets = data_lib.create_datasets(config)
+  datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                              config.max_checkpoints_to_keep)
   abstract_state = abstract_train_state(config, model, optimizer, mesh)
@@ -238,7 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     writer.write_texts(0, {"config": f"```\n{config}\n```"})
 
   train_step = make_train_step(config, model, optimizer, lr_schedule, mesh, state)
-  eval_step = make_eval_step(model, mesh)
+  eval_step = make_eval_step(config, model, mesh)
   sample_fn = make_sample_fn(config, model, mesh)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
   watcher = preemption.PreemptionWatcher()
@@ -260,9 +318,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   def check_finite(pending) -> None:
     """Host side of the NaN guard (the jitted step already dropped the update)."""
     bad_step, finite, metrics = pending
-    if bool(finite):
+    if bool(parallel.fetch(finite)):
       return
-    values = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
+    values = {k: float(parallel.fetch(metrics[k])) for k in ("loss", "grad_norm")}
     if config.nan_policy == "skip":
       logging.warning("Step %d: non-finite %s; update skipped.", bad_step, values)
       return
