@@ -193,7 +193,8 @@ _RESTORE_IN_FRESH_PROCESS = textwrap.dedent("""
     import grain, numpy as np, orbax.checkpoint as ocp
     from configs import digits as digits_config
     from md4_jax import data
-    workdir, overrides, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    workdir, overrides, n = sys.argv[1], json.loads(sys.argv[2]), int(
+        sys.argv[3])
     config = digits_config.get_config("cond")
     config.update(overrides)
     it = data.create_datasets(config, 0, 1).train_iter
@@ -226,7 +227,8 @@ def test_iterator_resumes_in_a_fresh_process(tmp_path):
       env=env, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(tmp_path / "next.npz") as saved:
-    resumed = [{k: saved[f"{i}_{k}"] for k in b} for i, b in enumerate(expected)]
+    resumed = [{k: saved[f"{i}_{k}"] for k in b}
+               for i, b in enumerate(expected)]
   assert_batches_equal(resumed, expected)
 
 
