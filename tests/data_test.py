@@ -682,3 +682,31 @@ def test_prepare_resumes_after_a_crash(tmp_path):
   np.testing.assert_array_equal(read_split(tmp_path, "validation"),
                                 packed(docs[:10], 16))
   assert not list(tmp_path.glob("*.partial")) + list(tmp_path.glob("*.done"))
+
+
+def test_prepare_with_a_locally_trained_bpe_tokenizer(tmp_path):
+  """A real (tiny) BPE tokenizer built here: packing = concatenated encodings + EOS."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  docs = corpus(n=60, seed=3)
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(docs, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  path = tmp_path / "tokenizer.json"
+  tok.save(str(path))
+  eos = tok.token_to_id("<|endoftext|>")
+  encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+  out = tmp_path / "owt"
+  summary = prepare.prepare(lambda start, stop: docs[start:stop], encode, data_dir=str(out),
+                            eos_id=eos, seq_len=16, validation_docs=10, sequences_per_shard=5,
+                            batch_docs=4)
+  stream = [t for ids in encode(docs[10:]) for t in ids + [eos]]
+  usable = len(stream) // 16 * 16
+  np.testing.assert_array_equal(read_split(out, "train"), np.array(stream[:usable]).reshape(-1, 16))
+  assert summary["train"]["dropped_tokens"] == len(stream) - usable
+  # Decoding a packed sequence gives back the documents' text around the EOS markers.
+  first = read_split(out, "validation")[0].tolist()
+  assert tok.decode(first, skip_special_tokens=False).startswith(docs[0][:5])
