@@ -39,6 +39,20 @@ def get_config():
   config.dropout_rate = 0.0  # Dropout probability inside the network.
   config.dtype = "float32"  # Activation dtype: float32 | bfloat16.
   config.param_dtype = "float32"  # Parameter dtype (master copy).
+  # Memory/speed knobs (tests/perf_test.py checks each against the plain path).
+  # Per-block rematerialisation (jax.checkpoint policy): none | full |
+  # dots_saveable | dots_with_no_batch_dims_saveable (keep weight matmuls,
+  # recompute attention). On CPU it only saves memory with scan_layers=True.
+  config.remat_policy = "none"
+  # Transformer blocks as one nn.scan over stacked params (params under
+  # network/blocks/block with a leading 'layers' axis instead of block_0..).
+  config.scan_layers = False
+  # Attention kernel: xla | cudnn (GPU, bf16/fp16) | chunked (XLA, 128 queries
+  # at a time, rematerialised) | auto (cudnn on GPU in bf16/fp16, else xla).
+  config.attention_impl = "auto"
+  # Positions per chunk of the fused head + cross-entropy (0 = plain); the
+  # full [B, L, V] logits then never exist. Transformer only (UNet: ignored).
+  config.loss_chunk_size = 0
   # Transformer (sequences).
   config.transformer = ml_collections.ConfigDict()
   config.transformer.width = 64  # Residual stream width (channels).
@@ -93,6 +107,7 @@ def get_config():
       ("length", None),
       ("cond", None),
       ("norm", None),
+      ("layers", None),  # The stacked-blocks axis of scan_layers.
       ("activation_batch", ("data", "fsdp")),
       ("activation_length", None),
       ("activation_embed", None),

@@ -28,6 +28,9 @@ def get_config(arg=None):
   config.transformer.num_heads = 12
   config.transformer.mlp_ratio = 4.0
   config.dropout_rate = 0.0
+  # Memory (benchmarks/memory.py): 25.9 -> 10.4 GiB of temporaries at per-device batch 8.
+  config.loss_chunk_size = 128
+  config.attention_impl = "chunked"  # On GPU in bf16, "auto" picks cuDNN flash attention.
 
   config.learning_rate = 3e-4
   config.warmup_steps = 2000

@@ -218,10 +218,15 @@ def test_transformer_is_bidirectional():
 
 
 def test_transformer_remat_matches():
+  """The legacy `remat=True` means remat_policy='full'; gradients unchanged.
+
+  (tests/perf_test.py compares every policy, scanned layers and chunked
+  attention against the plain network.)
+  """
   setup = _get_setup("transformer")
   config = _config("transformer", remat=True)
   model = networks.build_network(config)
-  assert model.remat
+  assert model.remat_policy == "full"
   grads = setup.grad(setup.random_params)
   grads_remat = _grad_fn(model, config, setup.z, setup.t, setup.cond)(
       setup.random_params
@@ -276,6 +281,10 @@ def test_unknown_names_raise():
     networks.build_network(_config("unet", time_features="log_snr"))
   with pytest.raises(ValueError, match=r"\(H, W, C\)"):
     networks.build_network(_config("unet", data_shape=(16,)))
+  with pytest.raises(ValueError, match="dots_saveable.*full.*none"):
+    networks.build_network(_config("transformer", remat_policy="some"))
+  with pytest.raises(ValueError, match="auto.*chunked.*cudnn.*xla"):
+    networks.build_network(_config("unet", attention_impl="flash"))
 
 
 def test_registry():

@@ -6,6 +6,7 @@ The mask id is V. Everything here is jit/vmap/grad friendly; the Flax model in
 """
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,48 @@ def token_nll(logits: jax.Array, x: jax.Array) -> jax.Array:
   target = jnp.take_along_axis(logits, safe_x[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - target
   return jnp.where(valid, nll, jnp.nan)
+
+
+def chunked_nll(
+    h: jax.Array, x: jax.Array, head: Callable[[jax.Array], jax.Array], chunk_size: int
+) -> jax.Array:
+  """token_nll(head(h), x), a chunk of positions at a time.
+
+  The head (features -> logits) and the cross-entropy run inside a
+  rematerialised `lax.map` over chunks of the sequence axis, so neither the
+  [B, N, V] logits nor their gradient is ever alive at once: the forward pass
+  keeps only the [B, N] result, and the backward pass recomputes one chunk's
+  logits at a time. Per position the arithmetic is that of the plain version;
+  only the summation order of the head's parameter gradient changes.
+
+  Args:
+    h: [B, N, D] features (any float dtype).
+    x: int [B, N] targets.
+    head: [B, C, D] -> [B, C, V] logits (e.g. layers.HeadInputs.logits).
+    chunk_size: C, positions per chunk (N is zero-padded to a multiple of C).
+
+  Returns:
+    float32 [B, N] negative log-likelihoods (NaN for targets outside [0, V)).
+  """
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+  batch, length, width = h.shape
+  chunk = min(chunk_size, length)
+  num_chunks = -(-length // chunk)
+  pad = num_chunks * chunk - length
+  if pad:
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (0, pad)))
+  h_KxBxCxD = h.reshape(batch, num_chunks, chunk, width).swapaxes(0, 1)
+  x_KxBxC = x.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h_BxCxD, x_BxC = args
+    return token_nll(head(h_BxCxD), x_BxC)
+
+  nll_KxBxC = jax.lax.map(one_chunk, (h_KxBxCxD, x_KxBxC))
+  return nll_KxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
 
 
 def diffusion_weight(

@@ -46,6 +46,11 @@ class MD4(nn.Module):
     cont_time: continuous-time NELBO if True, else the T-step discrete one.
     timesteps: T for the discrete-time loss.
     antithetic_time_sampling: stratify t across the batch.
+    loss_chunk_size: if > 0 and the network supports it (a per-position
+      linear head, `supports_features`), the head and the cross-entropy run
+      this many positions at a time (losses.chunked_nll), so the full
+      [B, D, V] logits never exist in the loss-and-gradient step. Equal to
+      the plain loss up to float summation order. 0 = plain.
   """
 
   network: nn.Module
@@ -55,6 +60,7 @@ class MD4(nn.Module):
   cont_time: bool = True
   timesteps: int = 1000
   antithetic_time_sampling: bool = True
+  loss_chunk_size: int = 0
 
   @property
   def mask_id(self) -> int:
@@ -99,8 +105,7 @@ class MD4(nn.Module):
       noise = jax.random.uniform(self.make_rng("sample"), x.shape)
     t, weight_B = losses.diffusion_weight(schedule, t, self.cont_time, self.timesteps)
     z_t, masked = losses.forward_mask(x, schedule.alpha(t), noise, self.mask_id)
-    logits = self.predict(z_t, t, cond=cond, train=train)
-    nll = losses.token_nll(logits, x)
+    nll = self._token_nll(z_t, t, cond, train, x)
     masked_nll_B = jnp.sum(jnp.where(masked, nll, 0.0).reshape(batch, -1), axis=-1)
     # Out-of-range tokens must poison the loss even at unmasked positions.
     masked_nll_B += jnp.sum(jnp.where(jnp.isnan(nll), jnp.nan, 0.0).reshape(batch, -1), -1)
@@ -113,6 +118,17 @@ class MD4(nn.Module):
         "loss_prior": loss_prior,
         "loss": loss_diff + loss_recon + loss_prior,
     }
+
+  def _token_nll(self, z_t, t, cond, train, x):
+    """−log p_θ(x | z_t) per position, float32 [B, *data_shape]."""
+    if self.loss_chunk_size > 0 and getattr(self.network, "supports_features", False):
+      feats = self.network(z_t, t, cond=cond, train=train, return_features=True)
+      batch = x.shape[0]
+      h_BxNxD = feats.h.reshape(batch, self.num_positions, feats.h.shape[-1])
+      nll = losses.chunked_nll(h_BxNxD, x.reshape(batch, -1), feats.logits,
+                               self.loss_chunk_size)
+      return nll.reshape(x.shape)
+    return losses.token_nll(self.predict(z_t, t, cond=cond, train=train), x)
 
   def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
     """Batch-mean NELBO terms (nats per example) and bits per dimension."""
@@ -132,4 +148,5 @@ def build_model(config, network: nn.Module) -> MD4:
       cont_time=config.cont_time,
       timesteps=config.timesteps,
       antithetic_time_sampling=config.antithetic_time_sampling,
+      loss_chunk_size=config.get("loss_chunk_size", 0),
   )

@@ -10,6 +10,11 @@ Every network is a Flax linen module called as
   train:  enables dropout (rng stream 'dropout').
   logits: [B, *data_shape, V] float32, over the V real tokens.
 
+A network whose last layer is a per-position linear head may also set the
+class attribute `supports_features = True` and accept `return_features=True`,
+returning layers.HeadInputs (features and head parameters): the loss then
+applies the head chunk by chunk (diffusion/losses.chunked_head_nll).
+
 Only the builders here read the config; the modules take typed attributes.
 Parameters carry logical axis names (see transformer.py / unet.py) and come
 back from `init` as `nn.LogicallyPartitioned` boxes: use `nn.get_partition_spec`
@@ -28,9 +33,20 @@ from md4_jax.networks.transformer import Transformer
 from md4_jax.networks.unet import UNet
 
 
+def remat_policy(config: ml_collections.ConfigDict) -> str:
+  """config.remat_policy, or 'full' for a legacy `config.remat = True`."""
+  policy = config.get("remat_policy", "none")
+  if policy == "none" and config.get("remat", False):
+    policy = "full"
+  layers.check_remat_policy(policy)
+  return policy
+
+
 def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
   """Attributes every network shares, read from the config."""
   layers.check_time_features(config.time_features)
+  attention_impl = config.get("attention_impl", "xla")
+  layers.check_attention_impl(attention_impl)
   return dict(
       vocab_size=config.vocab_size,
       num_classes=config.classes,
@@ -38,6 +54,8 @@ def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype),
+      remat_policy=remat_policy(config),
+      attention_impl=attention_impl,
   )
 
 
@@ -50,7 +68,7 @@ def build_transformer(config: ml_collections.ConfigDict) -> Transformer:
       depth=tc.depth,
       num_heads=tc.num_heads,
       mlp_ratio=tc.mlp_ratio,
-      remat=config.get("remat", False),
+      scan_layers=config.get("scan_layers", False),
       **_common_kwargs(config),
   )
 

@@ -16,7 +16,7 @@ unet.py; `md4_jax/parallel.py` maps them to mesh axes, unknown names replicate):
 """
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,120 @@ TIME_FEATURES = {
 # Scale applied to t in [0, 1] before the sinusoid, so the frequencies match
 # the usual integer-timestep embeddings (DDPM, DiT).
 TIME_SCALE = 1000.0
+
+
+# remat_policy value -> jax.checkpoint policy (what a block keeps for the
+# backward pass; everything else is recomputed). 'none' = no rematerialisation.
+REMAT_POLICIES: dict[str, Optional[Callable[..., bool]]] = {
+    "none": None,  # Keep every intermediate (fastest, most memory).
+    "full": jax.checkpoint_policies.nothing_saveable,  # Keep only block inputs.
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # Keep all matmul outputs.
+    # Keep weight matmuls (projections, MLP); recompute attention scores/probs.
+    "dots_with_no_batch_dims_saveable": (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    ),
+}
+
+# attention_impl value -> how jax.nn.dot_product_attention runs.
+ATTENTION_IMPLS = (
+    "xla",  # Plain XLA einsum/softmax: any backend, any dtype.
+    "cudnn",  # cuDNN fused (flash) attention: GPU, bf16/fp16, head_dim <= 128.
+    "auto",  # cudnn when those conditions hold (GPU, half precision), else xla.
+    # XLA attention over ATTENTION_CHUNK queries at a time, rematerialised:
+    # the backward pass holds one chunk's [B, H, chunk, L] scores, not all.
+    "chunked",
+)
+ATTENTION_CHUNK = 128  # Queries per chunk of 'chunked' attention.
+
+
+def check_remat_policy(name: str) -> None:
+  """Raises ValueError unless `name` is a key of REMAT_POLICIES."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(
+        f"Unknown remat_policy {name!r}; valid: {sorted(REMAT_POLICIES)}."
+    )
+
+
+def remat(module_cls, policy: str, static_argnums=(), prevent_cse=True):
+  """`module_cls` rematerialised with REMAT_POLICIES[policy] ('none': as is)."""
+  check_remat_policy(policy)
+  if policy == "none":
+    return module_cls
+  return nn.remat(
+      module_cls,
+      policy=REMAT_POLICIES[policy],
+      prevent_cse=prevent_cse,
+      static_argnums=static_argnums,
+  )
+
+
+def check_attention_impl(name: str) -> None:
+  """Raises ValueError unless `name` is one of ATTENTION_IMPLS."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(
+        f"Unknown attention_impl {name!r}; valid: {sorted(ATTENTION_IMPLS)}."
+    )
+
+
+def resolve_attention_impl(name: str, dtype, head_dim: int) -> Optional[str]:
+  """The `implementation` argument for jax.nn.dot_product_attention.
+
+  'auto' picks cuDNN only where it is known to apply (GPU backend, bf16/fp16
+  activations, head_dim a multiple of 8 and at most 128); jax's own default
+  (implementation=None) is the XLA path on every backend.
+  """
+  check_attention_impl(name)
+  if name == "chunked":
+    return "xla"
+  if name != "auto":
+    return name
+  fused = (
+      jax.default_backend() == "gpu"
+      and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+      and head_dim % 8 == 0
+      and head_dim <= 128
+  )
+  return "cudnn" if fused else "xla"
+
+
+# Logical names of activation axes, for nn.with_logical_constraint (the rules
+# table maps them to mesh axes; they are no-ops unless traced under both
+# nn.logical_axis_rules(...) and a mesh context such as jax.set_mesh(mesh)).
+ACTIVATION_BxLxD = ("activation_batch", "activation_length", "activation_embed")
+ACTIVATION_BxLxV = ("activation_batch", "activation_length", "activation_vocab")
+ACTIVATION_BxHxWxC = ("activation_batch", None, None, "activation_embed")
+
+
+def chunked_attention(q: Array, k: Array, v: Array, chunk: int) -> Array:
+  """jax.nn.dot_product_attention (XLA) a chunk of queries at a time.
+
+  A rematerialised lax.map over query chunks: each query row sees all keys,
+  so the output equals the unchunked one; the backward pass recomputes one
+  chunk's scores at a time and only the dK/dV summation order changes.
+
+  Args:
+    q, k, v: [B, L, H, K].
+    chunk: queries per chunk; L not divisible by it runs unchunked.
+
+  Returns:
+    [B, L, H, K].
+  """
+  b, length, h, d = q.shape
+  if length <= chunk or length % chunk:
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  q_NxBxCxHxK = q.reshape(b, length // chunk, chunk, h, d).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(q_BxCxHxK):
+    return jax.nn.dot_product_attention(q_BxCxHxK, k, v, implementation="xla")
+
+  o_NxBxCxHxK = jax.lax.map(one_chunk, q_NxBxCxHxK)
+  return o_NxBxCxHxK.swapaxes(0, 1).reshape(b, length, h, d)
+
+
+def constrain(x: Array, names: tuple) -> Array:
+  """nn.with_logical_constraint(x, names): a sharding hint under rules + mesh."""
+  return nn.with_logical_constraint(x, names)
 
 
 def check_time_features(time_features: str) -> bool:
@@ -266,10 +380,13 @@ class SelfAttention(nn.Module):
     num_heads: number of heads; the input width must be divisible by it.
     out_kernel_init: initialiser of the output projection (zeros for blocks
       that should start as the identity).
+    attention_impl: one of ATTENTION_IMPLS ('auto': cuDNN flash attention on
+      GPU in half precision, the XLA path elsewhere).
   """
 
   num_heads: int
   out_kernel_init: Any = nn.initializers.lecun_normal()
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -289,7 +406,17 @@ class SelfAttention(nn.Module):
     q_BxLxHxK = project("query")
     k_BxLxHxK = project("key")
     v_BxLxHxK = project("value")
-    o_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+    if self.attention_impl == "chunked":
+      o_BxLxHxK = chunked_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, ATTENTION_CHUNK
+      )
+    else:
+      impl = resolve_attention_impl(
+          self.attention_impl, q_BxLxHxK.dtype, head_dim
+      )
+      o_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation=impl
+      )
     return dense(
         width,
         ("heads", "kv", "embed"),
@@ -298,3 +425,77 @@ class SelfAttention(nn.Module):
         name="out",
         **kw,
     )(o_BxLxHxK)
+
+
+class HeadInputs(NamedTuple):
+  """A network's output before its final linear layer (`return_features=True`).
+
+  logits = h @ kernel + bias, computed by `linear_head` in h's dtype, so a loss
+  can apply the head a chunk of positions at a time and never hold all
+  [B, N, V] logits (see diffusion/losses.chunked_head_nll).
+
+  Attributes:
+    h: [B, *data_shape, D] final features, in the activation dtype.
+    kernel: [D, V] head weights (parameter dtype).
+    bias: [V] head bias (parameter dtype).
+  """
+
+  h: Array
+  kernel: Array
+  bias: Array
+
+  def logits(self, h: Array) -> Array:
+    """[..., D] features (e.g. a chunk of `self.h`) -> [..., V] logits."""
+    out = linear_head(h, self.kernel, self.bias)
+    return constrain(out, ACTIVATION_BxLxV) if out.ndim == 3 else out
+
+
+def linear_head(h: Array, kernel: Array, bias: Array) -> Array:
+  """h @ kernel + bias in h's dtype: the same ops as the head's DenseGeneral.
+
+  Args:
+    h: [..., D] features.
+    kernel: [D, V].
+    bias: [V].
+
+  Returns:
+    [..., V] logits in h.dtype.
+  """
+  h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=h.dtype)
+  out = jax.lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+  return out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
+
+
+class LinearHead(nn.Module):
+  """Dense(features) over the last axis that can also hand out its parameters.
+
+  Parameters 'kernel' [D, V] ('embed', 'vocab') and 'bias' [V] ('vocab',), as
+  a `dense(features, ('embed', 'vocab'))` would create them.
+
+  Attributes:
+    features: V.
+  """
+
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h: Array, return_features: bool = False):
+    """[..., D] -> [..., V] logits in `dtype`, or HeadInputs if asked."""
+    kernel = self.param(
+        "kernel",
+        partitioned(nn.initializers.lecun_normal(), ("embed", "vocab")),
+        (h.shape[-1], self.features),
+        self.param_dtype,
+    )
+    bias = self.param(
+        "bias",
+        partitioned(nn.initializers.zeros, ("vocab",)),
+        (self.features,),
+        self.param_dtype,
+    )
+    h = h.astype(self.dtype)
+    if return_features:
+      return HeadInputs(h, kernel, bias)
+    return linear_head(h, kernel, bias)

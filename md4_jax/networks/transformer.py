@@ -24,7 +24,20 @@ Logical axis names on parameters (map them to mesh axes in parallel.py):
   'mlp'     SwiGLU hidden, time-MLP hidden       (wi_gate/wi_up/wo)
   'cond'    conditioning width                   (time/label embedding, adaLN)
   'norm'    LayerNorm scale/bias (affine norms only)
+  'layers'  the stacked block axis with scan_layers=True
   None      the chunk axis of adaLN projections (replicated)
+
+Activations carry logical constraints (no-ops without rules + mesh context): the
+residual stream at every block boundary ('activation_batch',
+'activation_length', 'activation_embed') and the logits ('activation_batch',
+'activation_length', 'activation_vocab').
+
+Memory knobs: `remat_policy` rematerialises each block with a
+jax.checkpoint policy (layers.REMAT_POLICIES); `scan_layers` runs the blocks as
+one `nn.scan` over stacked parameters (one compiled block, and the backward
+pass recomputes block by block inside the loop, which is what makes remat
+effective on backends whose scheduler may hoist recomputation, e.g. CPU);
+`return_features=True` hands the head to the loss (layers.HeadInputs).
 """
 
 from typing import Any, Optional
@@ -119,11 +132,13 @@ class TransformerBlock(nn.Module):
     num_heads: attention heads.
     mlp_hidden: SwiGLU hidden width.
     dropout_rate: dropout after attention and after the MLP.
+    attention_impl: see layers.ATTENTION_IMPLS.
   """
 
   num_heads: int
   mlp_hidden: int
   dropout_rate: float = 0.0
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -140,7 +155,9 @@ class TransformerBlock(nn.Module):
 
     h_BxLxD = layers.layer_norm(affine=False, name="norm_attn", **kw)(x_BxLxD)
     h_BxLxD = layers.modulate(h_BxLxD, shift_a, scale_a)
-    h_BxLxD = layers.SelfAttention(self.num_heads, name="attn", **kw)(h_BxLxD)
+    h_BxLxD = layers.SelfAttention(
+        self.num_heads, attention_impl=self.attention_impl, name="attn", **kw
+    )(h_BxLxD)
     h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD + gate_a * h_BxLxD
 
@@ -148,7 +165,30 @@ class TransformerBlock(nn.Module):
     h_BxLxD = layers.modulate(h_BxLxD, shift_m, scale_m)
     h_BxLxD = SwiGLU(self.mlp_hidden, name="mlp", **kw)(h_BxLxD)
     h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
-    return x_BxLxD + gate_m * h_BxLxD
+    return layers.constrain(x_BxLxD + gate_m * h_BxLxD, layers.ACTIVATION_BxLxD)
+
+
+class ScannedBlock(nn.Module):
+  """A (possibly rematerialised) TransformerBlock as an nn.scan body.
+
+  Attributes:
+    block_kwargs: TransformerBlock attributes (num_heads, mlp_hidden, ...).
+    train: dropout on.
+    remat_policy: key of layers.REMAT_POLICIES.
+  """
+
+  block_kwargs: dict
+  train: bool
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x_BxLxD: Array, c_BxC: Optional[Array]):
+    """(carry [B, L, D], broadcast c) -> (carry, None)."""
+    # Inside a loop the recomputation cannot be hoisted: no CSE barrier needed.
+    block_cls = layers.remat(
+        TransformerBlock, self.remat_policy, static_argnums=(3,), prevent_cse=False
+    )
+    return block_cls(**self.block_kwargs, name="block")(x_BxLxD, c_BxC, self.train), None
 
 
 class Transformer(nn.Module):
@@ -166,7 +206,12 @@ class Transformer(nn.Module):
     dropout_rate: dropout probability (active with train=True).
     dtype: activation dtype.
     param_dtype: parameter dtype.
-    remat: rematerialise each block in the backward pass.
+    remat_policy: what each block keeps for the backward pass (a key of
+      layers.REMAT_POLICIES; 'none' keeps everything).
+    scan_layers: run the blocks as one nn.scan over parameters stacked along
+      a leading 'layers' axis (params under 'blocks/block' instead of
+      'block_0' ... 'block_{depth-1}').
+    attention_impl: see layers.ATTENTION_IMPLS.
   """
 
   vocab_size: int
@@ -180,7 +225,12 @@ class Transformer(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat_policy: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "xla"
+
+  # The network can return its features and head (return_features=True).
+  supports_features = True
 
   @nn.compact
   def __call__(
@@ -189,7 +239,8 @@ class Transformer(nn.Module):
       t: Array,
       cond: Optional[Array] = None,
       train: bool = False,
-  ) -> Array:
+      return_features: bool = False,
+  ):
     """Computes logits.
 
     Args:
@@ -197,9 +248,11 @@ class Transformer(nn.Module):
       t: [B] float times in [0, 1] (ignored if time_features == 'none').
       cond: [B] int labels in [0, num_classes), or None.
       train: enables dropout (rng stream 'dropout').
+      return_features: return layers.HeadInputs (features [B, *data_shape, D]
+        and the head's parameters) instead of applying the head.
 
     Returns:
-      [B, *data_shape, V] float32 logits.
+      [B, *data_shape, V] float32 logits, or HeadInputs.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     batch_size, data_shape = z.shape[0], z.shape[1:]
@@ -234,28 +287,46 @@ class Transformer(nn.Module):
         self.param_dtype,
     )
     x_BxLxD = x_BxLxD + pos_LxD[None, :length].astype(self.dtype)
+    x_BxLxD = layers.constrain(x_BxLxD, layers.ACTIVATION_BxLxD)
 
-    block_cls = TransformerBlock
-    if self.remat:
-      block_cls = nn.remat(TransformerBlock, static_argnums=(3,))
-    mlp_hidden = swiglu_hidden(self.width, self.mlp_ratio)
-    for i in range(self.depth):
-      x_BxLxD = block_cls(
-          self.num_heads,
-          mlp_hidden,
-          self.dropout_rate,
-          name=f"block_{i}",
-          **kw,
-      )(x_BxLxD, c_BxC, train)
+    block_kwargs = dict(
+        num_heads=self.num_heads,
+        mlp_hidden=swiglu_hidden(self.width, self.mlp_ratio),
+        dropout_rate=self.dropout_rate,
+        attention_impl=self.attention_impl,
+        **kw,
+    )
+    if self.scan_layers:
+      stack = nn.scan(
+          ScannedBlock,
+          variable_axes={"params": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=nn.broadcast,
+          length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x_BxLxD, _ = stack(block_kwargs, train, self.remat_policy, name="blocks")(
+          x_BxLxD, c_BxC
+      )
+    else:
+      block_cls = layers.remat(
+          TransformerBlock, self.remat_policy, static_argnums=(3,)
+      )
+      for i in range(self.depth):
+        x_BxLxD = block_cls(**block_kwargs, name=f"block_{i}")(
+            x_BxLxD, c_BxC, train
+        )
 
     shift, scale = AdaLNModulation(
         2, self.width, name="final_modulation", **kw
     )(c_BxC)
     x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
     x_BxLxD = layers.modulate(x_BxLxD, shift, scale)
-    logits_BxLxV = layers.dense(
-        self.vocab_size, ("embed", "vocab"), name="head", **kw
-    )(x_BxLxD)
+    head = layers.LinearHead(self.vocab_size, name="head", **kw)
+    if return_features:
+      feats = head(x_BxLxD, return_features=True)
+      return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))
+    logits_BxLxV = layers.constrain(head(x_BxLxD), layers.ACTIVATION_BxLxV)
     return logits_BxLxV.astype(jnp.float32).reshape(
         batch_size, *data_shape, self.vocab_size
     )

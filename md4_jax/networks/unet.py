@@ -23,6 +23,11 @@ Logical axis names on parameters:
   'cond'   conditioning width (time/label embeddings, FiLM inputs)
   'norm'   GroupNorm scale/bias
   None     spatial kernel axes and the FiLM chunk axis (replicated)
+
+Feature maps carry the logical constraint ('activation_batch', None, None,
+'activation_embed') at every level boundary (a no-op without rules + mesh).
+`remat_policy` rematerialises each residual and attention block with a
+jax.checkpoint policy (layers.REMAT_POLICIES).
 """
 
 from typing import Any, Optional, Sequence
@@ -111,6 +116,7 @@ class AttnBlock(nn.Module):
   """
 
   num_heads: int = 1
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -123,6 +129,7 @@ class AttnBlock(nn.Module):
     h_BxLxC = layers.SelfAttention(
         self.num_heads,
         out_kernel_init=nn.initializers.zeros,
+        attention_impl=self.attention_impl,
         name="attn",
         **kw,
     )(h.reshape(b, hh * ww, c))
@@ -145,6 +152,9 @@ class UNet(nn.Module):
     num_heads: attention heads in attention blocks.
     dtype: activation dtype.
     param_dtype: parameter dtype.
+    remat_policy: what each residual / attention block keeps for the backward
+      pass (a key of layers.REMAT_POLICIES; 'none' keeps everything).
+    attention_impl: see layers.ATTENTION_IMPLS.
   """
 
   vocab_size: int
@@ -159,6 +169,8 @@ class UNet(nn.Module):
   num_heads: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(
@@ -199,18 +211,29 @@ class UNet(nn.Module):
         **kw,
     )(t, cond, b)
 
+    res_cls = layers.remat(ResBlock, self.remat_policy, static_argnums=(3,))
+    attn_cls = layers.remat(AttnBlock, self.remat_policy)
+
     def res(h, level, name):
-      return ResBlock(
+      return res_cls(
           self.channels * self.channel_mult[level],
           self.dropout_rate,
           name=name,
           **kw,
       )(h, c_BxE, train)
 
+    def attn(h, name):
+      return attn_cls(
+          self.num_heads, attention_impl=self.attention_impl, name=name, **kw
+      )(h)
+
     def maybe_attn(h, name):
       if h.shape[1] in self.attn_resolutions:
-        h = AttnBlock(self.num_heads, name=name, **kw)(h)
+        h = attn(h, name)
       return h
+
+    def constrain(h):
+      return layers.constrain(h, layers.ACTIVATION_BxHxWxC)
 
     e_BxHxWxCxE = nn.Embed(
         self.vocab_size + 1,
@@ -222,7 +245,7 @@ class UNet(nn.Module):
         **kw,
     )(z)
     h = e_BxHxWxCxE.reshape(b, height, width, c * self.embed_dim)
-    h = conv(self.channels, name="stem", **kw)(h)
+    h = constrain(conv(self.channels, name="stem", **kw)(h))
 
     skips = [h]
     for level in range(num_levels):
@@ -234,11 +257,12 @@ class UNet(nn.Module):
         h = conv(
             h.shape[-1], strides=2, name=f"down_{level}_downsample", **kw
         )(h)
+        h = constrain(h)
         skips.append(h)
 
     h = res(h, num_levels - 1, "mid_res_0")
-    h = AttnBlock(self.num_heads, name="mid_attn", **kw)(h)
-    h = res(h, num_levels - 1, "mid_res_1")
+    h = attn(h, "mid_attn")
+    h = constrain(res(h, num_levels - 1, "mid_res_1"))
 
     for level in reversed(range(num_levels)):
       for i in range(self.num_res_blocks + 1):
@@ -248,6 +272,7 @@ class UNet(nn.Module):
       if level != 0:
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
         h = conv(h.shape[-1], name=f"up_{level}_upsample", **kw)(h)
+      h = constrain(h)
     assert not skips, len(skips)
 
     h = layers.group_norm(h.shape[-1], name="out_norm", **kw)(h)

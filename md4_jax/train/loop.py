@@ -72,7 +72,12 @@ def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
 
 
 def with_rules(fn, config):
-  """Traces `fn` inside the logical-axis rules (for activation constraints)."""
+  """Traces `fn` inside the logical-axis rules.
+
+  Parameter shardings come from the rules; the networks' activation
+  constraints (`nn.with_logical_constraint`) need a mesh context too, which is
+  not set yet, so they are no-ops and XLA propagates activation shardings.
+  """
   rules = sharding_rules(config)
 
   @functools.wraps(fn)

@@ -1,0 +1,235 @@
+r"""Training-step throughput and model-FLOPs utilisation on the local devices.
+
+Times md4_jax's real training step (md4_jax.train.loop.create_train_state /
+make_train_step: gradients, AdamW, EMA, donated state, one jit over a mesh
+of the local devices) for a text config (transformer) and an image config
+(UNet) sized for a small CPU host, and compares the achieved model FLOP/s
+with the matmul FLOP/s the same devices reach in the same run.
+
+* model FLOPs per step = 3 x the matmul and convolution FLOPs of the
+  forward pass (the backward pass costs about twice the forward), counted
+  exactly from the forward's jaxpr (dot_general and conv_general_dilated,
+  scan bodies times their length). Rematerialised recomputation is not
+  counted: this is model FLOPs, not hardware FLOPs.
+* XLA's cost_analysis() FLOPs of the compiled training step are printed
+  alongside (they include elementwise work and count a loop body once).
+* the ceiling is a large square jnp.dot in the model's activation dtype
+  (`--dot_size`), timed right before every timing window, so a shared,
+  noisy host slows both alike; the utilisation is the median over windows
+  of (model FLOP/s in the window) / (dot FLOP/s measured just before it).
+* each window runs `--steps` steps back to back and blocks once at the end
+  (as the training loop, which fetches metrics a step late); after
+  `--warmup` steps (the first compiles). Medians over `--repeats` windows.
+* memory: compiled.memory_analysis() of the step (args + out - aliased +
+  temp) and, where the backend reports it, the device's peak_bytes_in_use.
+
+Variants are the config plus overrides (see VARIANTS), e.g. the memory knobs.
+
+  .venv/bin/python benchmarks/train.py
+  .venv/bin/python benchmarks/train.py --variants=text,text_chunked --repeats=3
+"""
+
+import math
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+from jax.extend import core as jax_core
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import cifar10  # noqa: E402
+from configs import text8  # noqa: E402
+from md4_jax import optim  # noqa: E402
+from md4_jax import parallel  # noqa: E402
+from md4_jax.train import loop  # noqa: E402
+
+
+def text_config():
+  """text8 (V = 27) with a transformer where matmuls dominate on a CPU.
+
+  Width 512, 4 blocks, 8 heads, L = 256, batch 16: 4,096 tokens per step.
+  """
+  config = text8.get_config()
+  config.transformer.width = 512
+  config.transformer.depth = 4
+  config.transformer.num_heads = 8
+  config.data_shape = (256,)
+  config.batch_size = 16
+  config.dropout_rate = 0.0
+  return config
+
+
+def image_config():
+  """CIFAR-10 (32x32x3, V = 256) with a small UNet.
+
+  64 channels, levels (1, 2), 2 residual blocks per level, attention at 16x16
+  and in the middle, batch 8: 24,576 channel values per step.
+  """
+  config = cifar10.get_config("tiny")
+  config.unet.channels = 64
+  config.unet.channel_mult = (1, 2)
+  config.unet.num_res_blocks = 2
+  config.unet.attn_resolutions = (16,)
+  config.unet.embed_dim = 16
+  config.batch_size = 8
+  config.dropout_rate = 0.0
+  return config
+
+
+# name -> (base config builder, overrides)
+VARIANTS = {
+    "text": (text_config, {}),
+    "text_chunked": (text_config, dict(loss_chunk_size=128, attention_impl="chunked")),
+    "text_scan_remat": (text_config, dict(scan_layers=True, remat_policy="full")),
+    "text_bf16": (text_config, dict(dtype="bfloat16")),
+    "image": (image_config, {}),
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("variants", ["text", "text_chunked", "text_scan_remat", "image"],
+                  f"Rows, from {list(VARIANTS)}.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
+flags.DEFINE_integer("steps", 3, "Steps per timing window.")
+flags.DEFINE_integer("repeats", 5, "Timing windows; medians are over these.")
+flags.DEFINE_integer("dot_size", 2048, "N of the N x N x N matmul ceiling.")
+
+
+def _prod(xs):
+  return math.prod(int(x) for x in xs)
+
+
+def matmul_flops(jaxpr) -> float:
+  """2 x MACs of every dot_general / conv_general_dilated in a (closed) jaxpr."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      lfree = [d for i, d in enumerate(lhs) if i not in lc and i not in lb]
+      rfree = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+      total += 2.0 * _prod(lhs[i] for i in lb) * _prod(lhs[i] for i in lc) * _prod(lfree) * _prod(rfree)
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+      per_output = rhs[spec[1]] * _prod(rhs[i] for i in spec[2:])
+      total += 2.0 * _prod(eqn.outvars[0].aval.shape) * per_output
+    times = eqn.params.get("length", 1) if name == "scan" else 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        if isinstance(sub, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
+          total += times * matmul_flops(sub)
+  return total
+
+
+def dot_ceiling(n: int, dtype) -> float:
+  """FLOP/s of one n x n @ n x n matmul (best of 3, after a warm call)."""
+  a = jnp.ones((n, n), dtype)
+  b = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(3):
+    start = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n**3 / best
+
+
+def run_variant(name: str) -> dict:
+  builder, overrides = VARIANTS[name]
+  config = builder()
+  for k, v in overrides.items():
+    config[k] = v
+  mesh = parallel.make_mesh({"data": -1})
+  model = loop.build_model(config)
+  optimizer, lr_schedule = optim.build_optimizer(config)
+  state = loop.create_train_state(config, model, optimizer, mesh)
+  step = loop.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  rng = np.random.default_rng(0)
+  batch_np = {"x": rng.integers(0, config.vocab_size, (config.batch_size, *config.data_shape),
+                                dtype=np.int32)}
+  batch = parallel.to_global(batch_np, mesh)
+
+  # Model FLOPs: 3 x the forward's matmul/conv FLOPs.
+  x = batch["x"]
+  t = jnp.full((x.shape[0],), 0.5)
+  noise = jnp.full(x.shape, 0.5)
+  fwd = lambda p: model.apply({"params": p}, x, None, train=True, t=t, noise=noise,
+                              rngs={"dropout": jax.random.key(0)})["loss"]
+  fwd_flops = matmul_flops(jax.make_jaxpr(fwd)(state.params))
+  model_flops = 3.0 * fwd_flops
+
+  compiled = step.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  mem = compiled.memory_analysis()
+  peak_analysis = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                   - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+
+  for _ in range(FLAGS.warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  loss0 = float(metrics["loss"])
+
+  dtype = jnp.dtype(config.dtype)
+  step_s, ratios, ceilings = [], [], []
+  for _ in range(FLAGS.repeats):
+    ceiling = dot_ceiling(FLAGS.dot_size, dtype)
+    start = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    seconds = (time.perf_counter() - start) / FLAGS.steps
+    step_s.append(seconds)
+    ceilings.append(ceiling)
+    ratios.append(model_flops / seconds / ceiling)
+  stats = jax.devices()[0].memory_stats() or {}
+  sec = statistics.median(step_s)
+  positions = config.batch_size * math.prod(config.data_shape)
+  return dict(
+      name=name, network=config.network, dtype=config.dtype, batch=config.batch_size,
+      shape="x".join(map(str, config.data_shape)), vocab=config.vocab_size,
+      params=sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),
+      steps_per_s=1.0 / sec, positions_per_s=positions / sec,
+      model_gflop=model_flops / 1e9, xla_gflop=xla_flops / 1e9,
+      model_gflops=model_flops / sec / 1e9, ceiling_gflops=statistics.median(ceilings) / 1e9,
+      ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+      peak_analysis_gib=peak_analysis / 2**30,
+      peak_device_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+      loss=loss0, overrides=overrides,
+  )
+
+
+def main(argv):
+  del argv
+  devices = jax.devices()
+  print(f"jax {jax.__version__}; {len(devices)} x {devices[0].device_kind} "
+        f"({devices[0].platform}); {os.cpu_count()} CPU cores; warmup {FLAGS.warmup}, "
+        f"{FLAGS.repeats} windows x {FLAGS.steps} steps; ceiling {FLAGS.dot_size}^3 jnp.dot.\n")
+  print("| variant | network | overrides | params | batch x shape | steps/s | tokens/s "
+        "| model GFLOP/step | XLA GFLOP/step | model GFLOP/s | dot GFLOP/s | model/dot "
+        "(min-max) | peak GiB (analysis) | peak GiB (device) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for name in FLAGS.variants:
+    r = run_variant(name)
+    ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+    print(f"| {r['name']} | {r['network']} {r['dtype']} | {ov} | {r['params'] / 1e6:.1f}M "
+          f"| {r['batch']} x {r['shape']} (V={r['vocab']}) | {r['steps_per_s']:.3f} "
+          f"| {r['positions_per_s']:,.0f} | {r['model_gflop']:.1f} | {r['xla_gflop']:.1f} "
+          f"| {r['model_gflops']:.1f} | {r['ceiling_gflops']:.1f} | **{r['ratio']:.2f}** "
+          f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['peak_analysis_gib']:.2f} "
+          f"| {r['peak_device_gib']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
