@@ -1,63 +1,123 @@
-"""Reverse-chain samplers for MD4, from all-mask (or a partially masked z) to data.
+"""Reverse-chain samplers for MD4: from all-mask (or a partially masked z) to data.
 
-Each step from t to s < t unmasks each still-masked position with probability
-p_u = (α_s − α_t)/(1 − α_t), to a token drawn from the network's prediction.
-Categorical draws are exact by default. A float32 Gumbel −log(−log u) built
-from a 23/24-bit uniform caps near 16–17 and under-samples rare tokens (Zheng
-et al. 2024). Scoped `jax.enable_x64` does not work inside a jitted function
-in current JAX (dtypes are canonicalised again at lowering time), so the exact
-path builds the noise from a 48-bit uniform instead: its resolution near 0 is
-2^-48, which makes both tails of the Gumbel correct to probabilities ~1e-14 —
-the precision of a float64 draw for every probability a sampler can produce.
+One driver, `sample(model, variables, rng, ...)`, runs every sampler; it is
+jit-compatible (`lax.fori_loop` / `lax.while_loop`), and `make_sampler` jits it
+batch-sharded over a device mesh. Shapes: B batch, D positions of one example
+(the flattened data_shape), V vocabulary, N grid steps; the mask id is V.
 
-Registry: SAMPLERS maps a name to a step function
-  step(rng, logits [B, ..., V], z [B, ...], p_u [B], mask_id, options) -> z_new.
+Samplers (registry `SAMPLERS`, name → `Sampler`):
+  ancestral      the MD4 reverse step on a time grid: from t to s < t every
+                 masked position unmasks with probability
+                 p_u = (α_s − α_t)/(1 − α_t), to a token ~ softmax(μ_θ(z_t, t)/τ).
+  topp           ancestral with the prediction truncated to its top-p nucleus.
+  mean           the two-stage step of MD4 App. G: draw x̂ ~ p_θ for every
+                 position, then reveal x̂_n with probability p_u.
+  first_hitting  per example, draw the time s at which the next of the n masked
+                 positions is revealed, (1 − α_s) = (1 − α_t)·u^(1/n), reveal one
+                 uniformly chosen masked position with a token ~ p_θ(·|z, s):
+                 exactly one network call per revealed token, no grid.
+
+Exact draws (`SamplerOptions.exact`, on by default). A float32 Gumbel
+−log(−log u) built from a 23-bit uniform caps near 16 and under-samples rare
+outcomes (Zheng et al. 2024, arXiv 2409.02908). Scoped `jax.enable_x64` does
+not work inside a jitted function in current JAX (dtypes are canonicalised again
+at lowering), so the exact path builds its noise from 48-bit uniforms
+(`fine_uniform`, `exact_gumbel`): both Gumbel tails are right to probabilities
+~1e-14, the precision of a float64 draw. The exact grid samplers also split
+every step into its two independent parts — whether a position is revealed
+(it does not depend on the network) and which token — and draw each exactly:
+the reveal step of every position is drawn once up front by inverse CDF,
+P(still masked after grid time t_j) = (1 − α(t_j))/(1 − α(t_start)) (the
+product of the per-step (1 − p_u) telescopes), and the token by Gumbel-max.
+`exact=False` runs the reference MD4 float32 step instead, for comparison:
+one `jax.random.categorical` over the V + 1 outcomes [p_u·p_θ, 1 − p_u] per step
+('mean': a float32 categorical and a float32 coin). A token of probability
+1e-5 then comes out at ~1.8e-6 over 1000 linear steps (see
+tests/samplers_test.py and benchmarks/RESULTS.md).
+
+Skipping idle steps (`SamplerOptions.cache`, on by default). A grid step at
+which an example reveals nothing never uses that example's logits, and its
+z does not change. So with `cache=True` each example jumps from one step at
+which it reveals something to the next, and the network is called on the
+batch once per such event, at each example's own time t (the networks take
+t per example). Same rng → identical samples to `cache=False`, for any network
+(time-dependent or not). The number of network calls (NFE) is the largest
+number of distinct reveal steps of an example in the batch: at most D + 1
+(the +1 decodes leftovers) whatever N is. `cache=False` calls the network at
+every step (NFE = N). A time-independent network (`time_features='none'`)
+gains nothing more: z changes at every event, so no logits can be reused.
+
+Randomness: every draw of example b comes from fold_in(rng, b) (then a stream
+id and the step or call index), so results do not depend on the batch size,
+the position of the example in the batch, the device mesh, or on whether a
+step called the network.
 """
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from md4_jax import parallel
+from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
+
+# Random stream ids folded into each example's key.
+_REVEAL, _TOKEN, _TIME, _POSITION, _REFERENCE = range(5)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
-  """Options shared by the step functions.
+  """Options shared by the samplers (hashable: pass it as a static argument).
 
   Attributes:
-    temperature: logits are divided by this before sampling.
-    top_p: nucleus mass kept by the 'topp' sampler.
-    exact: exact categorical draws and reveal coins (48-bit uniforms);
-      False uses float32 `jax.random.categorical` (biased against rare tokens).
+    temperature: logits are divided by this (> 0) before a token is drawn.
+    top_p: nucleus mass kept by the 'topp' sampler, in (0, 1].
+    exact: 48-bit exact reveal coins and Gumbel noise (see the module doc);
+      False: the reference MD4 float32 step (biased against rare tokens;
+      every step calls the network, `cache` does not apply).
+    cache: grid samplers call the network only at steps where an example
+      reveals a token (same samples as False for the same rng; fewer calls).
   """
 
   temperature: float = 1.0
   top_p: float = 0.9
   exact: bool = True
+  cache: bool = True
+
+
+# ------------------------------------------------------------ exact draws ---
+
+
+def _uniform_from_bits(hi: jax.Array, lo: jax.Array) -> jax.Array:
+  """float32 in [2^-49, 1) from two uint32 words: (k + w·2^-24)·2^-24, k, w 24-bit."""
+  scale = jnp.float32(2.0**-24)
+  v = ((hi >> 8).astype(jnp.float32) + (lo >> 8).astype(jnp.float32) * scale) * scale
+  return jnp.clip(v, jnp.float32(2.0**-49), jnp.float32(1.0 - 2.0**-24))
 
 
 def fine_uniform(rng: jax.Array, shape) -> jax.Array:
-  """float32 U[0, 1) with resolution 2^-48 near 0: (k + w)·2^-24, k, w 24-bit."""
-  hi, lo = jax.random.bits(rng, (2,) + tuple(shape), jnp.uint32) >> 8
-  scale = jnp.float32(2.0**-24)
-  return jnp.minimum((hi.astype(jnp.float32) + lo.astype(jnp.float32) * scale) * scale,
-                     jnp.float32(1.0 - 2.0**-24))
+  """float32 U[0, 1) with resolution 2^-48 near 0 (relative 2^-24 elsewhere)."""
+  hi, lo = jax.random.bits(rng, (2,) + tuple(shape), jnp.uint32)
+  return _uniform_from_bits(hi, lo)
 
 
 def exact_gumbel(rng: jax.Array, shape) -> jax.Array:
   """Gumbel(0, 1) noise whose upper AND lower tails are exact to ~1e-14.
 
   g = −log E with E = −log u, u ~ U[0, 1). u is a fair mixture of v/2 and
-  1 − v/2 for v = fine_uniform: the first branch resolves large E (the lower
-  tail of g), the second, via log1p, small E (the upper tail of g).
+  1 − v/2 for v = a 48-bit fine uniform: the first branch resolves large E (the
+  lower tail of g), the second, via log1p, small E (the upper tail of g). The
+  branch bit is a low bit of the same two random words that v discards, so a
+  value costs two 32-bit words.
   """
-  k_side, k_v = jax.random.split(rng)
-  half_v = 0.5 * fine_uniform(k_v, shape)
-  low_u = jax.random.bernoulli(k_side, 0.5, shape)
+  hi, lo = jax.random.bits(rng, (2,) + tuple(shape), jnp.uint32)
+  half_v = 0.5 * _uniform_from_bits(hi, lo)
+  low_u = (lo & 1) == 1
   e = jnp.where(low_u, -jnp.log(half_v), -jnp.log1p(-half_v))
   return -jnp.log(e)
 
@@ -76,13 +136,13 @@ def categorical(rng: jax.Array, logits: jax.Array, exact: bool = True) -> jax.Ar
   logits = logits.astype(jnp.float32)
   if not exact:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.argmax(logp + exact_gumbel(rng, logits.shape), axis=-1).astype(jnp.int32)
+  return jnp.argmax(logits + exact_gumbel(rng, logits.shape), axis=-1).astype(jnp.int32)
 
 
 def bernoulli(rng: jax.Array, p: jax.Array, shape, exact: bool = True) -> jax.Array:
   """Bool [shape] coins with probability p (broadcast from the left)."""
-  p = p.reshape(p.shape + (1,) * (len(shape) - p.ndim)).astype(jnp.float32)
+  p = jnp.asarray(p, jnp.float32)
+  p = p.reshape(p.shape + (1,) * (len(shape) - p.ndim))
   u = fine_uniform(rng, shape) if exact else jax.random.uniform(rng, shape)
   return u < p
 
@@ -97,89 +157,450 @@ def top_p_logits(logits: jax.Array, top_p: float) -> jax.Array:
   return jnp.where(probs >= threshold, logits, -jnp.inf)
 
 
-def _reveal(rng, draw_logits, z, p_u, mask_id, options):
-  k_tok, k_coin = jax.random.split(rng)
-  tokens = categorical(k_tok, draw_logits / options.temperature, options.exact)
-  reveal = (z == mask_id) & bernoulli(k_coin, p_u, z.shape, options.exact)
-  return jnp.where(reveal, tokens, z)
-
-
-def ancestral_step(rng, logits, z, p_u, mask_id, options):
-  """The MD4 reverse step: reveal with prob. p_u, token ~ softmax(logits/τ)."""
-  return _reveal(rng, logits, z, p_u, mask_id, options)
-
-
-def topp_step(rng, logits, z, p_u, mask_id, options):
-  """Ancestral step with the prediction truncated to its top-p nucleus."""
-  return _reveal(rng, top_p_logits(logits, options.top_p), z, p_u, mask_id, options)
-
-
-SAMPLERS: dict[str, Callable] = {
-    "ancestral": ancestral_step,
-    "topp": topp_step,
-}
-
-
 def time_grid(name: str, steps: int) -> jax.Array:
   """t_i for i = 0..steps (t_0 = 0, t_steps = 1); the chain walks it backwards."""
   i = jnp.arange(steps + 1, dtype=jnp.float32) / steps
   if name == "uniform":
     return i
-  if name == "cosine":
-    return jnp.cos(math.pi / 2 * (1.0 - i))
+  if name == "cosine":  # Clipped: float32 cos(π/2) is −4e-8, and polyK needs t ≥ 0.
+    return jnp.clip(jnp.cos(math.pi / 2 * (1.0 - i)), 0.0, 1.0)
   raise ValueError(f"Unknown time grid {name!r}; valid: 'uniform', 'cosine'.")
 
 
-def get_step_fn(name: str) -> Callable:
+GRIDS = ("uniform", "cosine")
+
+
+# ------------------------------------------------------------ the context ---
+
+
+def _example_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """Key of example b = fold_in(rng, b): [B] keys."""
+  return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch, dtype=jnp.uint32))
+
+
+def _stream_keys(keys_B: jax.Array, stream: int, index_B: jax.Array) -> jax.Array:
+  """fold_in(fold_in(key_b, stream), index_b) for every example."""
+  return jax.vmap(lambda k, i: jax.random.fold_in(jax.random.fold_in(k, stream), i))(
+      keys_B, index_B.astype(jnp.uint32))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chain:
+  """What a chain needs besides z: the network, the schedule, keys, options."""
+
+  predict: Callable[[jax.Array, jax.Array], jax.Array]  # (z_BxD, t_B) -> logits_BxDxV
+  schedule: Any
+  keys_B: jax.Array
+  mask_id: int
+  options: SamplerOptions
+  token_logits: Callable[[jax.Array, SamplerOptions], jax.Array]
+  frame_times_K: Optional[jax.Array]  # τ_k of the recorded frames, or None.
+
+  def draw_tokens(self, logits, stream: int, index_B) -> jax.Array:
+    """Per-example draws from the (tempered, truncated) logits [B, ..., V]."""
+    logits = self.token_logits(logits.astype(jnp.float32) / self.options.temperature, self.options)
+    keys = _stream_keys(self.keys_B, stream, index_B)
+    return jax.vmap(lambda k, l: categorical(k, l, self.options.exact))(keys, logits)
+
+  def uniforms(self, stream: int, index_B, shape) -> jax.Array:
+    """Per-example U[0, 1) [B, *shape] (48-bit if exact)."""
+    keys = _stream_keys(self.keys_B, stream, index_B)
+    draw = fine_uniform if self.options.exact else (lambda k, s: jax.random.uniform(k, s))
+    return jax.vmap(lambda k: draw(k, shape))(keys)
+
+  def record(self, frames, z_BxD, lo_B, hi_B, active_B):
+    """Writes z into the frames whose time τ lies in (lo_b, hi_b] (active examples).
+
+    Frame k holds the state at τ_k: every reveal at a time ≥ τ_k has happened.
+    Callers pass, before a reveal at time lo, the time hi of the previous one.
+    """
+    if frames is None:
+      return None
+    tau = self.frame_times_K[:, None]
+    inside_KxB = (tau > lo_B[None]) & (tau <= hi_B[None]) & active_B[None]
+    return jnp.where(inside_KxB[..., None], z_BxD[None], frames)
+
+  def finish_frames(self, frames, z_BxD, last_B):
+    """Frames at or after the last reveal (τ ≤ last_b) show the final tokens."""
+    if frames is None:
+      return None
+    inside_KxB = self.frame_times_K[:, None] <= last_B[None]
+    return jnp.where(inside_KxB[..., None], z_BxD[None], frames)
+
+
+# ------------------------------------------------------------ grid chains ---
+
+
+def _reveal_steps(chain: _Chain, ts: jax.Array, masked_BxD: jax.Array) -> jax.Array:
+  """Grid step (0..N−1, chain order) at which each position is revealed; N: never.
+
+  Step i moves from t_{N−i} to t_{N−i−1}. A position masked at t_N = t_start is
+  still masked after step i with probability r_{N−i−1}, r_j =
+  (1 − α(t_j))/(1 − α(t_start)), so its reveal step is #{j < N : u < r_j} for
+  one uniform u: the same law as drawing a p_u coin at every step.
+  """
+  steps = ts.shape[0] - 1
+  alpha = chain.schedule.alpha(ts)
+  r_N = jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[steps]))[:steps]  # Increasing.
+  u = chain.uniforms(_REVEAL, jnp.zeros(masked_BxD.shape[0], jnp.int32), masked_BxD.shape[1:])
+  count = steps - jnp.searchsorted(r_N, u, side="right").astype(jnp.int32)
+  return jnp.where(masked_BxD, count, steps)
+
+
+def _grid_update(chain, z, logits, reveal_step, step_B, steps):
+  """z after step i_b (per example): reveal positions whose reveal step is i_b.
+
+  At the last step (i = N−1) positions never revealed (reveal step N, probability
+  ~eps) take the argmax of the prediction.
+  """
+  tokens = chain.draw_tokens(logits, _TOKEN, step_B)
+  masked = z == chain.mask_id
+  now = masked & (reveal_step == step_B[:, None])
+  leftover = masked & (reveal_step == steps) & (step_B == steps - 1)[:, None]
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jnp.where(now, tokens, jnp.where(leftover, greedy, z))
+
+
+def _grid_chain(chain: _Chain, z, ts, frames):
+  """ancestral / topp / mean with exact draws; cache or call at every step."""
+  steps = ts.shape[0] - 1
+  batch = z.shape[0]
+  reveal_step = _reveal_steps(chain, ts, z == chain.mask_id)
+  # Step at which an example next reveals something (the leftovers' at N−1).
+  def next_event(z):
+    event = jnp.where(z == chain.mask_id, jnp.minimum(reveal_step, steps - 1), steps)
+    return jnp.min(event, axis=-1)
+
+  inf_B = jnp.full((batch,), jnp.inf, jnp.float32)
+
+  if not chain.options.cache:
+    def body(i, carry):
+      z, last, frames = carry
+      step_B = jnp.full((batch,), i, jnp.int32)
+      logits = chain.predict(z, jnp.full((batch,), ts[steps - i]))
+      s_B = jnp.full((batch,), ts[steps - i - 1])
+      frames = chain.record(frames, z, s_B, last, jnp.ones((batch,), bool))
+      return _grid_update(chain, z, logits, reveal_step, step_B, steps), s_B, frames
+
+    z, last, frames = jax.lax.fori_loop(0, steps, body, (z, inf_B, frames))
+    return z, jnp.int32(steps), chain.finish_frames(frames, z, last)
+
+  def cond(carry):
+    return jnp.any(carry[1] < steps)
+
+  def body(carry):
+    z, event_B, last, nfe, frames = carry
+    active = event_B < steps
+    step_B = jnp.minimum(event_B, steps - 1)
+    logits = chain.predict(z, ts[steps - step_B])
+    s_B = ts[steps - step_B - 1]
+    frames = chain.record(frames, z, s_B, last, active)
+    z = _grid_update(chain, z, logits, reveal_step, step_B, steps)
+    return z, next_event(z), jnp.where(active, s_B, last), nfe + 1, frames
+
+  z, _, last, nfe, frames = jax.lax.while_loop(
+      cond, body, (z, next_event(z), inf_B, jnp.int32(0), frames))
+  return z, nfe, chain.finish_frames(frames, z, last)
+
+
+def _reference_joint_step(chain, key_B, logits, z, p_u):
+  """The reference MD4 float32 step: one categorical over [p_u·p_θ, 1 − p_u]."""
+  logp = jax.nn.log_softmax(
+      chain.token_logits(logits.astype(jnp.float32) / chain.options.temperature, chain.options))
+  log_mask = jnp.broadcast_to(jnp.log1p(-p_u), logp.shape[:-1] + (1,))
+  joint = jnp.concatenate([jnp.log(p_u) + logp, log_mask], axis=-1)
+  draw = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(key_B, joint)
+  return jnp.where(z == chain.mask_id, draw.astype(jnp.int32), z)
+
+
+def _reference_two_stage_step(chain, key_B, logits, z, p_u):
+  """MD4's 'mean' step in float32: x̂ ~ p_θ, then a float32 coin with prob. p_u."""
+  logits = chain.token_logits(logits.astype(jnp.float32) / chain.options.temperature,
+                              chain.options)
+  def one(key, logits_DxV):
+    k_tok, k_coin = jax.random.split(key)
+    x_hat = jax.random.categorical(k_tok, logits_DxV, axis=-1).astype(jnp.int32)
+    return x_hat, jax.random.uniform(k_coin, logits_DxV.shape[:-1])
+  x_hat, u = jax.vmap(one)(key_B, logits)
+  return jnp.where((z == chain.mask_id) & (u < p_u), x_hat, z)
+
+
+def _reference_chain(chain: _Chain, z, ts, frames, step_fn, vocab_size: int):
+  """exact=False: the reference per-step float32 chain (NFE = N)."""
+  steps = ts.shape[0] - 1
+  batch = z.shape[0]
+  alpha = chain.schedule.alpha(ts)
+
+  def body(i, carry):
+    z, last, frames, _ = carry
+    logits = chain.predict(z, jnp.full((batch,), ts[steps - i]))
+    p_u = (alpha[steps - i - 1] - alpha[steps - i]) / (1.0 - alpha[steps - i])
+    s_B = jnp.full((batch,), ts[steps - i - 1])
+    frames = chain.record(frames, z, s_B, last, jnp.ones((batch,), bool))
+    keys = _stream_keys(chain.keys_B, _REFERENCE, jnp.full((batch,), i))
+    return step_fn(chain, keys, logits, z, p_u), s_B, frames, logits
+
+  logits0 = jnp.zeros(z.shape + (vocab_size,), jnp.float32)
+  z, last, frames, logits = jax.lax.fori_loop(
+      0, steps, body, (z, jnp.full((batch,), jnp.inf), frames, logits0))
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  z = jnp.where(z == chain.mask_id, greedy, z)
+  return z, jnp.int32(steps), chain.finish_frames(frames, z, last)
+
+
+# ---------------------------------------------------------- first hitting ---
+
+
+def _first_hitting_chain(chain: _Chain, z, t_start, frames):
+  """One masked position per network call and example, at its first-hitting time."""
+  batch, num_positions = z.shape
+  schedule = chain.schedule
+
+  def cond(carry):
+    return jnp.any(carry[1] > 0)
+
+  def body(carry):
+    z, n_B, t_B, last, nfe, frames = carry
+    active = n_B > 0
+    call_B = jnp.full((batch,), nfe)
+    u_B = chain.uniforms(_TIME, call_B, ())
+    # (1 − α_s) = (1 − α_t)·u^(1/n): the first of n reveal times below t.
+    one_minus_alpha_s = (1.0 - schedule.alpha(t_B)) * jnp.exp(
+        jnp.log(u_B) / jnp.maximum(n_B, 1).astype(jnp.float32))
+    s_B = jnp.minimum(schedule.inverse(1.0 - one_minus_alpha_s), t_B)
+    masked = z == chain.mask_id
+    scores = jnp.where(masked, chain.uniforms(_POSITION, call_B, (num_positions,)), -1.0)
+    pos_B = jnp.argmax(scores, axis=-1)
+    logits = chain.predict(z, s_B)
+    row_BxV = jnp.take_along_axis(logits, pos_B[:, None, None], axis=1)[:, 0]
+    token_B = chain.draw_tokens(row_BxV, _TOKEN, call_B)
+    frames = chain.record(frames, z, s_B, last, active)
+    new = jnp.where(active, token_B, z[jnp.arange(batch), pos_B])
+    z = z.at[jnp.arange(batch), pos_B].set(new)
+    return (z, n_B - active.astype(jnp.int32), jnp.where(active, s_B, t_B),
+            jnp.where(active, s_B, last), nfe + 1, frames)
+
+  n_B = jnp.sum(z == chain.mask_id, axis=-1).astype(jnp.int32)
+  t_B = jnp.full((batch,), t_start, jnp.float32)
+  inf_B = jnp.full((batch,), jnp.inf, jnp.float32)
+  z, _, _, last, nfe, frames = jax.lax.while_loop(
+      cond, body, (z, n_B, t_B, inf_B, jnp.int32(0), frames))
+  return z, nfe, chain.finish_frames(frames, z, last)
+
+
+# ---------------------------------------------------------- the registry ---
+
+
+def _identity(logits, options):
+  del options
+  return logits
+
+
+def _nucleus(logits, options):
+  return top_p_logits(logits, options.top_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A registry entry.
+
+  Attributes:
+    token_logits: (tempered logits, options) -> the logits tokens are drawn from.
+    grid: True for the time-grid chains (steps, grid, cache apply).
+    reference_step: the float32 per-step update used when exact=False
+      (grid samplers), `(chain, keys_B, logits, z, p_u) -> z`.
+  """
+
+  token_logits: Callable[[jax.Array, SamplerOptions], jax.Array]
+  grid: bool = True
+  reference_step: Optional[Callable] = None
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "ancestral": Sampler(_identity, reference_step=_reference_joint_step),
+    "topp": Sampler(_nucleus, reference_step=_reference_joint_step),
+    "mean": Sampler(_identity, reference_step=_reference_two_stage_step),
+    "first_hitting": Sampler(_identity, grid=False),
+}
+
+
+def get_sampler(name: str) -> Sampler:
   if name not in SAMPLERS:
     raise ValueError(f"Unknown sampler {name!r}; valid: {sorted(SAMPLERS)}.")
   return SAMPLERS[name]
 
 
+def _check(sampler, steps, grid, options, t_start, frames):
+  if sampler.grid:
+    if steps is None or int(steps) < 1:
+      raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+    if grid not in GRIDS:
+      raise ValueError(f"Unknown time grid {grid!r}; valid: {GRIDS}.")
+  if not options.temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {options.temperature}.")
+  if not 0 < options.top_p <= 1:
+    raise ValueError(f"top_p must lie in (0, 1], got {options.top_p}.")
+  if not 0 < t_start <= 1:
+    raise ValueError(f"t_start must lie in (0, 1], got {t_start}.")
+  if frames < 0 or frames == 1:
+    raise ValueError(f"frames must be 0 (none) or >= 2, got {frames}.")
+
+
+def masked_input(tokens: jax.Array, fixed: jax.Array, mask_id: int) -> jax.Array:
+  """tokens where `fixed` is True, the mask id elsewhere (positions to generate)."""
+  return jnp.where(jnp.asarray(fixed, bool), jnp.asarray(tokens, jnp.int32), mask_id)
+
+
+def all_masked(model: model_lib.MD4, batch_size: int) -> jax.Array:
+  """int32 [B, *data_shape] filled with the mask id."""
+  return jnp.full((batch_size,) + tuple(model.data_shape), model.mask_id, jnp.int32)
+
+
 def sample(
     model: model_lib.MD4, variables, rng: jax.Array, *, batch_size: Optional[int] = None,
-    z_init: Optional[jax.Array] = None, cond: Optional[jax.Array] = None, steps: int = 100,
-    sampler: str = "ancestral", grid: str = "uniform",
-    options: SamplerOptions = SamplerOptions(),
+    z_init: Optional[jax.Array] = None, fixed: Optional[jax.Array] = None,
+    cond: Optional[jax.Array] = None, steps: Optional[int], sampler: str = "ancestral",
+    grid: str = "uniform", options: SamplerOptions = SamplerOptions(), t_start: float = 1.0,
+    frames: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Runs the reverse chain. Jit-compatible (wrap in jax.jit with static options).
+  """Runs the reverse chain. Jit-compatible (every argument after rng is static
+  except z_init, fixed and cond).
 
   Args:
-    model: the MD4 module.
-    variables: its variables, e.g. {'params': ema_params}.
-    rng: key.
+    model: the MD4 module (network, schedule, V, data_shape).
+    variables: its variables, e.g. {'params': state.ema_params}.
+    rng: key; example b draws from fold_in(rng, b).
     batch_size: B when starting from all-mask.
-    z_init: int [B, *data_shape] start; positions equal to the mask id are
-      generated, the others are kept fixed (prefix / infilling / inpainting).
+    z_init: int [B, *data_shape] start: positions equal to the mask id are
+      generated, the others are kept fixed (prefix, infilling, inpainting).
+    fixed: optional bool [B, *data_shape]: with it, z_init's values where it is
+      False are ignored and generated.
     cond: optional int [B] class labels.
-    steps: number of reverse steps N.
+    steps: grid steps N (ancestral, topp, mean); ignored by first_hitting,
+      which makes one call per masked position (pass None).
     sampler: a SAMPLERS name.
-    grid: 'uniform' or 'cosine'.
-    options: temperature, top-p, exact draws.
+    grid: 'uniform' (t_i = i/N) or 'cosine' (t_i = cos(π/2·(1 − i/N))).
+    options: temperature, top-p, exact draws, idle-step skipping.
+    t_start: the time z_init is at (1 = all-mask prior; < 1 to reconstruct an
+      input masked to level t_start, see `reconstruct`); the grid is scaled
+      to [0, t_start].
+    frames: K ≥ 2 records the trajectory: K states at τ_k = t_start·(1 − k/(K−1)),
+      from z_init (k = 0) to the final tokens (k = K−1).
 
   Returns:
-    (tokens int32 [B, *data_shape] with no mask left, {'nfe': int32 scalar}).
+    tokens: int32 [B, *data_shape], no mask left, fixed positions unchanged.
+    stats: 'nfe': int32 scalar, network calls on the batch; every call
+      evaluates all B examples once, so it is also the NFE per sample.
+      'frames': int32 [K, B, *data_shape] when frames > 0.
   """
-  step_fn = get_step_fn(sampler)
-  ts = time_grid(grid, steps)
-  schedule = model.noise_schedule
+  spec = get_sampler(sampler)
+  _check(spec, steps, grid, options, t_start, frames)
   if z_init is None:
     if batch_size is None:
       raise ValueError("Pass batch_size or z_init.")
-    z_init = jnp.full((batch_size,) + tuple(model.data_shape), model.mask_id, jnp.int32)
+    z_init = all_masked(model, batch_size)
   z_init = jnp.asarray(z_init, jnp.int32)
+  if fixed is not None:
+    z_init = masked_input(z_init, fixed, model.mask_id)
+  data_shape = tuple(model.data_shape)
+  if z_init.shape[1:] != data_shape:
+    raise ValueError(f"z_init has example shape {z_init.shape[1:]}, the model expects "
+                     f"{data_shape}.")
   batch = z_init.shape[0]
-  predict = lambda z, t: model.apply(variables, z, jnp.full((batch,), t), cond, method=model_lib.MD4.predict)
+  z = z_init.reshape(batch, -1)
 
-  def body(i, carry):
-    z, _ = carry
-    t, s = ts[steps - i], ts[steps - i - 1]
-    alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
-    p_u = jnp.full((batch,), (alpha_s - alpha_t) / (1.0 - alpha_t))
-    logits = predict(z, t)
-    return step_fn(jax.random.fold_in(rng, i), logits, z, p_u, model.mask_id, options), logits
+  def predict(z_BxD, t_B):
+    logits = model.apply(variables, z_BxD.reshape((batch,) + data_shape), t_B, cond,
+                         method=model_lib.MD4.predict)
+    return logits.reshape(batch, z_BxD.shape[1], -1)
 
-  logits0 = jnp.zeros(z_init.shape + (model.vocab_size,), jnp.float32)
-  z, logits = jax.lax.fori_loop(0, steps, body, (z_init, logits0))
-  z = jnp.where(z == model.mask_id, jnp.argmax(logits, axis=-1).astype(jnp.int32), z)
-  return z, {"nfe": jnp.int32(steps)}
+  frame_times = None
+  trajectory = None
+  if frames:
+    frame_times = t_start * (1.0 - jnp.arange(frames, dtype=jnp.float32) / (frames - 1))
+    trajectory = jnp.broadcast_to(z[None], (frames,) + z.shape)
+  chain = _Chain(predict=predict, schedule=model.noise_schedule,
+                 keys_B=_example_keys(rng, batch), mask_id=model.mask_id, options=options,
+                 token_logits=spec.token_logits, frame_times_K=frame_times)
+  if not spec.grid:
+    z, nfe, trajectory = _first_hitting_chain(chain, z, t_start, trajectory)
+  else:
+    ts = time_grid(grid, int(steps)) * t_start
+    if options.exact:
+      z, nfe, trajectory = _grid_chain(chain, z, ts, trajectory)
+    else:
+      z, nfe, trajectory = _reference_chain(chain, z, ts, trajectory, spec.reference_step,
+                                            model.vocab_size)
+  stats = {"nfe": nfe}
+  if frames:
+    stats["frames"] = trajectory.reshape((frames, batch) + data_shape)
+  return z.reshape((batch,) + data_shape), stats
+
+
+def reconstruct(
+    model: model_lib.MD4, variables, rng: jax.Array, x: jax.Array, t: float, *,
+    steps: Optional[int], cond: Optional[jax.Array] = None, sampler: str = "ancestral",
+    grid: str = "uniform", options: SamplerOptions = SamplerOptions(), frames: int = 0,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Masks clean x to level t (q(z_t | x)) and runs the reverse chain from t.
+
+  Args:
+    x: int [B, *data_shape] clean tokens.
+    t: the masking level in (0, 1]: each position is masked w.p. 1 − α(t).
+    (the rest as in `sample`; the grid covers [0, t]).
+
+  Returns:
+    (z_t, tokens, stats): the masked input, the reconstruction, sample's stats.
+  """
+  k_mask, k_chain = jax.random.split(rng)
+  x = jnp.asarray(x, jnp.int32)
+  alpha_B = jnp.full((x.shape[0],), model.noise_schedule.alpha(jnp.float32(t)))
+  z_t, _ = losses.forward_mask(x, alpha_B, jax.random.uniform(k_mask, x.shape), model.mask_id)
+  tokens, stats = sample(model, variables, k_chain, z_init=z_t, cond=cond, steps=steps,
+                         sampler=sampler, grid=grid, options=options, t_start=t, frames=frames)
+  return z_t, tokens, stats
+
+
+def make_sampler(
+    model: model_lib.MD4, mesh: Mesh, *, steps: Optional[int], sampler: str = "ancestral",
+    grid: str = "uniform", options: SamplerOptions = SamplerOptions(), t_start: float = 1.0,
+    frames: int = 0, rules: Optional[Any] = None,
+) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+  """`sample` jitted over `mesh` with the batch split across its batch axes.
+
+  Returns:
+    fn(variables, rng, z_init, cond=None) -> (tokens, stats): z_init [B, ...]
+    (B divisible by the batch shards; see `all_masked` / `masked_input`) and
+    cond [B] are batch-sharded, tokens come back batch-sharded, stats['nfe']
+    replicated, stats['frames'] sharded on its batch axis. variables keep the
+    sharding they have (e.g. from workdir.restore_run) or are placed by jit.
+    rules: optional logical-axis rules for the networks' activation hints.
+  """
+  get_sampler(sampler)
+  _check(get_sampler(sampler), steps, grid, options, t_start, frames)
+  batch_sharding = parallel.batch_sharding(mesh)
+  replicated = parallel.replicated(mesh)
+  stats_sharding = {"nfe": replicated}
+  if frames:
+    stats_sharding["frames"] = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+  def fn(variables, rng, z_init, cond):
+    def run():
+      return sample(model, variables, rng, z_init=z_init, cond=cond, steps=steps,
+                    sampler=sampler, grid=grid, options=options, t_start=t_start,
+                    frames=frames)
+    if rules is None:
+      return run()
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    with nn.logical_axis_rules(rules):
+      return run()
+
+  jitted = jax.jit(fn, in_shardings=(None, replicated, batch_sharding, batch_sharding),
+                   out_shardings=(batch_sharding, stats_sharding))
+
+  def call(variables, rng, z_init, cond=None):
+    parallel.check_batch_size(int(np.shape(z_init)[0]), mesh, "the sampling batch")
+    return jitted(variables, rng, z_init, cond)
+
+  call.jitted = jitted  # For ahead-of-time lowering (call.jitted.lower(...)).
+  return call
