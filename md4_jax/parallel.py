@@ -7,8 +7,9 @@ split over ('data', 'fsdp'). Parameters carry logical axis names ('embed',
 to mesh axes. A dimension that a mesh axis does not divide stays replicated.
 """
 
+import contextlib
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 
@@ -119,6 +120,22 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     size = math.prod(mesh.shape[a] for a in names)
     entries.append(axes if names and dim % size == 0 else None)
   return P(*entries)
+
+
+@contextlib.contextmanager
+def logical_context(rules: Rules, mesh: Optional[Mesh] = None):
+  """Traces inside the logical-axis `rules` and, with `mesh`, its abstract mesh.
+
+  The rules give the parameters' shardings. With `mesh`, the networks'
+  activation constraints (`nn.with_logical_constraint` on the residual stream,
+  feature maps and logits) become `with_sharding_constraint`s over that mesh;
+  without it they are no-ops and XLA propagates activation shardings alone.
+  """
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    yield
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -32,11 +32,18 @@ def _grads_on(mesh_shape, config, batch):
   model = loop.build_model(config)
   optimizer, _ = optim.build_optimizer(config)
   state = loop.create_train_state(config, model, optimizer, mesh)
-  fn = loop.with_rules(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)), config)
+  fn = loop.with_rules(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)), config,
+                       mesh)
   shardings = jax.tree.map(lambda a: a.sharding, state.params)
-  grads, metrics = jax.jit(fn, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                           out_shardings=(shardings, parallel.replicated(mesh)))(
-                               state.params, parallel.to_global(batch, mesh))
+  jitted = jax.jit(fn, in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)))
+  global_batch = parallel.to_global(batch, mesh)
+  # The networks' activation constraints are applied over this mesh: the
+  # residual stream split over the batch axes, the logits' vocab over 'tensor'.
+  text = jitted.lower(state.params, global_batch).as_text()
+  if mesh.size > 1:
+    assert 'sharding_constraint' in text and '[{"data", "fsdp"}, {}, {}]' in text, text[:2000]
+  grads, metrics = jitted(state.params, global_batch)
   return state, jax.device_get(grads), float(metrics["loss"])
 
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import digits
+import tiny
 from md4_jax import run_config
 from md4_jax import workdir as workdir_lib
 from md4_jax.train import loop
@@ -116,18 +116,8 @@ def test_kill_9_at_several_moments_then_resume_is_bit_identical(tmp_path, refere
 
 
 def _tiny_config(**overrides):
-  config = digits.get_config()
-  config.unet.channels = 8
-  config.unet.channel_mult = (1,)
-  config.unet.attn_resolutions = ()
-  config.unet.embed_dim = 4
-  config.batch_size = 16
-  config.eval_batch_size = 40
-  config.num_samples = 0
-  config.eval_every_steps = 0
-  config.sample_every_steps = 0
-  config.num_train_steps = 8
-  config.checkpoint_every_steps = 2
+  config = tiny.digits_config(num_samples=0, eval_every_steps=0, sample_every_steps=0,
+                              num_train_steps=8, checkpoint_every_steps=2)
   config.update(overrides)
   return config
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import digits
+import tiny
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
 from md4_jax import optim
@@ -21,19 +21,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   """configs/digits.py shrunk for a 2-core CPU."""
-  config = digits.get_config()
-  config.unet.channels = 8
-  config.unet.channel_mult = (1,)
+  config = tiny.digits_config(dropout_rate=0.0, warmup_steps=5, num_train_steps=40,
+                              num_samples=8, sampling_steps=8)
   config.unet.num_res_blocks = 1
-  config.unet.attn_resolutions = ()
-  config.unet.embed_dim = 4
-  config.dropout_rate = 0.0
-  config.batch_size = 16
-  config.eval_batch_size = 40
-  config.warmup_steps = 5
-  config.num_train_steps = 40
-  config.num_samples = 8
-  config.sampling_steps = 8
   config.update(overrides)
   return config
 

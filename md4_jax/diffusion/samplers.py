@@ -574,7 +574,8 @@ def make_sampler(
     cond [B] are batch-sharded, tokens come back batch-sharded, stats['nfe']
     replicated, stats['frames'] sharded on its batch axis. variables keep the
     sharding they have (e.g. from workdir.restore_run) or are placed by jit.
-    rules: optional logical-axis rules for the networks' activation hints.
+    rules: optional logical-axis rules; with them the networks' activation
+      constraints apply over `mesh` (as in the train step).
   """
   get_sampler(sampler)
   _check(get_sampler(sampler), steps, grid, options, t_start, frames)
@@ -591,8 +592,7 @@ def make_sampler(
                     frames=frames)
     if rules is None:
       return run()
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    with nn.logical_axis_rules(rules):
+    with parallel.logical_context(rules, mesh):
       return run()
 
   jitted = jax.jit(fn, in_shardings=(None, replicated, batch_sharding, batch_sharding),

@@ -15,6 +15,7 @@ unet.py; `md4_jax/parallel.py` maps them to mesh axes, unknown names replicate):
   None     an axis left replicated.
 """
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -113,7 +114,7 @@ def resolve_attention_impl(name: str, dtype, head_dim: int) -> Optional[str]:
 
 # Logical names of activation axes, for nn.with_logical_constraint (the rules
 # table maps them to mesh axes; they are no-ops unless traced under both
-# nn.logical_axis_rules(...) and a mesh context such as jax.set_mesh(mesh)).
+# nn.logical_axis_rules(...) and a mesh context: parallel.logical_context(rules, mesh)).
 ACTIVATION_BxLxD = ("activation_batch", "activation_length", "activation_embed")
 ACTIVATION_BxLxV = ("activation_batch", "activation_length", "activation_vocab")
 ACTIVATION_BxHxWxC = ("activation_batch", None, None, "activation_embed")
@@ -161,9 +162,29 @@ def check_time_features(time_features: str) -> bool:
   return TIME_FEATURES[time_features]
 
 
+class _Partitioned(nn.LogicallyPartitioned):
+  """nn.LogicallyPartitioned that skips its sharding constraint on a reshaped value.
+
+  nn.DenseGeneral initialises a kernel with features (K, D) flattened to 2-D
+  and unboxes it before the reshape; under a mesh context the stock box would
+  constrain the 2-D value with the 3 logical names and fail.
+  """
+
+  def unbox(self, apply_constraint=True):
+    if len(self.names) != jnp.ndim(self.value):
+      apply_constraint = False
+    return super().unbox(apply_constraint=apply_constraint)
+
+
 def partitioned(init_fn, names):
-  """Shorthand for `nn.with_logical_partitioning(init_fn, names)`."""
-  return nn.with_logical_partitioning(init_fn, names)
+  """`nn.with_logical_partitioning(init_fn, names)` that also works inside
+  DenseGeneral under a mesh context (see _Partitioned)."""
+  names = tuple(names)
+
+  @functools.wraps(init_fn)
+  def wrapper(*args, **kwargs):
+    return _Partitioned(init_fn(*args, **kwargs), names)
+  return wrapper
 
 
 def dense(

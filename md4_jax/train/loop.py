@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
+from jax.sharding import Mesh
 
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
@@ -71,18 +72,13 @@ def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
         jax.random.key(config.seed))
 
 
-def with_rules(fn, config):
-  """Traces `fn` inside the logical-axis rules.
-
-  Parameter shardings come from the rules; the networks' activation
-  constraints (`nn.with_logical_constraint`) need a mesh context too, which is
-  not set yet, so they are no-ops and XLA propagates activation shardings.
-  """
+def with_rules(fn, config, mesh: Optional[Mesh] = None):
+  """Traces `fn` inside `parallel.logical_context(sharding_rules(config), mesh)`."""
   rules = sharding_rules(config)
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with nn.logical_axis_rules(rules):
+    with parallel.logical_context(rules, mesh):
       return fn(*args, **kwargs)
   return wrapped
 
@@ -94,7 +90,7 @@ def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
                          accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
                          debug_nan_at_step=config.debug_nan_at_step)
   state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  return jax.jit(with_rules(fn, config), in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+  return jax.jit(with_rules(fn, config, mesh), in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
                  out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
@@ -106,7 +102,7 @@ def make_eval_step(config, model, mesh, num_t_samples: int = 1):
   if num_t_samples < 1:
     raise ValueError(f"num_t_samples must be >= 1, got {num_t_samples}.")
   fn = functools.partial(step_lib.eval_step, model=model, num_t_samples=int(num_t_samples))
-  return jax.jit(with_rules(fn, config),
+  return jax.jit(with_rules(fn, config, mesh),
                  in_shardings=(None, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                  out_shardings=parallel.replicated(mesh))
 
