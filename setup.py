@@ -34,7 +34,8 @@ setuptools.setup(
     extras_require={
         # Tests also execute the notebooks and build a tiny BPE tokenizer for data.prepare.
         "test": ["pytest>=8", "chex>=0.1.87", "nbclient>=0.10", "nbformat>=5.9",
-                 "ipykernel>=6.29", "matplotlib>=3.8", "tokenizers>=0.15"],
+                 "ipykernel>=6.29", "matplotlib>=3.8", "tokenizers>=0.15",
+                 "scipy>=1.11"],  # chi-square p-values in tests/samplers_test.py.
         "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
         # Tokenising OpenWebText / FineWeb-Edu once (md4_jax.data.prepare).
         "prepare": ["datasets>=2.18", "tokenizers>=0.15", "tqdm>=4.60"],

@@ -46,3 +46,38 @@ def save_texts(texts: Sequence[str], path: str) -> str:
 
 def decode_all(tokens_BxL: np.ndarray, decode: Callable[[np.ndarray], str]) -> list[str]:
   return [decode(np.asarray(row)) for row in tokens_BxL]
+
+
+def trajectory_grid(frames_KxBxHxWxC: np.ndarray, vocab_size: int, mask_id: int,
+                    max_examples: int = 8, pad: int = 1) -> np.ndarray:
+  """One row per example, one column per frame (all-mask → clean): uint8 [H', W', 3].
+
+  Masked pixels are red, as in `image_grid`.
+  """
+  frames = np.asarray(frames_KxBxHxWxC)[:, :max_examples]
+  k, b = frames.shape[:2]
+  tiles = frames.transpose(1, 0, *range(2, frames.ndim)).reshape((b * k,) + frames.shape[2:])
+  return image_grid(tiles, vocab_size, ncols=k, pad=pad, mask_id=mask_id)
+
+
+def save_gif(frames_KxBxHxWxC: np.ndarray, path: str, vocab_size: int, mask_id: int,
+             scale: int = 4, frame_ms: int = 150, hold_ms: int = 1500) -> str:
+  """An animated GIF: frame k is the grid of all examples at trajectory frame k."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  images = []
+  for frame in np.asarray(frames_KxBxHxWxC):
+    im = Image.fromarray(image_grid(frame, vocab_size, mask_id=mask_id))
+    if scale > 1:
+      im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    images.append(im)
+  durations = [frame_ms] * (len(images) - 1) + [hold_ms]
+  images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+  return path
+
+
+def text_trajectory(frames_KxBxL: np.ndarray, decode: Callable[[np.ndarray], str],
+                    max_examples: int = 4) -> list[str]:
+  """For each example, its decoded frames (masks as the decoder shows them), one per line."""
+  frames = np.asarray(frames_KxBxL)
+  return ["\n".join(f"[{k}] {decode(frames[k, b])}" for k in range(frames.shape[0]))
+          for b in range(min(max_examples, frames.shape[1]))]

@@ -1,0 +1,96 @@
+"""`python -m md4_jax.sample`: images with labels and a trajectory, a text
+prompt, and a clean error without a checkpoint.
+
+The workdirs are written in-process (config.json + an untrained checkpoint),
+which is much faster than a training subprocess; each CLI run still costs
+~10 s, so there are three.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import digits
+import tiny
+from configs import text8 as text8_config
+from md4_jax import checkpoint as checkpoint_lib
+from md4_jax import optim
+from md4_jax import parallel
+from md4_jax import run_config
+from md4_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _make_workdir(path, config):
+  """config.json and one checkpoint of a freshly initialised state (8-device mesh)."""
+  os.makedirs(path)
+  mesh = parallel.make_mesh({"data": -1})
+  model = loop.build_model(config)
+  optimizer, _ = optim.build_optimizer(config)
+  state = loop.create_train_state(config, model, optimizer, mesh)
+  run_config.save_config(config, str(path))
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(path)))
+  checkpointer.save(5, state)
+  checkpointer.close()
+  return str(path)
+
+
+def _sample_cli(workdir, *flags):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "md4_jax.sample", f"--workdir={workdir}", *flags],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_class_conditional_images_with_trajectory(tmp_path):
+  config = tiny.digits_config("cond")
+  workdir = _make_workdir(tmp_path / "digits", config)
+  result = _sample_cli(workdir, "--num_samples=3", "--steps=8", "--label=3", "--trajectory",
+                       "--frames=4", "--sampler=topp", "--grid=cosine")
+  assert result.returncode == 0, result.stderr[-3000:]
+  base = os.path.join(workdir, "samples", "ckpt00000000_topp_8steps_seed0_label3")
+  info = json.loads(open(base + ".json").read())
+  assert info["files"] == [base + ".png", base + "_trajectory.png", base + "_trajectory.gif"]
+  assert 1 <= info["nfe"] <= 8 and info["label"] == 3 and info["params"] == "ema"
+  assert info["sample_seconds"] > 0 and info["samples_per_second"] > 0
+  grid = np.asarray(Image.open(base + "_trajectory.png"))
+  assert grid.shape == (4 * (3 * 9 + 1), 4 * (4 * 9 + 1), 3)  # 3 rows × 4 frames, scale 4.
+  red = (grid[..., 0] == 255) & (grid[..., 1] == 0)
+  assert red[: 4 * 10, : 4 * 10].mean() > 0.5  # The first frame is all mask,
+  assert not red[:, -4 * 9:].any()  # the last has none.
+  assert Image.open(base + "_trajectory.gif").n_frames == 4
+
+
+def test_text_prompt_infilling(tmp_path):
+  config = text8_config.get_config("tiny")
+  config.data_shape = (32,)
+  config.transformer.width = 32
+  workdir = _make_workdir(tmp_path / "text", config)
+  result = _sample_cli(workdir, "--num_samples=2", "--sampler=first_hitting",
+                       "--prompt=the _____ of ", "--params=raw", "--trajectory", "--frames=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  base = os.path.join(workdir, "samples", "ckpt00000000_first_hitting_seed0")
+  lines = open(base + ".txt").read().splitlines()
+  samples = [lines[i + 1] for i, line in enumerate(lines) if line.startswith("=== sample")]
+  assert len(samples) == 2
+  for text in samples:
+    assert len(text) == 32 and text.startswith("the ") and text[9:13] == " of "
+    assert "_" not in text
+  assert json.loads(open(base + ".json").read())["nfe"] == 32 - 8  # One call per character.
+  trajectory = open(base + "_trajectory.txt").read()
+  assert "[0] the _____ of " + "_" * 19 in trajectory
+
+
+def test_workdir_without_checkpoint_is_a_clean_error(tmp_path):
+  workdir = tmp_path / "empty"
+  workdir.mkdir()
+  run_config.save_config(digits.get_config(), str(workdir))
+  result = _sample_cli(str(workdir))
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("md4_jax.sample: error: No checkpoint")
