@@ -1,0 +1,65 @@
+"""The benchmark scripts run as the README says, at tiny settings.
+
+Their numbers are recorded in benchmarks/RESULTS.md by full runs; these runs
+only keep the scripts working and check what does not depend on timing: the
+tables' shape and the network-call counts of the samplers.
+"""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def _table(stdout, first_header):
+  """Rows of the markdown table whose first header cell is `first_header`."""
+  lines = [l for l in stdout.splitlines() if l.startswith("|")]
+  start = next(i for i, l in enumerate(lines) if l.split("|")[1].strip() == first_header)
+  header = [c.strip() for c in lines[start].strip("|").split("|")]
+  rows = []
+  for line in lines[start + 2:]:
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if len(cells) != len(header) or cells[0] == header[0]:
+      break
+    rows.append(dict(zip(header, cells)))
+  return rows
+
+
+def test_sample_benchmark():
+  steps = 8
+  rows = _table(_run("sample.py", "--only=digits", "--repeats=1", f"--digits_steps={steps}",
+                     "--digits_batch=8"), "setup")
+  nfe = {r["sampler"]: int(r["NFE / sample"]) for r in rows}
+  assert set(nfe) == {"ancestral (every step)", "ancestral (skip idle)",
+                      "ancestral (float32 ref.)", "topp 0.9", "mean", "first_hitting"}
+  assert nfe["ancestral (every step)"] == steps
+  assert nfe["first_hitting"] == 8 * 8  # One call per position of the 8x8 image.
+  assert 1 <= nfe["ancestral (skip idle)"] <= steps
+  assert all(float(r["samples / s"]) > 0 for r in rows)
+
+
+def test_train_benchmark():
+  rows = _table(_run("train.py", "--variants=image", "--warmup=1", "--steps=1", "--repeats=1",
+                     "--dot_size=256"), "variant")
+  (row,) = rows
+  assert row["variant"] == "image" and row["params"] == "4.8M"
+  assert float(row["steps/s"]) > 0
+  assert float(row["model GFLOP/step"]) > 0
+  assert float(row["model/dot (min-max)"].split()[0].strip("*")) > 0
+
+
+def test_data_benchmark():
+  stdout = _run("data.py", "--datasets=digits", "--workers=0", "--prefetch=2", "--repeats=1",
+                "--batches=1", "--warmup=1", "--warmup_s=0", "--window_s=0")
+  (row,) = _table(stdout, "dataset")
+  assert row["dataset"] == "digits" and row["batch"] == "64"
+  assert float(row["examples/s median (min-max)"].split()[0].replace(",", "")) > 0
