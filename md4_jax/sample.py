@@ -8,8 +8,10 @@ r"""Draws samples from a trained run's checkpoint into <workdir>/samples/.
 
 Loads the config saved in the workdir and the latest checkpoint (or --step),
 samples with the EMA parameters (--params=raw for the raw ones), and writes a
-PNG grid (images) or a text file (text), the trajectory (PNG grid + GIF, or
-text) with --trajectory, and a JSON file with the settings, NFE and timings.
+PNG grid (images, the first 256) or a text file (text), all tokens as .npy,
+the trajectory (PNG grid + GIF, or text) with --trajectory, and a JSON file
+with the settings, NFE and timings. Many samples are drawn in batches of
+--batch_size (batch i uses fold_in(key(seed), i)), with a progress line each.
 """
 
 import json
@@ -35,6 +37,8 @@ from md4_jax.train import loop  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Samples per jitted call (rounded up to "
+                                   "a multiple of the devices); more samples take several calls.")
 _STEPS = flags.DEFINE_integer("steps", None, "Grid steps (default: the config's sampling_steps; "
                               "first_hitting makes one call per token instead).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ancestral", sorted(samplers.SAMPLERS), "Sampler.")
@@ -56,6 +60,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default: <wor
 flags.mark_flags_as_required(["workdir"])
 
 EXIT_BAD_INPUT = 2
+MAX_GRID_IMAGES = 256
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -107,9 +112,12 @@ def encode_prompt(config, prompt: str) -> np.ndarray:
   return out
 
 
-def labels(config, label, batch: int):
+def labels(config, label, batch: int, offset: int = 0):
+  """[batch] class labels: `label` for all, or offset, offset + 1, ... mod classes."""
   if label is None:
-    return None if config.classes <= 0 else jnp.arange(batch, dtype=jnp.int32) % config.classes
+    if config.classes <= 0:
+      return None
+    return (offset + jnp.arange(batch, dtype=jnp.int32)) % config.classes
   if not 0 <= label < max(config.classes, 0):
     raise ValueError(f"--label={label} needs a class-conditional run with label < classes "
                      f"(this run has classes={config.classes}).")
@@ -125,14 +133,15 @@ def run(workdir: str) -> dict:
   sampler = _SAMPLER.value
   steps = _STEPS.value or config.sampling_steps
   num = _NUM_SAMPLES.value
-  if num < 1:
-    raise ValueError(f"--num_samples must be >= 1, got {num}.")
+  if num < 1 or _BATCH_SIZE.value < 1:
+    raise ValueError(f"--num_samples and --batch_size must be >= 1, got {num} and "
+                     f"{_BATCH_SIZE.value}.")
   shards = parallel.batch_size_per_shard(mesh)
-  batch = -(-num // shards) * shards  # Padded to the mesh, cut afterwards.
+  batch = -(-min(num, _BATCH_SIZE.value) // shards) * shards  # Padded to the mesh.
+  num_batches = -(-num // batch)
   z_init = samplers.all_masked(model, batch)
   if _PROMPT.value is not None:
     z_init = jnp.broadcast_to(jnp.asarray(encode_prompt(config, _PROMPT.value)), z_init.shape)
-  cond = labels(config, _LABEL.value, batch)
   options = samplers.SamplerOptions(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                                     exact=_EXACT.value, cache=_CACHE.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
@@ -140,13 +149,24 @@ def run(workdir: str) -> dict:
                              options=options, frames=frames, rules=loop.sharding_rules(config))
   rng = jax.random.key(_SEED.value)
   start = time.time()
-  compiled = fn.jitted.lower({"params": params}, rng, z_init, cond).compile()
+  compiled = fn.jitted.lower({"params": params}, rng, z_init, labels(config, _LABEL.value, batch)
+                             ).compile()
   compile_seconds = time.time() - start
+  outputs, nfes, trajectory = [], [], None
   start = time.time()
-  tokens, stats = jax.block_until_ready(compiled({"params": params}, rng, z_init, cond))
+  for i in range(num_batches):
+    cond = labels(config, _LABEL.value, batch, offset=i * batch)
+    tokens, stats = jax.block_until_ready(
+        compiled({"params": params}, jax.random.fold_in(rng, i), z_init, cond))
+    outputs.append(np.asarray(jax.device_get(tokens)))
+    nfes.append(int(jax.device_get(stats["nfe"])))
+    if frames and trajectory is None:
+      trajectory = np.asarray(jax.device_get(stats["frames"]))[:, :num]
+    if num_batches > 1:
+      logging.info("Batch %d/%d: %d samples, NFE %d, %.1f s elapsed.", i + 1, num_batches, batch,
+                   nfes[-1], time.time() - start)
   sample_seconds = time.time() - start
-  tokens = np.asarray(jax.device_get(tokens))[:num]
-  nfe = int(jax.device_get(stats["nfe"]))
+  tokens = np.concatenate(outputs)[:num]
 
   out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
   name = f"ckpt{step:08d}_{sampler}_" + ("" if sampler == "first_hitting" else f"{steps}steps_")
@@ -155,12 +175,13 @@ def run(workdir: str) -> dict:
   decode = text_decoder(config)
   files = []
   if decode is None:
-    files.append(visualize.save_png(visualize.image_grid(tokens, model.vocab_size),
-                                    base + ".png", scale=4))
+    files.append(visualize.save_png(
+        visualize.image_grid(tokens[:MAX_GRID_IMAGES], model.vocab_size), base + ".png", scale=4))
   else:
     files.append(visualize.save_texts(visualize.decode_all(tokens, decode), base + ".txt"))
+  np.save(base + ".npy", tokens)
+  files.append(base + ".npy")
   if frames:
-    trajectory = np.asarray(jax.device_get(stats["frames"]))[:, :num]
     if decode is None:
       grid = visualize.trajectory_grid(trajectory, model.vocab_size, model.mask_id)
       files.append(visualize.save_png(grid, base + "_trajectory.png", scale=4))
@@ -174,10 +195,11 @@ def run(workdir: str) -> dict:
       "grid": _GRID.value, "steps": None if sampler == "first_hitting" else steps,
       "temperature": options.temperature, "top_p": options.top_p, "exact": options.exact,
       "cache": options.cache, "seed": _SEED.value, "num_samples": num, "batch": batch,
-      "label": _LABEL.value, "prompt": _PROMPT.value,
-      "nfe": nfe,  # Network calls on the batch = network evaluations per sample.
+      "num_batches": num_batches, "label": _LABEL.value, "prompt": _PROMPT.value,
+      # Network calls on a batch = network evaluations per sample; mean over batches.
+      "nfe": float(np.mean(nfes)), "nfe_per_batch": nfes,
       "compile_seconds": compile_seconds, "sample_seconds": sample_seconds,
-      "samples_per_second": batch / sample_seconds,
+      "samples_per_second": num_batches * batch / sample_seconds,
       "devices": [str(d) for d in jax.devices()], "files": files,
   }
   with open(base + ".json", "w") as f:
@@ -196,7 +218,7 @@ def main(argv):
     logging.debug("Input error", exc_info=True)
     print(f"md4_jax.sample: error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)
-  print(f"Wrote {info['num_samples']} samples ({info['sampler']}, NFE {info['nfe']}, "
+  print(f"Wrote {info['num_samples']} samples ({info['sampler']}, NFE {info['nfe']:.1f}, "
         f"{info['sample_seconds']:.2f} s + {info['compile_seconds']:.1f} s compile): "
         f"{', '.join(info['files'])}", flush=True)
 

@@ -55,8 +55,11 @@ def test_class_conditional_images_with_trajectory(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   base = os.path.join(workdir, "samples", "ckpt00000000_topp_8steps_seed0_label3")
   info = json.loads(open(base + ".json").read())
-  assert info["files"] == [base + ".png", base + "_trajectory.png", base + "_trajectory.gif"]
+  assert info["files"] == [base + ".png", base + ".npy", base + "_trajectory.png",
+                           base + "_trajectory.gif"]
   assert 1 <= info["nfe"] <= 8 and info["label"] == 3 and info["params"] == "ema"
+  tokens = np.load(base + ".npy")
+  assert tokens.shape == (3, 8, 8, 1) and tokens.min() >= 0 and tokens.max() < config.vocab_size
   assert info["sample_seconds"] > 0 and info["samples_per_second"] > 0
   grid = np.asarray(Image.open(base + "_trajectory.png"))
   assert grid.shape == (4 * (3 * 9 + 1), 4 * (4 * 9 + 1), 3)  # 3 rows × 4 frames, scale 4.
@@ -71,7 +74,7 @@ def test_text_prompt_infilling(tmp_path):
   config.data_shape = (32,)
   config.transformer.width = 32
   workdir = _make_workdir(tmp_path / "text", config)
-  result = _sample_cli(workdir, "--num_samples=2", "--sampler=first_hitting",
+  result = _sample_cli(workdir, "--num_samples=2", "--batch_size=1", "--sampler=first_hitting",
                        "--prompt=the _____ of ", "--params=raw", "--trajectory", "--frames=3")
   assert result.returncode == 0, result.stderr[-3000:]
   base = os.path.join(workdir, "samples", "ckpt00000000_first_hitting_seed0")
@@ -81,7 +84,11 @@ def test_text_prompt_infilling(tmp_path):
   for text in samples:
     assert len(text) == 32 and text.startswith("the ") and text[9:13] == " of "
     assert "_" not in text
-  assert json.loads(open(base + ".json").read())["nfe"] == 32 - 8  # One call per character.
+  info = json.loads(open(base + ".json").read())
+  assert info["num_batches"] == 2 and "Batch 2/2" in result.stderr
+  assert info["nfe_per_batch"] == [32 - 8] * 2  # One call per generated character.
+  tokens = np.load(base + ".npy")
+  assert tokens.shape == (2, 32) and not (tokens[0] == tokens[1]).all()  # Batches differ.
   trajectory = open(base + "_trajectory.txt").read()
   assert "[0] the _____ of " + "_" * 19 in trajectory
 
