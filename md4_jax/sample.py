@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from md4_jax import parallel  # noqa: E402
+from md4_jax import sample_metrics  # noqa: E402
 from md4_jax import visualize  # noqa: E402
 from md4_jax import workdir as workdir_lib  # noqa: E402
 from md4_jax.data import text8  # noqa: E402
@@ -167,6 +168,7 @@ def run(workdir: str) -> dict:
                    nfes[-1], time.time() - start)
   sample_seconds = time.time() - start
   tokens = np.concatenate(outputs)[:num]
+  entropy = sample_metrics.unigram_entropy(tokens)
 
   out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
   name = f"ckpt{step:08d}_{sampler}_" + ("" if sampler == "first_hitting" else f"{steps}steps_")
@@ -198,6 +200,8 @@ def run(workdir: str) -> dict:
       "num_batches": num_batches, "label": _LABEL.value, "prompt": _PROMPT.value,
       # Network calls on a batch = network evaluations per sample; mean over batches.
       "nfe": float(np.mean(nfes)), "nfe_per_batch": nfes,
+      # Per-sample unigram entropy (nats), mean and std over samples (diversity).
+      "unigram_entropy": float(entropy.mean()), "unigram_entropy_std": float(entropy.std()),
       "compile_seconds": compile_seconds, "sample_seconds": sample_seconds,
       "samples_per_second": num_batches * batch / sample_seconds,
       "devices": [str(d) for d in jax.devices()], "files": files,
@@ -219,6 +223,7 @@ def main(argv):
     print(f"md4_jax.sample: error: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)
   print(f"Wrote {info['num_samples']} samples ({info['sampler']}, NFE {info['nfe']:.1f}, "
+        f"unigram entropy {info['unigram_entropy']:.3f} nats, "
         f"{info['sample_seconds']:.2f} s + {info['compile_seconds']:.1f} s compile): "
         f"{', '.join(info['files'])}", flush=True)
 

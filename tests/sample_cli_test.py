@@ -7,6 +7,7 @@ which is much faster than a training subprocess; each CLI run still costs
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def test_text_prompt_infilling(tmp_path):
   info = json.loads(open(base + ".json").read())
   assert info["num_batches"] == 2 and "Batch 2/2" in result.stderr
   assert info["nfe_per_batch"] == [32 - 8] * 2  # One call per generated character.
+  assert 0 < info["unigram_entropy"] <= math.log(27)
   tokens = np.load(base + ".npy")
   assert tokens.shape == (2, 32) and not (tokens[0] == tokens[1]).all()  # Batches differ.
   trajectory = open(base + "_trajectory.txt").read()

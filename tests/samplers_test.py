@@ -17,6 +17,7 @@ from scipy import stats as scipy_stats
 import tiny
 from md4_jax import networks
 from md4_jax import parallel
+from md4_jax import sample_metrics
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.diffusion import schedules
@@ -391,3 +392,11 @@ def test_bad_arguments_raise():
     samplers.sample(model, variables, jax.random.key(0), steps=4)
   with pytest.raises(ValueError, match="example shape"):
     samplers.sample(model, variables, jax.random.key(0), z_init=np.zeros((2, 3), np.int32), steps=4)
+
+
+def test_unigram_entropy():
+  tokens = np.array([[3, 3, 3, 3], [0, 1, 0, 1], [0, 1, 2, 3]])
+  np.testing.assert_allclose(sample_metrics.unigram_entropy(tokens),
+                             [0.0, np.log(2), np.log(4)], atol=1e-12)
+  images = np.random.default_rng(0).integers(0, 16, (2, 64, 64, 1))  # Extra axes: one sample.
+  np.testing.assert_allclose(sample_metrics.unigram_entropy(images), np.log(16), atol=0.01)
