@@ -20,13 +20,22 @@ with the matmul FLOP/s the same devices reach in the same run.
 * each window runs `--steps` steps back to back and blocks once at the end
   (as the training loop, which fetches metrics a step late); after
   `--warmup` steps (the first compiles). Medians over `--repeats` windows.
+  With several devices the ceiling is one device's dot times the device count.
+* MFU: model FLOP/s over the devices' datasheet peak (dense bf16, looked up
+  from device_kind for bf16 variants on known GPUs/TPUs, or `--peak_tflops`
+  per device for every row); "-" where neither applies (e.g. on CPU).
 * memory: compiled.memory_analysis() of the step (args + out - aliased +
   temp) and, where the backend reports it, the device's peak_bytes_in_use.
 
-Variants are the config plus overrides (see VARIANTS), e.g. the memory knobs.
+Variants are the config plus overrides (see VARIANTS), e.g. the memory knobs;
+`md4s` is MD4-S (configs/openwebtext.py: 12 x 768, L = 1024, V = 50257) in
+bf16 with attention_impl=auto (cuDNN flash attention on GPU), for
+accelerators. `--batch_per_device` sets the global batch to that times the
+device count (default: the variant's own batch; md4s: 16 per device).
 
   .venv/bin/python benchmarks/train.py
   .venv/bin/python benchmarks/train.py --variants=text,text_chunked --repeats=3
+  python benchmarks/train.py --variants=md4s,md4s_remat --batch_per_device=32   # accelerator
 """
 
 import math
@@ -45,6 +54,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import cifar10  # noqa: E402
+from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
 from md4_jax import optim  # noqa: E402
 from md4_jax import parallel  # noqa: E402
@@ -83,6 +93,35 @@ def image_config():
   return config
 
 
+def md4s_config():
+  """MD4-S as shipped (configs/openwebtext.py), 16 sequences per device."""
+  config = openwebtext.get_config()
+  config.batch_size = 16 * jax.device_count()
+  return config
+
+
+# Dense bf16 datasheet peak per chip, TFLOP/s: (device_kind substring, peak).
+# Checked in order; the first match wins.
+DATASHEET_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+    ("A100", 312.0), ("L4", 121.0),
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+    ("TPU v5", 459.0), ("TPU v6 lite", 918.0), ("TPU v6e", 918.0),
+)
+
+
+def datasheet_peak_flops(device_kind: str, dtype: str) -> float:
+  """Per-device peak FLOP/s: --peak_tflops, else the bf16 datasheet table; nan if unknown."""
+  if FLAGS.peak_tflops > 0:
+    return FLAGS.peak_tflops * 1e12
+  if dtype != "bfloat16":
+    return float("nan")
+  for key, tflops in DATASHEET_BF16_TFLOPS:
+    if key in device_kind:
+      return tflops * 1e12
+  return float("nan")
+
+
 # name -> (base config builder, overrides)
 VARIANTS = {
     "text": (text_config, {}),
@@ -90,6 +129,9 @@ VARIANTS = {
     "text_scan_remat": (text_config, dict(scan_layers=True, remat_policy="full")),
     "text_bf16": (text_config, dict(dtype="bfloat16")),
     "image": (image_config, {}),
+    "md4s": (md4s_config, dict(dtype="bfloat16", attention_impl="auto")),
+    "md4s_remat": (md4s_config, dict(dtype="bfloat16", attention_impl="auto", scan_layers=True,
+                                     remat_policy="dots_with_no_batch_dims_saveable")),
 }
 
 FLAGS = flags.FLAGS
@@ -99,6 +141,10 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).
 flags.DEFINE_integer("steps", 3, "Steps per timing window.")
 flags.DEFINE_integer("repeats", 5, "Timing windows; medians are over these.")
 flags.DEFINE_integer("dot_size", 2048, "N of the N x N x N matmul ceiling.")
+flags.DEFINE_integer("batch_per_device", 0,
+                     "Global batch = this x the device count (0: the variant's batch).")
+flags.DEFINE_float("peak_tflops", 0.0,
+                   "Per-device peak TFLOP/s for MFU (0: datasheet bf16 table, bf16 rows only).")
 
 
 def _prod(xs):
@@ -149,7 +195,10 @@ def run_variant(name: str) -> dict:
   config = builder()
   for k, v in overrides.items():
     config[k] = v
+  if FLAGS.batch_per_device > 0:
+    config.batch_size = FLAGS.batch_per_device * jax.device_count()
   mesh = parallel.make_mesh({"data": -1})
+  num_devices = mesh.devices.size
   model = loop.build_model(config)
   optimizer, lr_schedule = optim.build_optimizer(config)
   state = loop.create_train_state(config, model, optimizer, mesh)
@@ -192,10 +241,11 @@ def run_variant(name: str) -> dict:
     seconds = (time.perf_counter() - start) / FLAGS.steps
     step_s.append(seconds)
     ceilings.append(ceiling)
-    ratios.append(model_flops / seconds / ceiling)
+    ratios.append(model_flops / seconds / (ceiling * num_devices))
   stats = jax.devices()[0].memory_stats() or {}
   sec = statistics.median(step_s)
   positions = config.batch_size * math.prod(config.data_shape)
+  peak = datasheet_peak_flops(jax.devices()[0].device_kind, config.dtype) * num_devices
   return dict(
       name=name, network=config.network, dtype=config.dtype, batch=config.batch_size,
       shape="x".join(map(str, config.data_shape)), vocab=config.vocab_size,
@@ -204,6 +254,7 @@ def run_variant(name: str) -> dict:
       model_gflop=model_flops / 1e9, xla_gflop=xla_flops / 1e9,
       model_gflops=model_flops / sec / 1e9, ceiling_gflops=statistics.median(ceilings) / 1e9,
       ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+      mfu=model_flops / sec / peak, devices=num_devices,
       peak_analysis_gib=peak_analysis / 2**30,
       peak_device_gib=stats.get("peak_bytes_in_use", float("nan")) / 2**30,
       loss=loss0, overrides=overrides,
@@ -218,8 +269,8 @@ def main(argv):
         f"{FLAGS.repeats} windows x {FLAGS.steps} steps; ceiling {FLAGS.dot_size}^3 jnp.dot.\n")
   print("| variant | network | overrides | params | batch x shape | steps/s | tokens/s "
         "| model GFLOP/step | XLA GFLOP/step | model GFLOP/s | dot GFLOP/s | model/dot "
-        "(min-max) | peak GiB (analysis) | peak GiB (device) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "(min-max) | MFU (datasheet) | peak GiB (analysis) | peak GiB (device) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for name in FLAGS.variants:
     r = run_variant(name)
     ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
@@ -227,7 +278,9 @@ def main(argv):
           f"| {r['batch']} x {r['shape']} (V={r['vocab']}) | {r['steps_per_s']:.3f} "
           f"| {r['positions_per_s']:,.0f} | {r['model_gflop']:.1f} | {r['xla_gflop']:.1f} "
           f"| {r['model_gflops']:.1f} | {r['ceiling_gflops']:.1f} | **{r['ratio']:.2f}** "
-          f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['peak_analysis_gib']:.2f} "
+          f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+          f"| {'-' if math.isnan(r['mfu']) else format(r['mfu'], '.1%')} "
+          f"| {r['peak_analysis_gib']:.2f} "
           f"| {r['peak_device_gib']:.2f} |", flush=True)
 
 

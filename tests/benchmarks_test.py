@@ -49,12 +49,15 @@ def test_sample_benchmark():
 
 def test_train_benchmark():
   rows = _table(_run("train.py", "--variants=image", "--warmup=1", "--steps=1", "--repeats=1",
-                     "--dot_size=256"), "variant")
+                     "--dot_size=256", "--peak_tflops=1"), "variant")
   (row,) = rows
   assert row["variant"] == "image" and row["params"] == "4.8M"
   assert float(row["steps/s"]) > 0
   assert float(row["model GFLOP/step"]) > 0
   assert float(row["model/dot (min-max)"].split()[0].strip("*")) > 0
+  # MFU against the given 1 TFLOP/s peak (one device) = model GFLOP/s / 1000.
+  mfu = float(row["MFU (datasheet)"].rstrip("%")) / 100
+  assert abs(mfu - float(row["model GFLOP/s"]) / 1000) < 1e-3
 
 
 def test_data_benchmark():
