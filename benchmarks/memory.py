@@ -7,7 +7,7 @@ memory knobs off and on, and a naive baseline) it compiles
 
   * the loss-and-gradient step: jit(value_and_grad(batch-mean NELBO)) of the
     params, as in the training step (times and masks given), and
-  * the real training step (md4_jax.train.loop.make_train_step: gradients,
+  * the real training step (md4_jax.train.build.make_train_step: gradients,
     AdamW, EMA, donated state), whose arguments include the EMA and the two
     Adam moments,
 
@@ -47,9 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import openwebtext  # noqa: E402
 from md4_jax import optim  # noqa: E402
 from md4_jax import parallel  # noqa: E402
-from md4_jax.diffusion import losses  # noqa: E402
 from md4_jax.diffusion import model as model_lib  # noqa: E402
-from md4_jax.train import loop  # noqa: E402
+from md4_jax.train import build  # noqa: E402
 
 GIB = 2**30
 
@@ -106,7 +105,7 @@ def _config(row: str):
 
 
 def _model(config, row: str):
-  model = loop.build_model(config)
+  model = build.build_model(config)
   if row != "naive":
     return model
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
@@ -139,7 +138,7 @@ def grad_step_memory(row: str, batch: int) -> dict:
     return model.apply({"params": p}, x, None, train=True, t=t, noise=noise,
                        rngs={"dropout": jax.random.key(0)})["loss"]
 
-  fn = loop.with_rules(jax.value_and_grad(loss), config)
+  fn = build.with_rules(jax.value_and_grad(loss), config)
   return _analysis(jax.jit(fn).lower(params, x, t, noise).compile())
 
 
@@ -150,8 +149,8 @@ def train_step_memory(row: str, batch: int) -> dict:
   mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
   model = _model(config, row)
   optimizer, lr_schedule = optim.build_optimizer(config)
-  state = loop.abstract_train_state(config, model, optimizer, mesh)
-  step = loop.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  state = build.abstract_train_state(config, model, optimizer, mesh)
+  step = build.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
   length = math.prod(config.data_shape)
   batch_spec = {"x": jax.ShapeDtypeStruct((batch, length), jnp.int32,
                                           sharding=parallel.batch_sharding(mesh))}

@@ -32,11 +32,11 @@ from configs import text8
 from md4_jax import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
-from md4_jax.train import loop
+from md4_jax.train import build
 
 
 def _model_and_variables(config):
-  model = loop.build_model(config)
+  model = build.build_model(config)
   z = samplers.all_masked(model, 1)
   variables = jax.jit(lambda r: model.init(r, z, jnp.ones((1,)), method=model_lib.MD4.predict))(
       jax.random.key(0))

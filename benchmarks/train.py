@@ -1,6 +1,6 @@
 r"""Training-step throughput and model-FLOPs utilisation on the local devices.
 
-Times md4_jax's real training step (md4_jax.train.loop.create_train_state /
+Times md4_jax's real training step (md4_jax.train.build.create_train_state /
 make_train_step: gradients, AdamW, EMA, donated state, one jit over a mesh
 of the local devices) for a text config (transformer) and an image config
 (UNet) sized for a small CPU host, and compares the achieved model FLOP/s
@@ -58,7 +58,7 @@ from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
 from md4_jax import optim  # noqa: E402
 from md4_jax import parallel  # noqa: E402
-from md4_jax.train import loop  # noqa: E402
+from md4_jax.train import build  # noqa: E402
 
 
 def text_config():
@@ -199,10 +199,10 @@ def run_variant(name: str) -> dict:
     config.batch_size = FLAGS.batch_per_device * jax.device_count()
   mesh = parallel.make_mesh({"data": -1})
   num_devices = mesh.devices.size
-  model = loop.build_model(config)
+  model = build.build_model(config)
   optimizer, lr_schedule = optim.build_optimizer(config)
-  state = loop.create_train_state(config, model, optimizer, mesh)
-  step = loop.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  state = build.create_train_state(config, model, optimizer, mesh)
+  step = build.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
   rng = np.random.default_rng(0)
   batch_np = {"x": rng.integers(0, config.vocab_size, (config.batch_size, *config.data_shape),
                                 dtype=np.int32)}

@@ -42,6 +42,7 @@ from md4_jax import parallel  # noqa: E402
 from md4_jax import workdir as workdir_lib  # noqa: E402
 from md4_jax.data import text8  # noqa: E402
 from md4_jax.data import tokenized  # noqa: E402
+from md4_jax.train import build  # noqa: E402
 from md4_jax.train import loop  # noqa: E402
 
 PARAMS = ("ema", "raw")
@@ -181,7 +182,7 @@ def evaluate_checkpoint(
   _, model, state = workdir_lib.restore_run(workdir, step, mesh)
   weights = state.ema_params if params == "ema" else state.params
   del state  # The optimiser state is not needed.
-  eval_step = loop.make_eval_step(config, model, mesh, num_t_samples)
+  eval_step = build.make_eval_step(config, model, mesh, num_t_samples)
   num_batches = _num_batches(datasets.num_eval_examples, config.eval_batch_size, mesh)
   wrap = _progress(num_batches, f"eval {datasets.eval_split}") if progress else None
   result = loop.evaluate(eval_step, weights, datasets, mesh, model, seed, progress=wrap)

@@ -34,7 +34,7 @@ from md4_jax import workdir as workdir_lib  # noqa: E402
 from md4_jax.data import text8  # noqa: E402
 from md4_jax.data import tokenized  # noqa: E402
 from md4_jax.diffusion import samplers  # noqa: E402
-from md4_jax.train import loop  # noqa: E402
+from md4_jax.train import build  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
@@ -147,7 +147,7 @@ def run(workdir: str) -> dict:
                                     exact=_EXACT.value, cache=_CACHE.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
   fn = samplers.make_sampler(model, mesh, steps=steps, sampler=sampler, grid=_GRID.value,
-                             options=options, frames=frames, rules=loop.sharding_rules(config))
+                             options=options, frames=frames, rules=build.sharding_rules(config))
   rng = jax.random.key(_SEED.value)
   start = time.time()
   compiled = fn.jitted.lower({"params": params}, rng, z_init, labels(config, _LABEL.value, batch)

@@ -15,7 +15,7 @@ from md4_jax import optim
 from md4_jax import parallel
 from md4_jax import run_config
 from md4_jax.diffusion import model as model_lib
-from md4_jax.train import loop
+from md4_jax.train import build
 from md4_jax.train import state as state_lib
 
 load_config = run_config.load_config
@@ -36,9 +36,9 @@ def restore_run(
         f"No checkpoint under {checkpoint_lib.checkpoint_dir(workdir)!r}; train first or check "
         "--workdir.")
   mesh = mesh or parallel.make_mesh({"data": -1})
-  model = loop.build_model(config)
+  model = build.build_model(config)
   optimizer, _ = optim.build_optimizer(config)
-  abstract = loop.abstract_train_state(config, model, optimizer, mesh)
+  abstract = build.abstract_train_state(config, model, optimizer, mesh)
   state = ckpt.restore(abstract, step=step)
   ckpt.close()
   return config, model, state

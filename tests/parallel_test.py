@@ -1,7 +1,6 @@
 """Meshes: FSDP / tensor-parallel shardings match one device; restore across meshes."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -10,7 +9,7 @@ from configs import text8
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import optim
 from md4_jax import parallel
-from md4_jax.train import loop
+from md4_jax.train import build
 from md4_jax.train import step as step_lib
 
 
@@ -29,10 +28,10 @@ def _grads_on(mesh_shape, config, batch):
   data, fsdp, tensor = mesh_shape
   devices = jax.devices()[: data * fsdp * tensor]
   mesh = parallel.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, devices=devices)
-  model = loop.build_model(config)
+  model = build.build_model(config)
   optimizer, _ = optim.build_optimizer(config)
-  state = loop.create_train_state(config, model, optimizer, mesh)
-  fn = loop.with_rules(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)), config,
+  state = build.create_train_state(config, model, optimizer, mesh)
+  fn = build.with_rules(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)), config,
                        mesh)
   shardings = jax.tree.map(lambda a: a.sharding, state.params)
   jitted = jax.jit(fn, in_shardings=(shardings, parallel.batch_sharding(mesh)),
@@ -100,14 +99,14 @@ def test_data_shards_follow_the_batch_axes():
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   config = _config()
-  model = loop.build_model(config)
+  model = build.build_model(config)
   optimizer, _ = optim.build_optimizer(config)
   mesh8 = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  state = loop.create_train_state(config, model, optimizer, mesh8)
+  state = build.create_train_state(config, model, optimizer, mesh8)
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
   ckpt.save(0, state)
   mesh1 = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  abstract = loop.abstract_train_state(config, model, optimizer, mesh1)
+  abstract = build.abstract_train_state(config, model, optimizer, mesh1)
   restored = ckpt.restore(abstract)
   leaf = restored.params["network"]["block_0"]["mlp"]["wi_gate"]["kernel"]
   assert leaf.sharding.mesh.devices.size == 1

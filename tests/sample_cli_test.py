@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from configs import digits
@@ -23,7 +22,7 @@ from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import optim
 from md4_jax import parallel
 from md4_jax import run_config
-from md4_jax.train import loop
+from md4_jax.train import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,9 +31,9 @@ def _make_workdir(path, config):
   """config.json and one checkpoint of a freshly initialised state (8-device mesh)."""
   os.makedirs(path)
   mesh = parallel.make_mesh({"data": -1})
-  model = loop.build_model(config)
+  model = build.build_model(config)
   optimizer, _ = optim.build_optimizer(config)
-  state = loop.create_train_state(config, model, optimizer, mesh)
+  state = build.create_train_state(config, model, optimizer, mesh)
   run_config.save_config(config, str(path))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(path)))
   checkpointer.save(5, state)

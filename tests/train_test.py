@@ -7,14 +7,13 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 import tiny
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
 from md4_jax import optim
 from md4_jax import parallel
-from md4_jax.train import loop
+from md4_jax.train import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,10 +29,10 @@ def tiny_config(**overrides):
 
 def _setup(config, devices):
   mesh = parallel.make_mesh({"data": -1}, devices=devices)
-  model = loop.build_model(config)
+  model = build.build_model(config)
   optimizer, lr = optim.build_optimizer(config)
-  state = loop.create_train_state(config, model, optimizer, mesh)
-  step = loop.make_train_step(config, model, optimizer, lr, mesh, state)
+  state = build.create_train_state(config, model, optimizer, mesh)
+  step = build.make_train_step(config, model, optimizer, lr, mesh, state)
   return mesh, model, state, step
 
 

@@ -6,7 +6,7 @@ Random streams: 'sample' (times and masks), 'dropout' (inside the network).
 """
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -4,14 +4,12 @@ This is the only training loop: one `jax.jit` over a mesh serves one CPU as
 well as many devices and processes.
 """
 
-import functools
 import json
 import math
 import os
 import time
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -19,11 +17,9 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
-from jax.sharding import Mesh
 
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
-from md4_jax import networks
 from md4_jax import optim
 from md4_jax import parallel
 from md4_jax import preemption
@@ -31,80 +27,10 @@ from md4_jax import run_config
 from md4_jax import visualize
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
-from md4_jax.train import state as state_lib
-from md4_jax.train import step as step_lib
+from md4_jax.train import build
 
 EVAL_RNG_SALT = 1  # Eval noise is fixed per run: fold_in(key(seed), salt).
 SAMPLE_RNG_SALT = 2
-
-
-def build_model(config: ml_collections.ConfigDict) -> model_lib.MD4:
-  """The MD4 model (network from the registry) described by the config."""
-  return model_lib.build_model(config, networks.build_network(config))
-
-
-def _init_fn(config, model, optimizer, mesh):
-  return functools.partial(step_lib.init_state, model=model, optimizer=optimizer,
-                           batch_size=parallel.batch_size_per_shard(mesh),
-                           with_labels=config.classes > 0)
-
-
-def sharding_rules(config) -> tuple:
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-               for name, axes in config.sharding_rules)
-
-
-def abstract_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
-  """Shapes, dtypes and shardings (from the logical rules) of the TrainState."""
-  boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
-  shardings = parallel.logical_shardings(boxed, mesh, sharding_rules(config))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
-
-
-def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
-  """Initialises the state directly in its shardings (shapes → shardings → init)."""
-  abstract = abstract_train_state(config, model, optimizer, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  init = _init_fn(config, model, optimizer, mesh)
-  with nn.logical_axis_rules(sharding_rules(config)):
-    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
-        jax.random.key(config.seed))
-
-
-def with_rules(fn, config, mesh: Optional[Mesh] = None):
-  """Traces `fn` inside `parallel.logical_context(sharding_rules(config), mesh)`."""
-  rules = sharding_rules(config)
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with parallel.logical_context(rules, mesh):
-      return fn(*args, **kwargs)
-  return wrapped
-
-
-def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
-  """The jitted, donated train step over `mesh`."""
-  fn = functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                         lr_schedule=lr_schedule, ema_rate=config.ema_rate,
-                         accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
-                         debug_nan_at_step=config.debug_nan_at_step)
-  state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  return jax.jit(with_rules(fn, config, mesh), in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
-
-
-def make_eval_step(config, model, mesh, num_t_samples: int = 1):
-  """Jitted `(params, batch, rng) -> per-example NELBO estimates` over `mesh`.
-
-  See `step.eval_step`; outputs are replicated float32 [B] arrays.
-  """
-  if num_t_samples < 1:
-    raise ValueError(f"num_t_samples must be >= 1, got {num_t_samples}.")
-  fn = functools.partial(step_lib.eval_step, model=model, num_t_samples=int(num_t_samples))
-  return jax.jit(with_rules(fn, config, mesh),
-                 in_shardings=(None, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                 out_shardings=parallel.replicated(mesh))
 
 
 def evaluate(eval_step, params, datasets, mesh, model, seed: int,
@@ -272,12 +198,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     parallel.check_batch_size(config.num_samples, mesh, "num_samples")
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  model = build_model(config)
+  model = build.build_model(config)
   optimizer, lr_schedule = optim.build_optimizer(config)
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                              config.max_checkpoints_to_keep)
-  abstract_state = abstract_train_state(config, model, optimizer, mesh)
+  abstract_state = build.abstract_train_state(config, model, optimizer, mesh)
   resumed = checkpointer.latest_step() is not None
   if resumed:  # Restores the data iterator too, before the first batch is read.
     state = checkpointer.restore(abstract_state, datasets.train_iter)
@@ -285,7 +211,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   first_batch = next(datasets.train_iter)
   model_lib.check_tokens(first_batch["x"], config.vocab_size)
   if not resumed:
-    state = create_train_state(config, model, optimizer, mesh)
+    state = build.create_train_state(config, model, optimizer, mesh)
 
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   save_run_info(config, workdir, num_params)
@@ -296,8 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   if not resumed:
     writer.write_texts(0, {"config": f"```\n{config}\n```"})
 
-  train_step = make_train_step(config, model, optimizer, lr_schedule, mesh, state)
-  eval_step = make_eval_step(config, model, mesh)
+  train_step = build.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  eval_step = build.make_eval_step(config, model, mesh)
   sample_fn = make_sample_fn(config, model, mesh)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
   watcher = preemption.PreemptionWatcher()

@@ -4,9 +4,8 @@ The loop binds the static arguments with functools.partial and jits them once
 over the mesh; nothing here knows about devices or the config.
 """
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
