@@ -186,7 +186,7 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch, case, overrides
       return ds.__class__(**{**ds.__dict__, "train_iter": _BadTokens(ds.train_iter)})
     monkeypatch.setattr(loop.data_lib, "create_datasets", corrupt)
   compiled = []
-  monkeypatch.setattr(loop, "create_train_state", lambda *a: compiled.append(1))
+  monkeypatch.setattr(loop.build, "create_train_state", lambda *a: compiled.append(1))
   with pytest.raises((ValueError, PermissionError), match=message):
     loop.run(config, workdir)
   assert not compiled
