@@ -7,7 +7,7 @@ memory knobs off and on, and a naive baseline) it compiles
 
   * the loss-and-gradient step: jit(value_and_grad(batch-mean NELBO)) of the
     params, as in the training step (times and masks given), and
-  * the real training step (md4_jax.train.build.make_train_step: gradients,
+  * the real training step (md4_jax.train.build.setup(...).train_step: gradients,
     AdamW, EMA, donated state), whose arguments include the EMA and the two
     Adam moments,
 
@@ -45,7 +45,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import openwebtext  # noqa: E402
-from md4_jax import optim  # noqa: E402
 from md4_jax import parallel  # noqa: E402
 from md4_jax.diffusion import model as model_lib  # noqa: E402
 from md4_jax.train import build  # noqa: E402
@@ -104,13 +103,16 @@ def _config(row: str):
   return config
 
 
-def _model(config, row: str):
-  model = build.build_model(config)
-  if row != "naive":
-    return model
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ("parent", "name")}
-  return NaiveMD4(**fields)
+def _experiment(config, row: str, mesh=None) -> build.Experiment:
+  """build.setup of the row's config; the naive row swaps in NaiveMD4."""
+  experiment = build.setup(config, mesh or parallel.make_mesh({"data": 1},
+                                                             devices=jax.devices()[:1]))
+  if row == "naive":
+    model = experiment.model
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.name not in ("parent", "name")}
+    experiment = dataclasses.replace(experiment, model=NaiveMD4(**fields))
+  return experiment
 
 
 def _analysis(compiled) -> dict:
@@ -124,7 +126,8 @@ def _analysis(compiled) -> dict:
 def grad_step_memory(row: str, batch: int) -> dict:
   """Memory analysis of jit(value_and_grad(loss)) at `batch`."""
   config = _config(row)
-  model = _model(config, row)
+  experiment = _experiment(config, row)
+  model = experiment.model
   length = math.prod(config.data_shape)
   x = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   t = jax.ShapeDtypeStruct((batch,), jnp.float32)
@@ -138,23 +141,18 @@ def grad_step_memory(row: str, batch: int) -> dict:
     return model.apply({"params": p}, x, None, train=True, t=t, noise=noise,
                        rngs={"dropout": jax.random.key(0)})["loss"]
 
-  fn = build.with_rules(jax.value_and_grad(loss), config)
-  return _analysis(jax.jit(fn).lower(params, x, t, noise).compile())
+  return _analysis(experiment.jit(jax.value_and_grad(loss)).lower(params, x, t, noise).compile())
 
 
 def train_step_memory(row: str, batch: int) -> dict:
   """Memory analysis of the real, donated training step at `batch`."""
   config = _config(row)
   config.batch_size = batch
-  mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  model = _model(config, row)
-  optimizer, lr_schedule = optim.build_optimizer(config)
-  state = build.abstract_train_state(config, model, optimizer, mesh)
-  step = build.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  experiment = _experiment(config, row)
   length = math.prod(config.data_shape)
   batch_spec = {"x": jax.ShapeDtypeStruct((batch, length), jnp.int32,
-                                          sharding=parallel.batch_sharding(mesh))}
-  return _analysis(step.lower(state, batch_spec).compile())
+                                          sharding=parallel.batch_sharding(experiment.mesh))}
+  return _analysis(experiment.train_step.lower(experiment.abstract_state, batch_spec).compile())
 
 
 def search(row: str, budgets: list[float], step: int, max_compiles: int, known: dict) -> dict:

@@ -32,22 +32,19 @@ from configs import text8
 from md4_jax import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
+from md4_jax.diffusion import schedules
 from md4_jax.train import build
 
 
-def _model_and_variables(config):
-  model = build.build_model(config)
-  z = samplers.all_masked(model, 1)
-  variables = jax.jit(lambda r: model.init(r, z, jnp.ones((1,)), method=model_lib.MD4.predict))(
-      jax.random.key(0))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  return model, nn.meta.unbox(variables)
+def _experiment_and_variables(config, mesh):
+  experiment = build.setup(config, mesh)
+  return experiment, {"params": experiment.init_state().params}
 
 
-def _time(model, variables, mesh, batch, repeats, **kwargs):
+def _time(experiment, variables, batch, repeats, **kwargs):
   """(compile seconds, median seconds per batch, NFE) of one sampler setting."""
-  fn = samplers.make_sampler(model, mesh, **kwargs)
-  z = samplers.all_masked(model, batch)
+  fn = experiment.sampler(**kwargs)
+  z = samplers.all_masked(experiment.model, batch)
   start = time.time()
   compiled = fn.jitted.lower(variables, jax.random.key(0), z, None).compile()
   compile_s = time.time() - start
@@ -103,12 +100,12 @@ def benchmark_speed(args):
         "samples / s | ms / sample |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for title, config, batch, steps, rows in setups:
-    model, variables = _model_and_variables(config)
+    experiment, variables = _experiment_and_variables(config, mesh)
     for row in rows:
       sampler, opts = ROWS[row]
       repeats = args.repeats if "1024" not in title else args.long_repeats
       compile_s, seconds, nfe = _time(
-          model, variables, mesh, batch, repeats, steps=steps if sampler != "first_hitting" else None,
+          experiment, variables, batch, repeats, steps=steps if sampler != "first_hitting" else None,
           sampler=sampler, grid="uniform", options=samplers.SamplerOptions(**opts))
       shown_steps = steps if sampler != "first_hitting" else "-"
       ratio = f"{steps / nfe:.2f}" if sampler != "first_hitting" else "-"
@@ -130,7 +127,7 @@ def benchmark_exactness(args):
       logits = self.param("logits", nn.initializers.zeros, (length, len(probs)))
       return jnp.broadcast_to(logits, z.shape + (len(probs),))
 
-  model = model_lib.MD4(FixedLogits(), "linear", len(probs), (length,))
+  model = model_lib.MD4(FixedLogits(), schedules.get_schedule("linear"), len(probs), (length,))
   variables = {"params": {"network": {"logits": jnp.log(jnp.tile(jnp.asarray(probs), (length, 1)))}}}
   draws = batch * length
   print(f"\n{draws:.2e} positions, {steps} linear ancestral steps, one fixed distribution.\n")

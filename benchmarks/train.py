@@ -1,7 +1,7 @@
 r"""Training-step throughput and model-FLOPs utilisation on the local devices.
 
-Times md4_jax's real training step (md4_jax.train.build.create_train_state /
-make_train_step: gradients, AdamW, EMA, donated state, one jit over a mesh
+Times md4_jax's real training step (md4_jax.train.build.setup: init_state /
+train_step: gradients, AdamW, EMA, donated state, one jit over a mesh
 of the local devices) for a text config (transformer) and an image config
 (UNet) sized for a small CPU host, and compares the achieved model FLOP/s
 with the matmul FLOP/s the same devices reach in the same run.
@@ -56,7 +56,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import cifar10  # noqa: E402
 from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
-from md4_jax import optim  # noqa: E402
 from md4_jax import parallel  # noqa: E402
 from md4_jax.train import build  # noqa: E402
 
@@ -197,12 +196,11 @@ def run_variant(name: str) -> dict:
     config[k] = v
   if FLAGS.batch_per_device > 0:
     config.batch_size = FLAGS.batch_per_device * jax.device_count()
-  mesh = parallel.make_mesh({"data": -1})
+  experiment = build.setup(config, parallel.make_mesh({"data": -1}))
+  mesh, model = experiment.mesh, experiment.model
   num_devices = mesh.devices.size
-  model = build.build_model(config)
-  optimizer, lr_schedule = optim.build_optimizer(config)
-  state = build.create_train_state(config, model, optimizer, mesh)
-  step = build.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
+  state = experiment.init_state()
+  step = experiment.train_step
   rng = np.random.default_rng(0)
   batch_np = {"x": rng.integers(0, config.vocab_size, (config.batch_size, *config.data_shape),
                                 dtype=np.int32)}

@@ -7,6 +7,27 @@ Every field is read somewhere; units and choices are in the comments.
 import ml_collections
 
 
+def check_variant(arg, config_file: str, variants: tuple[str, ...]) -> str:
+  """The variant named by `arg` ('' or None = the default); ValueError for an unknown one."""
+  arg = arg or ""
+  if arg not in variants:
+    raise ValueError(f"Unknown variant {arg!r} of {config_file}; valid: "
+                     f"{', '.join(repr(v) for v in variants)} (e.g. {config_file}:{variants[-1]}).")
+  return arg
+
+
+def paper_scale_loop(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Loop settings shared by the paper-scale configs (days of accelerator time)."""
+  config.warmup_steps = 2000
+  config.ema_rate = 0.9999
+  config.log_loss_every_steps = 500
+  config.eval_every_steps = 20_000
+  config.checkpoint_every_steps = 10_000
+  config.sample_every_steps = 50_000
+  config.check_nans = False  # Saves a per-step host read at scale; the log line still checks.
+  return config
+
+
 def get_config():
   """Returns the base ConfigDict (a tiny digits run; datasets override)."""
   config = ml_collections.ConfigDict()
@@ -51,7 +72,8 @@ def get_config():
   # at a time, rematerialised) | auto (cudnn on GPU in bf16/fp16, else xla).
   config.attention_impl = "auto"
   # Positions per chunk of the fused head + cross-entropy (0 = plain); the
-  # full [B, L, V] logits then never exist. Transformer only (UNet: ignored).
+  # full [B, L, V] logits then never exist. Transformer only (a UNet with a
+  # value > 0 is a config error).
   config.loss_chunk_size = 0
   # Transformer (sequences).
   config.transformer = ml_collections.ConfigDict()

@@ -16,6 +16,7 @@ from configs import base
 
 def get_config(arg=None):
   """arg: '' (paper size) or 'tiny' (a small network for CPU smoke runs)."""
+  arg = base.check_variant(arg, "configs/cifar10.py", ("", "tiny"))
   config = base.get_config()
   config.dataset = "cifar10"
   config.data_shape = (32, 32, 3)
@@ -34,17 +35,11 @@ def get_config(arg=None):
   config.unet.embed_dim = 64
   config.dropout_rate = 0.1
 
+  base.paper_scale_loop(config)
   config.learning_rate = 4e-4
-  config.warmup_steps = 2000
   config.weight_decay = 0.01
   config.num_train_steps = 2_000_000
-  config.ema_rate = 0.9999
-  config.log_loss_every_steps = 500
-  config.eval_every_steps = 20_000
-  config.checkpoint_every_steps = 10_000
-  config.sample_every_steps = 50_000
   config.num_samples = 64
-  config.check_nans = False  # Saves a per-step host read at scale; the log line still checks.
   config.sampling_steps = 256
 
   if arg == "tiny":

@@ -8,18 +8,25 @@ split; MD4 should clearly beat it in a few minutes on a 2-core CPU.
   python -m md4_jax.main --config=configs/digits.py --workdir=/tmp/md4_digits
   # class-conditional:
   python -m md4_jax.main --config=configs/digits.py:cond --workdir=/tmp/md4_digits_c
+  # seconds-long smoke run (8-channel one-level UNet, 16 per batch; tests use it):
+  python -m md4_jax.main --config=configs/digits.py:tiny --workdir=/tmp/md4_digits_tiny
 """
 
 from configs import base
 
 
+VARIANTS = ("", "cond", "tiny", "tiny_cond")
+
+
 def get_config(arg=None):
-  """arg: '' (unconditional) or 'cond' (class-conditional on the digit label)."""
+  """arg: '' (unconditional), 'cond' (class-conditional on the digit label),
+  'tiny' / 'tiny_cond' (the same with a tiny network and batch, for smoke runs)."""
+  arg = base.check_variant(arg, "configs/digits.py", VARIANTS)
   config = base.get_config()
   config.dataset = "digits"
   config.data_shape = (8, 8, 1)
   config.vocab_size = 17
-  config.classes = 10 if arg == "cond" else 0
+  config.classes = 10 if arg.endswith("cond") else 0
   config.batch_size = 64
   config.eval_batch_size = 100
 
@@ -41,4 +48,14 @@ def get_config(arg=None):
   config.sample_every_steps = 1000
   config.num_samples = 64
   config.sampling_steps = 64
+
+  if arg.startswith("tiny"):
+    config.unet.channels = 8
+    config.unet.channel_mult = (1,)
+    config.unet.attn_resolutions = ()
+    config.unet.embed_dim = 4
+    config.batch_size = 16
+    config.eval_batch_size = 40  # Divides over 1, 2, 4 or 8 devices.
+    config.num_samples = 8
+    config.sampling_steps = 8
   return config

@@ -13,6 +13,7 @@ from configs import base
 
 def get_config(arg=None):
   """arg: '' (MD4-S) or 'tiny' (CPU smoke run)."""
+  arg = base.check_variant(arg, "configs/openwebtext.py", ("", "tiny"))
   config = base.get_config()
   config.dataset = "openwebtext"
   config.data_shape = (1024,)
@@ -32,18 +33,12 @@ def get_config(arg=None):
   config.loss_chunk_size = 128
   config.attention_impl = "chunked"  # On GPU in bf16, "auto" picks cuDNN flash attention.
 
+  base.paper_scale_loop(config)
   config.learning_rate = 3e-4
-  config.warmup_steps = 2000
   config.weight_decay = 0.03
   config.b2 = 0.98
   config.num_train_steps = 1_000_000
-  config.ema_rate = 0.9999
-  config.log_loss_every_steps = 500
-  config.eval_every_steps = 20_000
-  config.checkpoint_every_steps = 10_000
-  config.sample_every_steps = 50_000
   config.num_samples = 4
-  config.check_nans = False  # Saves a per-step host read at scale; the log line still checks.
   config.sampling_steps = 1024
 
   if arg == "tiny":

@@ -13,6 +13,7 @@ from configs import base
 
 def get_config(arg=None):
   """arg: '' (paper size) or 'tiny' (CPU smoke run)."""
+  arg = base.check_variant(arg, "configs/text8.py", ("", "tiny"))
   config = base.get_config()
   config.dataset = "text8"
   config.data_shape = (256,)
@@ -29,17 +30,11 @@ def get_config(arg=None):
   config.transformer.mlp_ratio = 4.0
   config.dropout_rate = 0.05
 
+  base.paper_scale_loop(config)
   config.learning_rate = 3e-4
-  config.warmup_steps = 2000
   config.weight_decay = 0.0
   config.num_train_steps = 1_000_000
-  config.ema_rate = 0.9999
-  config.log_loss_every_steps = 500
-  config.eval_every_steps = 20_000
-  config.checkpoint_every_steps = 10_000
-  config.sample_every_steps = 50_000
   config.num_samples = 8
-  config.check_nans = False  # Saves a per-step host read at scale; the log line still checks.
   config.sampling_steps = 256
 
   if arg == "tiny":

@@ -15,6 +15,7 @@ import flax.linen as nn
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -107,6 +108,11 @@ def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, Any]:
 def fetch(tree: Any) -> Any:
   """Host numpy copies of replicated arrays (works on every process)."""
   return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def gather(tree: Any) -> Any:
+  """Host numpy copies of whole (e.g. batch-sharded) global arrays, on every process."""
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 Rules = Sequence[tuple[str, Any]]

@@ -3,7 +3,9 @@
 The first start writes `<workdir>/config.json`. A restart compares the new
 config against it: keys that change the model, the data or the optimisation
 are refused (start a new workdir instead); the keys in SAFE_KEYS (frequencies,
-run length, logging, devices) may change when the caller allows it explicitly.
+run length, logging, devices, and the memory/speed knobs that tests/perf_test.py
+and tests/train_test.py prove numerically equivalent without changing the
+checkpoint's layout) may change when the caller allows it explicitly.
 """
 
 import json
@@ -20,6 +22,8 @@ SAFE_KEYS = frozenset({
     "max_checkpoints_to_keep", "sample_every_steps", "num_samples", "sampling_steps",
     "eval_batch_size", "eval_split", "grain_worker_count", "grain_prefetch", "data_dir", "check_nans",
     "nan_policy", "debug_nan_at_step", "mesh.data", "mesh.fsdp", "mesh.tensor", "sharding_rules",
+    # Same loss and gradients, same parameter layout (scan_layers changes the layout).
+    "remat_policy", "attention_impl", "loss_chunk_size", "grad_accum_steps",
 })
 
 

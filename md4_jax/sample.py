@@ -15,9 +15,7 @@ with the settings, NFE and timings. Many samples are drawn in batches of
 """
 
 import json
-import logging as pylogging
 import os
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -27,14 +25,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from md4_jax import cli  # noqa: E402
+from md4_jax import data as data_lib  # noqa: E402
 from md4_jax import parallel  # noqa: E402
 from md4_jax import sample_metrics  # noqa: E402
 from md4_jax import visualize  # noqa: E402
 from md4_jax import workdir as workdir_lib  # noqa: E402
-from md4_jax.data import text8  # noqa: E402
-from md4_jax.data import tokenized  # noqa: E402
 from md4_jax.diffusion import samplers  # noqa: E402
-from md4_jax.train import build  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
@@ -60,109 +57,71 @@ _FRAMES = flags.DEFINE_integer("frames", 11, "Trajectory frames (all-mask → cl
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default: <workdir>/samples).")
 flags.mark_flags_as_required(["workdir"])
 
-EXIT_BAD_INPUT = 2
-MAX_GRID_IMAGES = 256
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of the checkpoint library (warnings still pass)."""
+def encode_prompt(codec, prompt: str, length: int, mask_id: int) -> np.ndarray:
+  """int32 [L]: the prompt's tokens first (the mask id where the codec marks a
+  position to generate), the mask id after them.
 
-  def filter(self, record):
-    return record.levelno > pylogging.INFO or "/orbax/" not in record.pathname
-
-
-def text_decoder(config):
-  """Token ids [L] → str for text datasets (no data files needed for text8); None for images."""
-  if len(config.data_shape) != 1:
-    return None
-  if config.dataset == text8.NAME:
-    return text8.decode
-  if config.dataset in tokenized.DATASETS:
-    data_dir = os.path.expanduser(config.data_dir or tokenized.DATASETS[config.dataset].default_data_dir)
-    return tokenized.Decoder(os.path.join(data_dir, tokenized.TOKENIZER_FILE))
-  return lambda ids: " ".join(map(str, np.asarray(ids).tolist()))
-
-
-def encode_prompt(config, prompt: str) -> np.ndarray:
-  """int32 [L]: the prompt's tokens, the mask id at positions to generate.
-
-  text8: one token per character, '_' = generate this character. Tokenized
-  corpora: the prompt's tokens as a prefix (needs the tokenizer saved by
-  prepare). The rest of the sequence is generated.
+  Raises:
+    ValueError: an image run (no codec), or a prompt longer than L.
   """
-  if len(config.data_shape) != 1:
+  if codec is None:
     raise ValueError("--prompt is for text runs; this run models images.")
-  (length,) = config.data_shape
-  mask_id = config.vocab_size
-  if config.dataset == text8.NAME:
-    fixed = np.array([c != "_" for c in prompt], bool)
-    ids = np.where(fixed, text8.encode(prompt.replace("_", " ")), mask_id)
-  elif config.dataset in tokenized.DATASETS:
-    import tokenizers  # pylint: disable=g-import-not-at-top
-    data_dir = os.path.expanduser(config.data_dir or tokenized.DATASETS[config.dataset].default_data_dir)
-    path = os.path.join(data_dir, tokenized.TOKENIZER_FILE)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"--prompt needs the tokenizer {path}; run md4_jax.data.prepare.")
-    ids = np.asarray(tokenizers.Tokenizer.from_file(path).encode(prompt).ids, np.int32)
-  else:
-    raise ValueError(f"--prompt does not know how to encode text for dataset {config.dataset!r}.")
+  ids, fixed = codec.encode_prompt(prompt)
   if len(ids) > length:
     raise ValueError(f"The prompt has {len(ids)} tokens; the sequences have {length}.")
   out = np.full((length,), mask_id, np.int32)
-  out[:len(ids)] = ids
+  out[:len(ids)] = np.where(fixed, ids, mask_id)
   return out
-
-
-def labels(config, label, batch: int, offset: int = 0):
-  """[batch] class labels: `label` for all, or offset, offset + 1, ... mod classes."""
-  if label is None:
-    if config.classes <= 0:
-      return None
-    return (offset + jnp.arange(batch, dtype=jnp.int32)) % config.classes
-  if not 0 <= label < max(config.classes, 0):
-    raise ValueError(f"--label={label} needs a class-conditional run with label < classes "
-                     f"(this run has classes={config.classes}).")
-  return jnp.full((batch,), label, jnp.int32)
 
 
 def run(workdir: str) -> dict:
   """Samples as the flags say; returns what it wrote into the JSON file."""
-  mesh = parallel.make_mesh({"data": -1})
-  config, model, state = workdir_lib.restore_run(workdir, step=_STEP.value, mesh=mesh)
-  step = int(jax.device_get(state.step))
-  params = state.ema_params if _PARAMS.value == "ema" else state.params
-  sampler = _SAMPLER.value
-  steps = _STEPS.value or config.sampling_steps
+  steps = _STEPS.value
   num = _NUM_SAMPLES.value
   if num < 1 or _BATCH_SIZE.value < 1:
     raise ValueError(f"--num_samples and --batch_size must be >= 1, got {num} and "
                      f"{_BATCH_SIZE.value}.")
+  if steps is not None and steps < 1:
+    raise ValueError(f"--steps must be >= 1 (or unset for the run's sampling_steps), got {steps}.")
+  if jax.process_count() > 1:
+    raise ValueError("md4_jax.sample runs in one process (over all its local devices); drop "
+                     "--distributed.")
+  mesh = parallel.make_mesh({"data": -1})
+  config, experiment, state = workdir_lib.restore_run(workdir, step=_STEP.value, mesh=mesh)
+  model = experiment.model
+  codec = data_lib.get_info(config.dataset).text_codec(config.data_dir)
+  step = int(jax.device_get(state.step))
+  params = state.ema_params if _PARAMS.value == "ema" else state.params
+  sampler = _SAMPLER.value
+  steps = steps or config.sampling_steps
   shards = parallel.batch_size_per_shard(mesh)
   batch = -(-min(num, _BATCH_SIZE.value) // shards) * shards  # Padded to the mesh.
   num_batches = -(-num // batch)
   z_init = samplers.all_masked(model, batch)
   if _PROMPT.value is not None:
-    z_init = jnp.broadcast_to(jnp.asarray(encode_prompt(config, _PROMPT.value)), z_init.shape)
+    prompt = encode_prompt(codec, _PROMPT.value, model.num_positions, model.mask_id)
+    z_init = jnp.broadcast_to(jnp.asarray(prompt), z_init.shape)
   options = samplers.SamplerOptions(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
                                     exact=_EXACT.value, cache=_CACHE.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
-  fn = samplers.make_sampler(model, mesh, steps=steps, sampler=sampler, grid=_GRID.value,
-                             options=options, frames=frames, rules=build.sharding_rules(config))
+  fn = experiment.sampler(steps=steps, sampler=sampler, grid=_GRID.value, options=options,
+                          frames=frames)
+  labels = lambda offset: samplers.class_labels(config.classes, batch, _LABEL.value, offset)
   rng = jax.random.key(_SEED.value)
   start = time.time()
-  compiled = fn.jitted.lower({"params": params}, rng, z_init, labels(config, _LABEL.value, batch)
-                             ).compile()
+  compiled = fn.jitted.lower({"params": params}, rng, z_init, labels(0)).compile()
   compile_seconds = time.time() - start
   outputs, nfes, trajectory = [], [], None
   start = time.time()
   for i in range(num_batches):
-    cond = labels(config, _LABEL.value, batch, offset=i * batch)
     tokens, stats = jax.block_until_ready(
-        compiled({"params": params}, jax.random.fold_in(rng, i), z_init, cond))
-    outputs.append(np.asarray(jax.device_get(tokens)))
-    nfes.append(int(jax.device_get(stats["nfe"])))
+        compiled({"params": params}, jax.random.fold_in(rng, i), z_init, labels(i * batch)))
+    outputs.append(parallel.gather(tokens))
+    nfes.append(int(parallel.fetch(stats["nfe"])))
     if frames and trajectory is None:
-      trajectory = np.asarray(jax.device_get(stats["frames"]))[:, :num]
+      trajectory = parallel.gather(stats["frames"])[:, :num]
     if num_batches > 1:
       logging.info("Batch %d/%d: %d samples, NFE %d, %.1f s elapsed.", i + 1, num_batches, batch,
                    nfes[-1], time.time() - start)
@@ -174,24 +133,11 @@ def run(workdir: str) -> dict:
   name = f"ckpt{step:08d}_{sampler}_" + ("" if sampler == "first_hitting" else f"{steps}steps_")
   name += f"seed{_SEED.value}" + (f"_label{_LABEL.value}" if _LABEL.value is not None else "")
   base = os.path.join(out_dir, name)
-  decode = text_decoder(config)
-  files = []
-  if decode is None:
-    files.append(visualize.save_png(
-        visualize.image_grid(tokens[:MAX_GRID_IMAGES], model.vocab_size), base + ".png", scale=4))
-  else:
-    files.append(visualize.save_texts(visualize.decode_all(tokens, decode), base + ".txt"))
+  files = [visualize.save_samples(tokens, base, model.vocab_size, codec)[0]]
   np.save(base + ".npy", tokens)
   files.append(base + ".npy")
   if frames:
-    if decode is None:
-      grid = visualize.trajectory_grid(trajectory, model.vocab_size, model.mask_id)
-      files.append(visualize.save_png(grid, base + "_trajectory.png", scale=4))
-      files.append(visualize.save_gif(trajectory, base + "_trajectory.gif", model.vocab_size,
-                                      model.mask_id))
-    else:
-      files.append(visualize.save_texts(visualize.text_trajectory(trajectory, decode),
-                                        base + "_trajectory.txt"))
+    files += visualize.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
   info = {
       "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
       "grid": _GRID.value, "steps": None if sampler == "first_hitting" else steps,
@@ -212,16 +158,8 @@ def run(workdir: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  jax.config.update("jax_threefry_partitionable", True)
-  try:
-    info = run(_WORKDIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    logging.debug("Input error", exc_info=True)
-    print(f"md4_jax.sample: error: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+  cli.start(argv)
+  info = cli.run(lambda: run(_WORKDIR.value), "md4_jax.sample")
   print(f"Wrote {info['num_samples']} samples ({info['sampler']}, NFE {info['nfe']:.1f}, "
         f"unigram entropy {info['unigram_entropy']:.3f} nats, "
         f"{info['sample_seconds']:.2f} s + {info['compile_seconds']:.1f} s compile): "

@@ -2,7 +2,7 @@
 
 import math
 import os
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -81,3 +81,39 @@ def text_trajectory(frames_KxBxL: np.ndarray, decode: Callable[[np.ndarray], str
   frames = np.asarray(frames_KxBxL)
   return ["\n".join(f"[{k}] {decode(frames[k, b])}" for k in range(frames.shape[0]))
           for b in range(min(max_examples, frames.shape[1]))]
+
+
+MAX_GRID_IMAGES = 256
+
+
+def save_samples(tokens: np.ndarray, base: str, vocab_size: int, codec: Any = None,
+                 scale: int = 4) -> tuple[str, Union[np.ndarray, list[str]]]:
+  """Writes samples for a person to look at: `base`.png (images) or `base`.txt (text).
+
+  Args:
+    tokens: int [B, *data_shape] samples.
+    base: path without extension.
+    vocab_size: V (pixel values are scaled by it).
+    codec: the dataset's TextCodec (`DatasetInfo.text_codec`); None for images.
+    scale: PNG upscaling.
+
+  Returns:
+    (path, shown): the file and what it shows, the uint8 grid of the first
+    MAX_GRID_IMAGES images or the decoded texts.
+  """
+  tokens = np.asarray(tokens)
+  if codec is None:
+    grid = image_grid(tokens[:MAX_GRID_IMAGES], vocab_size)
+    return save_png(grid, base + ".png", scale=scale), grid
+  texts = decode_all(tokens, codec.decode)
+  return save_texts(texts, base + ".txt"), texts
+
+
+def save_trajectory(frames_KxBx: np.ndarray, base: str, vocab_size: int, mask_id: int,
+                    codec: Any = None) -> list[str]:
+  """Writes a trajectory (frames from all-mask to the samples): PNG grid + GIF, or text."""
+  if codec is None:
+    grid = trajectory_grid(frames_KxBx, vocab_size, mask_id)
+    return [save_png(grid, base + "_trajectory.png", scale=4),
+            save_gif(frames_KxBx, base + "_trajectory.gif", vocab_size, mask_id)]
+  return [save_texts(text_trajectory(frames_KxBx, codec.decode), base + "_trajectory.txt")]

@@ -11,7 +11,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # Each script is a fresh process that compiles its rows.
 
 # Runs a script with these top-level packages unimportable.
 _WITHOUT = """

@@ -11,3 +11,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: subprocess trainings, multi-process runs, notebooks, benchmark scripts "
+      "and long statistical tests (the fast tier is `pytest -m \"not slow\" tests`).")

@@ -1,6 +1,7 @@
 """Tests of md4_jax.data: pipelines, sharding, checkpoints, loaders."""
 
 import collections
+import functools
 import json
 import os
 import subprocess
@@ -104,7 +105,7 @@ def test_config_mismatch_is_an_error(overrides, match):
 
 def test_digits_batches():
   ds = data.create_datasets(digits_cfg(), 0, 1)
-  assert (ds.kind, ds.decode, ds.num_eval_examples) == ("image", None, 300)
+  assert (ds.info.kind, ds.info.codec, ds.num_eval_examples) == ("image", None, 300)
   batch = next(ds.train_iter)
   assert batch["x"].shape == (16, 8, 8, 1) and batch["x"].dtype == np.int32
   assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
@@ -112,7 +113,7 @@ def test_digits_batches():
   assert 0 <= batch["label"].min() and batch["label"].max() <= 9
 
   evals = list(ds.eval_batches())
-  assert len(evals) == 5  # ceil(300 / 64)
+  assert len(evals) == ds.num_eval_batches == 5  # ceil(300 / 64)
   for b in evals:
     assert b["x"].shape == (64, 8, 8, 1) and b["label"].shape == (64,)
     assert b["weight"].dtype == np.float32
@@ -207,6 +208,7 @@ _RESTORE_IN_FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_iterator_resumes_in_a_fresh_process(tmp_path):
   overrides = dict(batch_size=16, eval_batch_size=64, grain_prefetch=0,
                    random_flip=True, seed=7)
@@ -232,6 +234,7 @@ def test_iterator_resumes_in_a_fresh_process(tmp_path):
   assert_batches_equal(resumed, expected)
 
 
+@pytest.mark.slow
 def test_worker_processes_match_in_process_reading():
   if not flags.FLAGS.is_parsed():  # grain workers read absl flags.
     flags.FLAGS.mark_as_parsed()
@@ -272,11 +275,12 @@ def test_train_shards_are_disjoint_and_epochs_reshuffle():
 def test_eval_covers_split_once_in_equal_batch_counts(n, process_count, batch):
   counts, seen = set(), []
   for p in range(process_count):
-    make = common.eval_batches_fn(
+    make, num_batches = common.eval_batches_fn(
         index_source(n), common.ToTokens("x"),
         options(eval_batch_size=batch, process_index=p,
                 process_count=process_count))
     batches = list(make())
+    assert len(batches) == num_batches
     counts.add(len(batches))
     b = concat(batches)
     seen += b["x"][b["weight"] == 1, 0].tolist()
@@ -386,6 +390,13 @@ def test_unprepared_tfds_data_is_a_clear_error(tmp_path, name):
 SPLIT_SIZES = (900, 50, 50)
 
 
+def text8_build(config, process_index, process_count, split_sizes=SPLIT_SIZES):
+  """text8's Datasets with the splits shrunk to fit a small generated file."""
+  return common.make_datasets(
+      text8.INFO, config, process_index, process_count,
+      open_sources=functools.partial(text8.open_sources, split_sizes=split_sizes))
+
+
 def write_text8(directory, size=1003, seed=0):
   rng = np.random.default_rng(seed)
   text = "".join(rng.choice(list(text8.CHARS), size))
@@ -418,28 +429,28 @@ def test_text8_vocabulary_round_trip():
 def test_text8_on_generated_file(tmp_path):
   text = write_text8(tmp_path)
   config = text8_cfg(tmp_path, length=8)
-  ds = text8.build(config, 0, 1, split_sizes=SPLIT_SIZES)
-  assert ds.kind == "text" and ds.num_eval_examples == 50 // 8
+  ds = text8_build(config, 0, 1)
+  assert ds.info.kind == "text" and ds.num_eval_examples == 50 // 8
   batch = next(ds.train_iter)
   assert batch["x"].shape == (4, 8) and batch["x"].dtype == np.int32
   train_chunks = {text[i:i + 8] for i in range(0, 896, 8)}
-  assert all(ds.decode(row) in train_chunks for row in batch["x"])
+  assert all(text8.decode(row) in train_chunks for row in batch["x"])
 
   # Every full validation chunk exactly once across two processes; tail dropped.
   seen = []
   counts = set()
   for p in range(2):
-    shard = text8.build(config, p, 2, split_sizes=SPLIT_SIZES)
+    shard = text8_build(config, p, 2)
     batches = list(shard.eval_batches())
     counts.add(len(batches))
     b = concat(batches)
-    seen += [ds.decode(row) for row in b["x"][b["weight"] == 1]]
+    seen += [text8.decode(row) for row in b["x"][b["weight"] == 1]]
   assert len(counts) == 1
   assert sorted(seen) == sorted(text[900 + i:908 + i] for i in range(0, 48, 8))
 
   # The split sizes must fit in the file.
   with pytest.raises(ValueError, match="fewer than"):
-    text8.build(config, 0, 1, split_sizes=(1000, 50, 50))
+    text8_build(config, 0, 1, split_sizes=(1000, 50, 50))
 
 
 @pytest.mark.parametrize("process_count", [1, 3])
@@ -449,9 +460,9 @@ def test_text8_eval_scores_every_character_once(tmp_path, process_count):
   config = text8_cfg(tmp_path, batch_size=6, eval_batch_size=6)
   rows = []
   for p in range(process_count):
-    ds = text8.build(config, p, process_count, split_sizes=sizes)
+    ds = text8_build(config, p, process_count, split_sizes=sizes)
     b = concat(ds.eval_batches())
-    rows.append([ds.decode(x) for x in b["x"][b["weight"] == 1]])
+    rows.append([text8.decode(x) for x in b["x"][b["weight"] == 1]])
   # Process p holds chunks p, p + P, ...: interleave back into split order.
   chunks = [rows[i % process_count][i // process_count]
             for i in range(sum(map(len, rows)))]
@@ -471,8 +482,8 @@ def test_text8_reads_zip(tmp_path):
   with zipfile.ZipFile(tmp_path / "text8.zip", "w") as z:
     z.write(tmp_path / "text8", "text8")
   os.remove(tmp_path / "text8")
-  ds = text8.build(text8_cfg(tmp_path), 0, 1, split_sizes=SPLIT_SIZES)
-  assert ds.decode(next(ds.eval_batches())["x"][0]) == text[900:908]
+  ds = text8_build(text8_cfg(tmp_path), 0, 1)
+  assert text8.decode(next(ds.eval_batches())["x"][0]) == text[900:908]
 
 
 def test_text8_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
@@ -519,7 +530,7 @@ def test_tokenized_shards(tmp_path):
   write_shards(tmp_path, "train", train)
   write_shards(tmp_path, "validation", valid)
   ds = data.create_datasets(owt_cfg(tmp_path), 0, 1)
-  assert ds.kind == "text" and ds.num_eval_examples == 7
+  assert ds.info.kind == "text" and ds.num_eval_examples == 7
   batch = next(ds.train_iter)
   assert batch["x"].shape == (4, 16) and batch["x"].dtype == np.int32
   train_rows = {row.tobytes() for row in train.astype(np.int32)}
@@ -527,7 +538,8 @@ def test_tokenized_shards(tmp_path):
   b = concat(ds.eval_batches())
   assert sorted(r.tobytes() for r in b["x"][b["weight"] == 1]) == sorted(
       r.tobytes() for r in valid.astype(np.int32))
-  assert isinstance(ds.decode(batch["x"][0]), str)
+  codec = ds.info.text_codec(str(tmp_path))  # No tokenizer.json here: ids as numbers.
+  assert codec.decode(batch["x"][0]) == " ".join(map(str, batch["x"][0].tolist()))
 
   with pytest.raises(ValueError, match="16 tokens"):
     data.create_datasets(owt_cfg(tmp_path, length=32), 0, 1)
@@ -562,17 +574,15 @@ def test_digits_eval_split_is_selectable():
 
 def test_text8_eval_split_is_selectable(tmp_path):
   text = write_text8(tmp_path)
-  default = text8.build(text8_cfg(tmp_path), 0, 1, split_sizes=SPLIT_SIZES)
+  default = text8_build(text8_cfg(tmp_path), 0, 1)
   assert default.eval_split == "validation"
-  ds = text8.build(text8_cfg(tmp_path, eval_split="test"), 0, 1,
-                   split_sizes=SPLIT_SIZES)
+  ds = text8_build(text8_cfg(tmp_path, eval_split="test"), 0, 1)
   assert ds.eval_split == "test" and ds.num_eval_examples == 50 // 8
   b = concat(ds.eval_batches())
-  assert [ds.decode(r) for r in b["x"][b["weight"] == 1]] == [
+  assert [text8.decode(r) for r in b["x"][b["weight"] == 1]] == [
       text[950 + i:958 + i] for i in range(0, 48, 8)]
   with pytest.raises(ValueError, match="no split 'dev'"):
-    text8.build(text8_cfg(tmp_path, eval_split="dev"), 0, 1,
-                split_sizes=SPLIT_SIZES)
+    text8_build(text8_cfg(tmp_path, eval_split="dev"), 0, 1)
 
 
 def test_tfds_eval_split_is_passed_through():
@@ -596,9 +606,31 @@ def test_tokenized_eval_split_is_selectable(tmp_path):
     data.create_datasets(config, 0, 1)
 
 
-def test_every_registered_dataset_is_tested():
-  assert set(data.DATASETS) == {
-      "digits", "cifar10", "imagenet64", "text8", "openwebtext", "fineweb_edu"}
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_every_dataset_record_is_consistent(name):
+  """Each record describes a config it accepts, and its facts agree with each other."""
+  info = data.get_info(name)
+  assert info.name == name and info.kind in ("image", "text")
+  assert info.metric in common.METRICS and info.prepare
+  assert (info.kind == "text") == (info.codec is not None) == (info.data_shape is None)
+  assert info.metric == {"image": "bits_per_dim"}.get(info.kind, info.metric)
+  if info.splits is not None:
+    assert info.resolve_split("") == info.eval_split in info.splits
+  config = base.get_config()
+  config.update(dataset=name, vocab_size=info.vocab_size, classes=info.classes,
+                data_shape=info.data_shape or (64,))
+  info.check_config(config)  # The record's own facts pass its own check ...
+  config.vocab_size += 1
+  with pytest.raises(ValueError, match="token values"):  # ... and a wrong V does not.
+    info.check_config(config)
+
+
+def test_text8_codec_marks_infill_positions():
+  codec = text8.INFO.text_codec("")
+  ids, fixed = codec.encode_prompt("ab_ c")
+  np.testing.assert_array_equal(ids, [1, 2, 0, 0, 3])
+  np.testing.assert_array_equal(fixed, [True, True, False, True, True])
+  assert codec.decode(np.array([1, 2, 27, 0, 3])) == "ab_ c"
 
 
 # --------------------------------------------------------------- prepare ---

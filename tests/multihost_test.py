@@ -9,19 +9,22 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
+import helpers
 from md4_jax import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--config=configs/digits.py", "--config.num_train_steps=4", "--config.log_loss_every_steps=1",
-        "--config.unet.channels=8", "--config.unet.channel_mult=(1,)",
-        "--config.unet.attn_resolutions=()", "--config.unet.embed_dim=4", "--config.batch_size=16",
-        "--config.eval_batch_size=40", "--config.num_samples=0", "--config.eval_every_steps=0",
+pytestmark = pytest.mark.slow  # Two JAX processes per run.
+
+REPO = helpers.REPO
+ARGS = [helpers.TINY_DIGITS, "--config.num_train_steps=4", "--config.log_loss_every_steps=1",
+        "--config.num_samples=0", "--config.eval_every_steps=0",
         "--config.checkpoint_every_steps=4"]
 
 
 def _losses(log: str) -> list[float]:
-  return [float(m) for m in re.findall(r"\] train_bpd=[^\n]* train_loss=([0-9.eE+-]+),", log)]
+  return [float(m) for m in
+          re.findall(r"\] train_bits_per_dim=[^\n]* train_loss=([0-9.eE+-]+),", log)]
 
 
 def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):

@@ -19,6 +19,8 @@ import pytest
 
 from configs import base
 from md4_jax import networks
+from md4_jax.diffusion import model as model_lib
+from md4_jax.networks import layers
 
 B = 2
 NETWORKS = ("transformer", "unet")
@@ -122,8 +124,8 @@ def _get_setup(network):
   return _Setup(network)
 
 
-@pytest.fixture(params=NETWORKS)
-def setup(request):
+@pytest.fixture(params=["transformer", pytest.param("unet", marks=pytest.mark.slow)])
+def setup(request):  # The UNet's compiles make its cases slow-tier; the fast tier builds it below.
   return _get_setup(request.param)
 
 
@@ -218,13 +220,13 @@ def test_transformer_is_bidirectional():
 
 
 def test_transformer_remat_matches():
-  """The legacy `remat=True` means remat_policy='full'; gradients unchanged.
+  """remat_policy='full' on unrolled blocks leaves the gradients unchanged.
 
   (tests/perf_test.py compares every policy, scanned layers and chunked
   attention against the plain network.)
   """
   setup = _get_setup("transformer")
-  config = _config("transformer", remat=True)
+  config = _config("transformer", remat_policy="full")
   model = networks.build_network(config)
   assert model.remat_policy == "full"
   grads = setup.grad(setup.random_params)
@@ -287,9 +289,24 @@ def test_unknown_names_raise():
     networks.build_network(_config("unet", attention_impl="flash"))
 
 
-def test_registry():
-  assert set(networks.NETWORKS) == {"transformer", "unet"}
-  assert isinstance(
-      networks.build_network(_config("transformer")), networks.Transformer
-  )
-  assert isinstance(networks.build_network(_config("unet")), networks.UNet)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "unet" else n
+                                  for n in sorted(networks.NETWORKS)])
+def test_every_registered_network_builds_and_declares_its_head_contract(name):
+  """Each registry entry builds from a config into a module honouring the contract, and the
+  fused-head interface (features + head) gives exactly the logits of __call__."""
+  config = _config(name)
+  model = networks.build_network(config)
+  z, t, cond = _inputs(config)
+  variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0, impl="rbg"), z, t, cond))
+  variables = _randomize(variables)
+  logits = jax.jit(model.apply)(variables, z, t, cond)
+  assert logits.shape == (B, *config.data_shape, config.vocab_size)
+  if isinstance(model, layers.FusedHeadNetwork):
+    feats = jax.jit(functools.partial(model.apply, method=type(model).features))(
+        variables, z, t, cond)
+    assert feats.h.shape == (B, *config.data_shape, config.transformer.width)
+    np.testing.assert_allclose(feats.logits(feats.h), logits, rtol=1e-5, atol=1e-5)
+  else:  # Refused by the model builder when asked to fuse the head with the loss.
+    config.loss_chunk_size = 8
+    with pytest.raises(ValueError, match="loss_chunk_size=8"):
+      model_lib.build_model(config, model)

@@ -7,7 +7,6 @@ from jax.sharding import PartitionSpec as P
 
 from configs import text8
 from md4_jax import checkpoint as checkpoint_lib
-from md4_jax import optim
 from md4_jax import parallel
 from md4_jax.train import build
 from md4_jax.train import step as step_lib
@@ -28,14 +27,13 @@ def _grads_on(mesh_shape, config, batch):
   data, fsdp, tensor = mesh_shape
   devices = jax.devices()[: data * fsdp * tensor]
   mesh = parallel.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, devices=devices)
-  model = build.build_model(config)
-  optimizer, _ = optim.build_optimizer(config)
-  state = build.create_train_state(config, model, optimizer, mesh)
-  fn = build.with_rules(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)), config,
-                       mesh)
+  experiment = build.setup(config, mesh)
+  model = experiment.model
+  state = experiment.init_state()
   shardings = jax.tree.map(lambda a: a.sharding, state.params)
-  jitted = jax.jit(fn, in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)))
+  jitted = experiment.jit(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)),
+                          in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                          out_shardings=(shardings, parallel.replicated(mesh)))
   global_batch = parallel.to_global(batch, mesh)
   # The networks' activation constraints are applied over this mesh: the
   # residual stream split over the batch axes, the logits' vocab over 'tensor'.
@@ -55,6 +53,7 @@ def single_device():
   return config, batch, grads, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])
 def test_mesh_matches_single_device_and_shards_params(single_device, mesh_shape):
   config, batch, grads1, loss1 = single_device
@@ -97,17 +96,15 @@ def test_data_shards_follow_the_batch_axes():
   np.testing.assert_array_equal(np.asarray(global_x), batch["x"])
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
   config = _config()
-  model = build.build_model(config)
-  optimizer, _ = optim.build_optimizer(config)
   mesh8 = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  state = build.create_train_state(config, model, optimizer, mesh8)
+  state = build.setup(config, mesh8).init_state()
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
   ckpt.save(0, state)
   mesh1 = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-  abstract = build.abstract_train_state(config, model, optimizer, mesh1)
-  restored = ckpt.restore(abstract)
+  restored = build.setup(config, mesh1).restore(ckpt)
   leaf = restored.params["network"]["block_0"]["mlp"]["wi_gate"]["kernel"]
   assert leaf.sharding.mesh.devices.size == 1
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(restored))

@@ -42,6 +42,7 @@ GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # atol relative to the largest |gradient|.
 
 def _config(**overrides):
   config = base.get_config()
+  config.attention_impl = "xla"  # The plain reference ('auto' may pick cuDNN on a GPU).
   config.network = "transformer"
   config.data_shape = (L,)
   config.vocab_size = V
@@ -120,12 +121,14 @@ def _assert_equal(loss, grads, ref_loss, ref_grads):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(loss_chunk_size=48),  # Does not divide L: zero-padded.
-        dict(remat_policy="dots_saveable"),  # Unrolled blocks, nn.remat each.
+        pytest.param(dict(loss_chunk_size=48),  # Does not divide L: zero-padded.
+                     marks=pytest.mark.slow),
+        pytest.param(dict(remat_policy="dots_saveable"),  # Unrolled blocks, nn.remat each.
+                     marks=pytest.mark.slow),
         # Every knob at once, as in the paper-scale memory rows.
         dict(scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable",
              loss_chunk_size=64, attention_impl="chunked"),
-        dict(scan_layers=True, remat_policy="full"),
+        pytest.param(dict(scan_layers=True, remat_policy="full"), marks=pytest.mark.slow),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )
@@ -150,6 +153,7 @@ def test_scan_layers_stacks_params_with_a_layers_axis():
   assert kernel.value.shape[0] == config.transformer.depth
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_close_to_float32():
   params, ref_loss, ref_grads = _reference()
   loss, grads = _loss_and_grad(_config(dtype="bfloat16", loss_chunk_size=64), params)
@@ -159,6 +163,7 @@ def test_bfloat16_activations_close_to_float32():
   assert np.linalg.norm(flat - ref) < 0.05 * np.linalg.norm(ref)
 
 
+@pytest.mark.slow
 def test_chunked_attention_equals_xla():
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 3, 8)), jnp.float32) for _ in range(3))
@@ -177,6 +182,7 @@ def test_chunked_attention_equals_xla():
     _assert_close(a, b, scale)
 
 
+@pytest.mark.slow
 def test_unet_remat_equals_plain():
   config = base.get_config()  # The digits UNet (8x8x1, V=17, attention at 4x4).
   config.unet.channels = 16
@@ -202,6 +208,7 @@ def test_unet_remat_equals_plain():
   _assert_equal(loss, grads, ref_loss, ref_grads)
 
 
+@pytest.mark.slow
 def test_paper_scale_memory_target():
   """MD4-S as shipped keeps the grad step's temporaries ≤ 13 GiB at batch 8.
 

@@ -9,31 +9,25 @@ which is much faster than a training subprocess; each CLI run still costs
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
+import helpers
 from configs import digits
-import tiny
 from configs import text8 as text8_config
 from md4_jax import checkpoint as checkpoint_lib
-from md4_jax import optim
-from md4_jax import parallel
 from md4_jax import run_config
 from md4_jax.train import build
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each CLI run is a fresh process (~10 s of start-up and compiles): marked slow.
 
 
 def _make_workdir(path, config):
   """config.json and one checkpoint of a freshly initialised state (8-device mesh)."""
   os.makedirs(path)
-  mesh = parallel.make_mesh({"data": -1})
-  model = build.build_model(config)
-  optimizer, _ = optim.build_optimizer(config)
-  state = build.create_train_state(config, model, optimizer, mesh)
+  state = build.setup(config).init_state()
   run_config.save_config(config, str(path))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(path)))
   checkpointer.save(5, state)
@@ -42,13 +36,12 @@ def _make_workdir(path, config):
 
 
 def _sample_cli(workdir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "md4_jax.sample", f"--workdir={workdir}", *flags],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return helpers.run_module("md4_jax.sample", f"--workdir={workdir}", *flags)
 
 
+@pytest.mark.slow
 def test_class_conditional_images_with_trajectory(tmp_path):
-  config = tiny.digits_config("cond")
+  config = helpers.digits_tiny("tiny_cond")
   workdir = _make_workdir(tmp_path / "digits", config)
   result = _sample_cli(workdir, "--num_samples=3", "--steps=8", "--label=3", "--trajectory",
                        "--frames=4", "--sampler=topp", "--grid=cosine")
@@ -69,6 +62,7 @@ def test_class_conditional_images_with_trajectory(tmp_path):
   assert Image.open(base + "_trajectory.gif").n_frames == 4
 
 
+@pytest.mark.slow
 def test_text_prompt_infilling(tmp_path):
   config = text8_config.get_config("tiny")
   config.data_shape = (32,)
@@ -102,3 +96,8 @@ def test_workdir_without_checkpoint_is_a_clean_error(tmp_path):
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith("md4_jax.sample: error: No checkpoint")
+  result = _sample_cli(str(workdir), "--steps=0")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "md4_jax.sample: error: --steps must be >= 1 (or unset for the run's sampling_steps), got 0.")
+

@@ -5,6 +5,7 @@ their logits come from parameters, not constants, so XLA does not spend the
 compile constant-folding the chain. One smoke test runs the real UNet.
 """
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-import tiny
-from md4_jax import networks
+import helpers
+from helpers import CopyLeft
 from md4_jax import parallel
 from md4_jax import sample_metrics
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.diffusion import schedules
+from md4_jax.train import build
 
 V = 5
 L = 8
@@ -30,40 +32,6 @@ L = 8
 def _strict_rank_promotion():
   with jax.numpy_rank_promotion("raise"):
     yield
-
-
-class FixedLogits(nn.Module):
-  """Ignores z and t: logits [L, V] are a parameter, the same for every example."""
-
-  num_positions: int
-  vocab_size: int
-
-  @nn.compact
-  def __call__(self, z, t, cond=None, train=False):
-    del t, cond, train
-    logits = self.param("logits", nn.initializers.zeros, (self.num_positions, self.vocab_size))
-    return jnp.broadcast_to(logits, z.shape + (self.vocab_size,))
-
-
-class CopyLeft(nn.Module):
-  """Time-independent, uses z: prefers the visible left neighbour's token.
-
-  With `time_weight` > 0 the logits also tilt with t (a time-dependent network).
-  """
-
-  vocab_size: int
-  time_weight: float = 0.0
-
-  @nn.compact
-  def __call__(self, z, t, cond=None, train=False):
-    del cond, train
-    scale = self.param("scale", nn.initializers.constant(3.0), ())
-    left = jnp.roll(z, 1, axis=-1)
-    visible = left < self.vocab_size
-    bonus = scale * jax.nn.one_hot(jnp.where(visible, left, 0), self.vocab_size)
-    logits = jnp.where(visible[..., None], bonus, 0.0)
-    tilt = self.time_weight * t[:, None, None] * jnp.arange(self.vocab_size, dtype=jnp.float32)[None, None]
-    return logits + tilt
 
 
 class CountVisible(nn.Module):
@@ -105,10 +73,7 @@ class LabelNet(nn.Module):
                             z.shape + (self.vocab_size,))
 
 
-def _fixed_model(logits_LxV, schedule="linear"):
-  num_positions, vocab = logits_LxV.shape
-  model = model_lib.MD4(FixedLogits(num_positions, vocab), schedule, vocab, (num_positions,))
-  return model, {"params": {"network": {"logits": jnp.asarray(logits_LxV, jnp.float32)}}}
+_fixed_model = helpers.fixed_logits_model
 
 
 def _init(model, batch=2):
@@ -174,7 +139,7 @@ def test_final_marginals_equal_the_prediction(sampler, options):
 
 @pytest.mark.parametrize("sampler", ["ancestral", "topp", "mean", "first_hitting"])
 def test_fixed_positions_never_change_and_no_mask_remains(sampler):
-  model = model_lib.MD4(CopyLeft(V), "cosine", V, (16,))
+  model = helpers.md4(CopyLeft(V), "cosine", V, (16,))
   variables = _init(model)
   rng = np.random.default_rng(0)
   batch = 6
@@ -199,11 +164,12 @@ def test_fixed_positions_never_change_and_no_mask_remains(sampler):
   assert np.all(np.diff(masked) <= 0) and masked[-1] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("time_weight", [0.0, 1.0])
 def test_skipping_idle_steps_changes_nothing_but_the_nfe(time_weight):
   # time_weight 0: a time-independent network; 1: one that depends on t.
   length, steps, batch = 64, 1024, 4
-  model = model_lib.MD4(CopyLeft(V, time_weight), "linear", V, (length,))
+  model = helpers.md4(CopyLeft(V, time_weight), "linear", V, (length,))
   variables = _init(model)
 
   def run(cache, batch):
@@ -227,7 +193,7 @@ def test_first_hitting_reveals_exactly_one_token_per_call_and_example():
   # that call: one reveal per call per example ⇔ the generated tokens of an
   # example that starts with k visible positions are exactly k, k+1, ..., D−1.
   length, vocab = 8, 16
-  model = model_lib.MD4(CountVisible(vocab), "cosine", vocab, (length,))
+  model = helpers.md4(CountVisible(vocab), "cosine", vocab, (length,))
   variables = _init(model)
   batch = 64
   rng = np.random.default_rng(4)
@@ -279,6 +245,7 @@ def _float32_rare_frequency(p_rare, steps, top=2**14):
   return total
 
 
+@pytest.mark.slow
 def test_exact_draws_keep_a_rare_token_and_float32_draws_lose_it():
   # A fixed distribution with tokens of probability 1e-4 and 1e-5, 1000 linear
   # ancestral steps, 4e6 positions: the exact path's frequencies match.
@@ -317,15 +284,16 @@ def test_exact_gumbel_tails():
   assert np.sum(u < 2.0**-24) <= 5  # Resolved below float32's 2^-24 step.
 
 
+@pytest.mark.slow
 def test_class_labels_and_reconstruction():
-  label_model = model_lib.MD4(LabelNet(V), "cosine", V, (L,))
+  label_model = helpers.md4(LabelNet(V), "cosine", V, (L,))
   cond = jnp.arange(8, dtype=jnp.int32) % V
   tokens, _ = _sample(label_model, {"params": {"network": {"scale": jnp.float32(40.0)}}},
                       jax.random.key(11), cond=cond, batch_size=8, steps=10)
   np.testing.assert_array_equal(tokens, np.repeat(np.asarray(cond)[:, None], L, axis=1))
 
   x = np.random.default_rng(12).integers(0, V, size=(512, L)).astype(np.int32)
-  model = model_lib.MD4(Oracle(V), "cosine", V, (L,))
+  model = helpers.md4(Oracle(V), "cosine", V, (L,))
   variables = {"params": {"network": {"x": jnp.asarray(x)}}}
   t = 0.6
   for sampler in ("ancestral", "first_hitting"):
@@ -333,26 +301,29 @@ def test_class_labels_and_reconstruction():
         model, v, r, x, t, steps=16, sampler=sampler, frames=3))(variables, jax.random.key(13), x)
     z_t = np.asarray(z_t)
     rate = np.mean(z_t == V)
-    expected = 1 - float(model.noise_schedule.alpha(t))
+    expected = 1 - float(model.schedule.alpha(t))
     assert abs(rate - expected) < 4 * math.sqrt(expected * (1 - expected) / z_t.size)
     np.testing.assert_array_equal(z_t[z_t < V], x[z_t < V])
     np.testing.assert_array_equal(tokens, x)
     np.testing.assert_array_equal(stats["frames"][0], z_t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
 def test_sharded_sampling_equals_one_device(sampler):
   mesh = parallel.make_mesh({"data": -1})
   assert parallel.batch_size_per_shard(mesh) == 8
-  model = model_lib.MD4(CopyLeft(V, time_weight=0.5), "cosine", V, (12,))
+  model = helpers.md4(CopyLeft(V, time_weight=0.5), "cosine", V, (12,))
   variables = _init(model)
+  # The mesh and its rules around a toy model.
+  experiment = dataclasses.replace(build.setup(helpers.digits_tiny(), mesh), model=model)
   batch = 16
   z = np.full((batch, 12), V, np.int32)
   z[:, :3] = np.arange(3)  # A prefix.
   kwargs = dict(steps=64, sampler=sampler, frames=4)
   one = jax.jit(lambda v, r, z: samplers.sample(model, v, r, z_init=z, **kwargs))(
       variables, jax.random.key(14), z)
-  fn = samplers.make_sampler(model, mesh, **kwargs)
+  fn = experiment.sampler(**kwargs)
   tokens, stats = fn(variables, jax.random.key(14), z)
   assert tokens.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 2)
   np.testing.assert_array_equal(tokens, one[0])
@@ -362,9 +333,9 @@ def test_sharded_sampling_equals_one_device(sampler):
     fn(variables, jax.random.key(14), z[:12])
 
 
+@pytest.mark.slow
 def test_unet_smoke_class_conditional_inpainting():
-  config = tiny.digits_config("cond")
-  model = model_lib.build_model(config, networks.build_network(config))
+  model = build.build_model(helpers.digits_tiny("tiny_cond"))
   variables = _init(model)
   batch = 4
   x = np.random.default_rng(15).integers(0, 17, size=(batch, 8, 8, 1)).astype(np.int32)
@@ -400,3 +371,37 @@ def test_unigram_entropy():
                              [0.0, np.log(2), np.log(4)], atol=1e-12)
   images = np.random.default_rng(0).integers(0, 16, (2, 64, 64, 1))  # Extra axes: one sample.
   np.testing.assert_allclose(sample_metrics.unigram_entropy(images), np.log(16), atol=0.01)
+
+
+def test_top_p_one_keeps_every_token_and_ties_keep_the_smallest_prefix():
+  # p = 1 over a GPT-2-sized vocabulary: nothing may be cut (float32 cumulative
+  # sums used to drop a tail of ~50 tokens with mass ~2e-7).
+  logits = jax.random.normal(jax.random.key(0), (2, 50257)) * 3.0
+  kept = samplers.top_p_logits(logits, 1.0)
+  assert bool(jnp.all(jnp.isfinite(kept)))
+  np.testing.assert_array_equal(kept, logits)
+  # Four tied tokens, p = 0.5: the smallest prefix reaching p is two tokens,
+  # the lower ids first (the rule in the docstring), never all four.
+  tied = jnp.log(jnp.asarray([[0.25, 0.25, 0.25, 0.25], [0.1, 0.3, 0.3, 0.3]]))
+  out = np.isfinite(np.asarray(samplers.top_p_logits(tied, 0.5)))
+  np.testing.assert_array_equal(out, [[True, True, False, False], [False, True, True, False]])
+  # Mass exactly reached by a prefix: no extra token.
+  out = np.isfinite(np.asarray(samplers.top_p_logits(jnp.log(jnp.asarray([0.5, 0.3, 0.2])), 0.8)))
+  np.testing.assert_array_equal(out, [True, True, False])
+  # Every kept set reaches p, and dropping its least likely token would not.
+  probs = np.asarray(jax.nn.softmax(logits[:, :64]))
+  for p in (0.1, 0.5, 0.9, 0.99):
+    keep = np.isfinite(np.asarray(samplers.top_p_logits(logits[:, :64], p)))
+    for row, k in zip(probs, keep):
+      assert row[k].sum() >= p - 1e-6 and row[k].sum() - row[k].min() < p
+
+
+def test_class_labels():
+  np.testing.assert_array_equal(samplers.class_labels(3, 5), [0, 1, 2, 0, 1])
+  np.testing.assert_array_equal(samplers.class_labels(3, 2, offset=4), [1, 2])
+  np.testing.assert_array_equal(samplers.class_labels(10, 3, label=7), [7, 7, 7])
+  assert samplers.class_labels(0, 4) is None
+  with pytest.raises(ValueError, match="classes=0"):
+    samplers.class_labels(0, 4, label=1)
+  with pytest.raises(ValueError, match="label 10"):
+    samplers.class_labels(10, 4, label=10)

@@ -1,39 +1,29 @@
 """Training: loss goes down, determinism, grad accumulation, devices, resume."""
 
+import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
+import pytest
 
-import tiny
+import helpers
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
-from md4_jax import optim
 from md4_jax import parallel
 from md4_jax.train import build
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from md4_jax.train import loop
 
 
 def tiny_config(**overrides):
-  """configs/digits.py shrunk for a 2-core CPU."""
-  config = tiny.digits_config(dropout_rate=0.0, warmup_steps=5, num_train_steps=40,
-                              num_samples=8, sampling_steps=8)
-  config.unet.num_res_blocks = 1
-  config.update(overrides)
-  return config
+  """configs/digits.py:tiny without dropout, with a short warmup."""
+  return helpers.digits_tiny(dropout_rate=0.0, warmup_steps=5, num_train_steps=40, **overrides)
 
 
 def _setup(config, devices):
-  mesh = parallel.make_mesh({"data": -1}, devices=devices)
-  model = build.build_model(config)
-  optimizer, lr = optim.build_optimizer(config)
-  state = build.create_train_state(config, model, optimizer, mesh)
-  step = build.make_train_step(config, model, optimizer, lr, mesh, state)
-  return mesh, model, state, step
+  experiment = build.setup(config, parallel.make_mesh({"data": -1}, devices=devices))
+  return experiment.mesh, experiment.model, experiment.init_state(), experiment.train_step
 
 
 def _batches(config, n):
@@ -41,9 +31,10 @@ def _batches(config, n):
   return [next(it) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss():
   config = tiny_config(learning_rate=3e-3)
-  mesh, _, state, step = _setup(config, jax.devices())
+  mesh, _, state, step = _setup(config, jax.devices()[:1])
   losses = []
   for batch in _batches(config, 40):
     state, metrics = step(state, parallel.to_global(batch, mesh))
@@ -60,6 +51,7 @@ def _run_steps(step, state, batches, mesh):
   return losses, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_eight_devices_match_one():
   from md4_jax.train import step as step_lib
   config = tiny_config()
@@ -85,6 +77,7 @@ def test_same_seed_same_run_and_eight_devices_match_one():
                grads["8"], grads["1"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_full_batch():
   from md4_jax.train import step as step_lib
   config = tiny_config(batch_size=16)
@@ -103,6 +96,7 @@ def test_gradient_accumulation_equals_full_batch():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(full[0]))
 
 
+@pytest.mark.slow
 def test_checkpoint_roundtrip_restores_identical_state_and_data(tmp_path):
   config = tiny_config()
   mesh, _, state, step = _setup(config, jax.devices())
@@ -122,15 +116,12 @@ def test_checkpoint_roundtrip_restores_identical_state_and_data(tmp_path):
 
 
 def _run_main(workdir, *overrides):
-  cmd = [sys.executable, "-m", "md4_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
-         "--config.unet.channels=8", "--config.unet.channel_mult=(1,)", "--config.unet.attn_resolutions=()",
-         "--config.unet.embed_dim=4", "--config.batch_size=16", "--config.eval_batch_size=100",
-         "--config.sampling_steps=8", "--config.num_samples=4", "--config.log_loss_every_steps=5",
-         *overrides]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  return helpers.run_module("md4_jax.main", helpers.TINY_DIGITS, f"--workdir={workdir}",
+                            "--config.num_samples=4", "--config.log_loss_every_steps=5",
+                            *overrides, devices=2)
 
 
+@pytest.mark.slow
 def test_command_trains_checkpoints_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   first = _run_main(workdir, "--config.num_train_steps=10", "--config.checkpoint_every_steps=5",
@@ -141,7 +132,9 @@ def test_command_trains_checkpoints_and_resumes(tmp_path):
   assert os.path.exists(workdir / "samples" / "step_00000010.png")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
   metrics = json.loads((workdir / "final_metrics.json").read_text())
-  assert np.isfinite(metrics["eval_bpd"]) and metrics["eval_examples"] == 300
+  assert metrics["eval_metric"] == "bits_per_dim" and metrics["eval_examples"] == 300
+  assert np.isfinite(metrics["eval_bits_per_dim"])
+  assert "bits/dim" in first.stdout
 
   second = _run_main(workdir, "--allow_config_change", "--config.num_train_steps=15",
                      "--config.checkpoint_every_steps=5",
@@ -150,3 +143,35 @@ def test_command_trains_checkpoints_and_resumes(tmp_path):
   assert "Resuming from step 10" in second.stderr
   assert "Final eval at step 15" in second.stdout
   assert "15" in os.listdir(workdir / "checkpoints")
+
+
+@pytest.mark.slow
+def test_text_runs_report_bits_per_char_never_bits_per_dim(tmp_path, monkeypatch, capsys, caplog):
+  """text8 (a generated file, splits shrunk): log lines, the final line and
+  final_metrics.json name bits per character."""
+  from configs import text8 as text8_config  # pylint: disable=g-import-not-at-top
+  from md4_jax.data import common, text8  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  (tmp_path / "text8").write_text("".join(rng.choice(list(text8.CHARS), 2000)))
+  sizes = (1600, 200, 200)
+  monkeypatch.setattr(loop.data_lib, "create_datasets", lambda config, *args: common.make_datasets(
+      text8.INFO, config, *args,
+      open_sources=functools.partial(text8.open_sources, split_sizes=sizes)))
+  config = text8_config.get_config("tiny")
+  config.update(data_dir=str(tmp_path), data_shape=(16,), num_train_steps=4, warmup_steps=1,
+                log_loss_every_steps=2, eval_every_steps=2, checkpoint_every_steps=4,
+                num_samples=8, sample_every_steps=4, sampling_steps=4)
+  config.transformer.width = 32
+  with caplog.at_level("INFO"):
+    metrics = loop.run(config, str(tmp_path / "run"))
+  assert metrics["eval_metric"] == "bits_per_char" and metrics["eval_examples"] == 200 // 16
+  assert 0 < metrics["eval_bits_per_char"] < 10
+  saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+  assert "eval_bits_per_char" in saved and not any("bpd" in k or "per_dim" in k for k in saved)
+  final = capsys.readouterr().out
+  assert "bits/char" in final and "bits/dim" not in final
+  logs = caplog.text
+  assert "eval " in logs and "bits/char" in logs and "bits/dim" not in logs
+  assert "train_bits_per_char=" in logs and "bpd" not in logs
+  samples = (tmp_path / "run" / "samples" / "step_00000004.txt").read_text()
+  assert samples.count("=== sample") == 8

@@ -1,12 +1,15 @@
-"""Input pipelines: `create_datasets(config)` → per-process grain iterators.
+"""Input pipelines and the dataset registry.
 
-Each dataset family lives in its own module and contributes builders
-`build(config, process_index, process_count) -> Datasets` to `DATASETS`:
+Each dataset family lives in its own module and declares one
+`common.DatasetInfo` record per dataset (shape, vocabulary, classes, kind,
+headline metric, text codec, data dir, splits, how to prepare it):
 
 * digits: scikit-learn's 8x8 digits (bundled, no download).
 * cifar10, imagenet64: TFDS ArrayRecord via `tfds.data_source` (images.py).
 * text8: characters of the text8 file (text8.py).
 * openwebtext, fineweb_edu: GPT-2 token shards from `prepare` (tokenized.py).
+
+Code outside `data/` reads dataset facts with `get_info(config.dataset)`.
 """
 
 from md4_jax.data import common
@@ -16,13 +19,24 @@ from md4_jax.data import text8
 from md4_jax.data import tokenized
 
 Datasets = common.Datasets
+DatasetInfo = common.DatasetInfo
 
-DATASETS = {
-    digits.NAME: digits.build,
-    **images.BUILDERS,
-    text8.NAME: text8.build,
-    **tokenized.BUILDERS,
+DATASETS: dict[str, DatasetInfo] = {
+    digits.NAME: digits.INFO,
+    **images.INFOS,
+    text8.NAME: text8.INFO,
+    **tokenized.INFOS,
 }
+
+
+def get_info(name: str) -> DatasetInfo:
+  """The record of dataset `name`; ValueError lists the valid names."""
+  try:
+    return DATASETS[name]
+  except KeyError:
+    raise ValueError(
+        f"Unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}."
+    ) from None
 
 
 def create_datasets(config, process_index=None, process_count=None) -> Datasets:
@@ -31,10 +45,8 @@ def create_datasets(config, process_index=None, process_count=None) -> Datasets:
   Args:
     config: The run config; reads `dataset`, `data_dir`, `data_shape`,
       `vocab_size`, `classes`, `batch_size`, `eval_batch_size`, `seed`,
-      `random_flip`, `grain_worker_count`, `grain_prefetch`, and
-      `eval_split` if present ('' or absent = the dataset's held-out split:
-      digits 'test', text8 'validation', cifar10 'test', imagenet64
-      'validation', openwebtext / fineweb_edu 'validation').
+      `random_flip`, `grain_worker_count`, `grain_prefetch` and `eval_split`
+      ('' = the dataset's held-out split, `DatasetInfo.eval_split`).
     process_index: This process; None means `jax.process_index()`.
     process_count: Number of processes; None means `jax.process_count()`.
 
@@ -46,11 +58,4 @@ def create_datasets(config, process_index=None, process_count=None) -> Datasets:
       or a batch size that does not divide by the process count.
     FileNotFoundError: If the dataset's files are not prepared.
   """
-  try:
-    builder = DATASETS[config.dataset]
-  except KeyError:
-    raise ValueError(
-        f"Unknown dataset {config.dataset!r}; valid names: "
-        f"{', '.join(sorted(DATASETS))}."
-    ) from None
-  return builder(config, process_index, process_count)
+  return common.make_datasets(get_info(config.dataset), config, process_index, process_count)

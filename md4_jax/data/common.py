@@ -1,9 +1,13 @@
-"""Shared by every dataset family: the `Datasets` bundle and grain pipelines.
+"""Shared by every dataset family: the dataset record, `Datasets`, grain pipelines.
 
-Every family module builds a random-access *source* (anything with `__len__`
-and `__getitem__` returning one example) and a per-example `transform` that
-turns a raw record into `{'x': int32 [*data_shape], ('label': int32 [])}`.
-This module turns those into
+Each dataset declares one `DatasetInfo` record (shape, vocabulary, classes,
+kind, headline metric, text codec, default data dir, splits, how to prepare
+it, and how to open its sources); everything outside `data/` reads dataset
+facts from that record instead of branching on names. A family module opens a
+random-access *source* per split (anything with `__len__` and `__getitem__`
+returning one example) and a per-example `transform` that turns a raw record
+into `{'x': int32 [*data_shape], ('label': int32 [])}`; `make_datasets` turns
+those into
 
 * an infinite, checkpointable training iterator for this process
   (shard → shuffle → repeat → transform → (flip) → batch), and
@@ -13,7 +17,8 @@ This module turns those into
 
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
-from typing import Any
+import os
+from typing import Any, Protocol
 
 import grain
 import jax
@@ -25,10 +30,124 @@ Transform = Callable[[Any], Example]
 # Grain reads at most this many batches concurrently in the main process.
 _MAX_READ_THREADS = 16
 
+# Headline metrics: bits per position under the dataset's own name for a
+# position (`md4_jax.evaluation.headline` turns a NELBO into them).
+METRICS = ("bits_per_dim", "bits_per_char", "bits_per_token")
+
+
+class TextCodec(Protocol):
+  """Text <-> token ids for a text dataset (sampling prompts, decoded samples)."""
+
+  def decode(self, ids_L: np.ndarray) -> str:
+    """Token ids [L] -> text; ids outside the vocabulary (the mask) are shown as such."""
+
+  def encode_prompt(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Text -> (int32 ids [n], bool fixed [n]): positions with fixed = False are generated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sources:
+  """What a family opens for one run: the splits' records and the transform."""
+
+  train: Sequence[Any]
+  eval: Sequence[Any]
+  transform: Transform
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Everything md4_jax knows about one dataset, declared next to its pipeline.
+
+  Attributes:
+    name: config.dataset.
+    kind: 'image' (x is [H, W, C]) or 'text' (x is [L], any L).
+    vocab_size: token values V (the mask id is V).
+    metric: headline metric, one of METRICS.
+    eval_split: the held-out split evaluated by default.
+    splits: valid split names, or None for any name the backend accepts
+      (TFDS also takes slices such as 'test[:1000]').
+    data_shape: the example shape for images; None for text (config chooses L).
+    classes: number of labels (0 = unlabelled).
+    default_data_dir: where prepared data lives when config.data_dir is ''.
+    prepare: how to prepare the data, as a command (shown in errors and docs).
+    open_sources: (config, eval split) -> Sources; raises FileNotFoundError
+      when the data is not prepared.
+    codec: data_dir -> TextCodec for text datasets; None for images.
+  """
+
+  name: str
+  kind: str
+  vocab_size: int
+  metric: str
+  eval_split: str
+  splits: tuple[str, ...] | None
+  data_shape: tuple[int, ...] | None
+  classes: int
+  default_data_dir: str
+  prepare: str
+  open_sources: Callable[[Any, str], Sources]
+  codec: Callable[[str], TextCodec] | None = None
+
+  def data_dir(self, config_data_dir: str) -> str:
+    """config.data_dir, or this dataset's default ('' stays '' for TFDS's own)."""
+    return os.path.expanduser(config_data_dir or self.default_data_dir)
+
+  def text_codec(self, config_data_dir: str) -> TextCodec | None:
+    """The dataset's TextCodec over its data dir; None for images."""
+    return None if self.codec is None else self.codec(self.data_dir(config_data_dir))
+
+  def resolve_split(self, split: str) -> str:
+    """`split`, or the held-out default when ''; ValueError for an unknown name."""
+    split = split or self.eval_split
+    if self.splits is not None and split not in self.splits:
+      raise ValueError(
+          f"Dataset {self.name!r} has no split {split!r} (config.eval_split); "
+          f"valid: {', '.join(self.splits)}."
+      )
+    return split
+
+  def check_config(self, config) -> None:
+    """Checks that `config` matches what this dataset provides.
+
+    Raises:
+      ValueError: On any mismatch, naming the field and the expected value.
+    """
+    shape = tuple(config.data_shape)
+    if self.data_shape is not None and shape != tuple(self.data_shape):
+      raise ValueError(
+          f"Dataset {self.name!r} has examples of shape {tuple(self.data_shape)}, "
+          f"but config.data_shape={shape}."
+      )
+    if self.kind == "text":
+      if len(shape) != 1 or shape[0] <= 0:
+        raise ValueError(
+            f"Dataset {self.name!r} yields token sequences: config.data_shape "
+            f"must be (L,) with L > 0, got {shape}."
+        )
+      if config.random_flip:
+        raise ValueError(
+            f"config.random_flip flips images; dataset {self.name!r} is text."
+        )
+    if config.vocab_size != self.vocab_size:
+      raise ValueError(
+          f"Dataset {self.name!r} has {self.vocab_size} token values, but "
+          f"config.vocab_size={config.vocab_size}."
+      )
+    if config.classes and not self.classes:
+      raise ValueError(
+          f"Dataset {self.name!r} has no labels: set config.classes = 0 "
+          f"(got {config.classes})."
+      )
+    if config.classes and config.classes != self.classes:
+      raise ValueError(
+          f"Dataset {self.name!r} has {self.classes} classes, but "
+          f"config.classes={config.classes}; use {self.classes} or 0."
+      )
+
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
-  """What `create_datasets` hands the training loop.
+  """What `make_datasets` hands the training loop and the evaluation.
 
   Attributes:
     train_iter: Infinite `grain.DatasetIterator` over this process's training
@@ -38,20 +157,19 @@ class Datasets:
     eval_batches: Returns a fresh finite iterator over this process's share of
       the evaluation split: like `train_iter` plus `'weight': float32
       [B_local_eval]` (1 real example, 0 padding). Every process yields the
-      same number of batches.
+      same number of batches (`num_eval_batches`).
     num_eval_examples: Examples in the evaluation split (all processes).
-    kind: 'image' or 'text'.
-    decode: For text, maps int tokens `[L]` to a string; None for images.
-    eval_split: Name of the split `eval_batches` covers (`config.eval_split`
-      or the dataset's held-out default).
+    num_eval_batches: Batches `eval_batches()` yields on every process.
+    eval_split: Name of the split `eval_batches` covers.
+    info: The dataset's record.
   """
 
   train_iter: grain.DatasetIterator
   eval_batches: Callable[[], Iterator[Example]]
   num_eval_examples: int
-  kind: str
-  decode: Callable[[np.ndarray], str] | None = None
-  eval_split: str = ""
+  num_eval_batches: int
+  eval_split: str
+  info: DatasetInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,88 +245,6 @@ def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
         f"{field} // process_count examples."
     )
   return global_batch // process_count
-
-
-def check_config(
-    config,
-    dataset: str,
-    *,
-    vocab_size: int,
-    data_shape: tuple[int, ...] | None = None,
-    sequence: bool = False,
-    classes: int = 0,
-) -> None:
-  """Checks that `config` matches what dataset `dataset` provides.
-
-  Args:
-    config: The run config (`data_shape`, `vocab_size`, `classes`).
-    dataset: Dataset name, for messages.
-    vocab_size: Number of token values the data takes.
-    data_shape: Exact example shape, or None to skip the check.
-    sequence: If True, `config.data_shape` must be `(L,)` with L > 0 and
-      `config.random_flip` must be off.
-    classes: Number of labels the dataset has (0 = unlabelled).
-
-  Raises:
-    ValueError: On any mismatch, naming the field and the expected value.
-  """
-  shape = tuple(config.data_shape)
-  if data_shape is not None and shape != tuple(data_shape):
-    raise ValueError(
-        f"Dataset {dataset!r} has examples of shape {tuple(data_shape)}, but "
-        f"config.data_shape={shape}."
-    )
-  if sequence and (len(shape) != 1 or shape[0] <= 0):
-    raise ValueError(
-        f"Dataset {dataset!r} yields token sequences: config.data_shape must "
-        f"be (L,) with L > 0, got {shape}."
-    )
-  if sequence and config.random_flip:
-    raise ValueError(
-        f"config.random_flip flips images; dataset {dataset!r} is text."
-    )
-  if config.vocab_size != vocab_size:
-    raise ValueError(
-        f"Dataset {dataset!r} has {vocab_size} token values, but "
-        f"config.vocab_size={config.vocab_size}."
-    )
-  if config.classes and not classes:
-    raise ValueError(
-        f"Dataset {dataset!r} has no labels: set config.classes = 0 "
-        f"(got {config.classes})."
-    )
-  if config.classes and config.classes != classes:
-    raise ValueError(
-        f"Dataset {dataset!r} has {classes} classes, but "
-        f"config.classes={config.classes}; use {classes} or 0."
-    )
-
-
-def eval_split(
-    config, dataset: str, default: str, splits: Sequence[str] | None = None
-) -> str:
-  """The split to evaluate on: `config.eval_split`, or `default` when unset.
-
-  Args:
-    config: The run config; `eval_split` may be absent (older runs) or ''.
-    dataset: Dataset name, for messages.
-    default: The dataset's held-out split.
-    splits: The valid split names, or None to pass any name through (TFDS
-      also accepts slices such as 'test[:1000]').
-
-  Returns:
-    The split name.
-
-  Raises:
-    ValueError: If the split is not one of `splits`.
-  """
-  split = config.get("eval_split", "") or default
-  if splits is not None and split not in splits:
-    raise ValueError(
-        f"Dataset {dataset!r} has no split {split!r} (config.eval_split); "
-        f"valid: {', '.join(splits)}."
-    )
-  return split
 
 
 def random_flip(example: Example, rng: np.random.Generator) -> Example:
@@ -333,7 +369,7 @@ def eval_batches_fn(
     source: Sequence[Any],
     transform: Transform,
     options: PipelineOptions,
-) -> Callable[[], Iterator[Example]]:
+) -> tuple[Callable[[], Iterator[Example]], int]:
   """Builds the evaluation-batch factory for this process.
 
   Process p takes records p, p + P, p + 2P, ... of the split (P processes),
@@ -347,8 +383,9 @@ def eval_batches_fn(
     options: Per-process settings.
 
   Returns:
-    A function returning a fresh iterator of dicts: the transform's keys
-    batched to `[B_local_eval, ...]` plus `'weight'` float32 `[B_local_eval]`.
+    (eval_batches, num_batches): a function returning a fresh iterator of
+    dicts (the transform's keys batched to `[B_local_eval, ...]` plus
+    `'weight'` float32 `[B_local_eval]`) and how many batches it yields.
 
   Raises:
     ValueError: If the split is empty.
@@ -367,7 +404,7 @@ def eval_batches_fn(
   def eval_batches() -> Iterator[Example]:
     return iter(ids)
 
-  return eval_batches
+  return eval_batches, num_batches
 
 
 class ArraySource:
@@ -419,3 +456,38 @@ class ToTokens:
     if self.label_key is not None:
       example["label"] = np.asarray(record[self.label_key], np.int32)
     return example
+
+
+def make_datasets(
+    info: DatasetInfo,
+    config,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    open_sources: Callable[[Any, str], Sources] | None = None,
+) -> Datasets:
+  """Checks the config against `info`, opens the sources and builds both pipelines.
+
+  Args:
+    info: The dataset's record.
+    config: The run config (see `md4_jax.data.create_datasets`).
+    process_index: This process; None means `jax.process_index()`.
+    process_count: Number of processes; None means `jax.process_count()`.
+    open_sources: Overrides `info.open_sources` (tests shrink text8's splits).
+
+  Returns:
+    The `Datasets` bundle for this process.
+  """
+  info.check_config(config)
+  options = pipeline_options(config, process_index, process_count)
+  split = info.resolve_split(config.eval_split)
+  sources = (open_sources or info.open_sources)(config, split)
+  eval_batches, num_batches = eval_batches_fn(sources.eval, sources.transform, options)
+  return Datasets(
+      train_iter=train_iterator(sources.train, sources.transform, options,
+                                flip=config.random_flip),
+      eval_batches=eval_batches,
+      num_eval_examples=len(sources.eval),
+      num_eval_batches=num_batches,
+      eval_split=split,
+      info=info,
+  )

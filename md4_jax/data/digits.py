@@ -38,25 +38,22 @@ def load_split(split: str) -> common.ArraySource:
   return common.ArraySource(x_Nx8x8x1[rows], digits.target[rows])
 
 
-def build(config, process_index=None, process_count=None) -> common.Datasets:
-  """Builds the digits pipelines (see `md4_jax.data.create_datasets`)."""
-  common.check_config(
-      config,
-      NAME,
-      vocab_size=VOCAB_SIZE,
-      data_shape=DATA_SHAPE,
-      classes=NUM_CLASSES,
-  )
-  options = common.pipeline_options(config, process_index, process_count)
+def open_sources(config, split: str) -> common.Sources:
+  """The train split and `split` (see `DatasetInfo.open_sources`)."""
   transform = common.ToTokens("x", "label" if config.classes else None)
-  split = common.eval_split(config, NAME, "test", SPLITS)
-  eval_source = load_split(split)
-  return common.Datasets(
-      train_iter=common.train_iterator(
-          load_split("train"), transform, options, flip=config.random_flip
-      ),
-      eval_batches=common.eval_batches_fn(eval_source, transform, options),
-      num_eval_examples=len(eval_source),
-      kind="image",
-      eval_split=split,
-  )
+  return common.Sources(load_split("train"), load_split(split), transform)
+
+
+INFO = common.DatasetInfo(
+    name=NAME,
+    kind="image",
+    vocab_size=VOCAB_SIZE,
+    metric="bits_per_dim",
+    eval_split="test",
+    splits=SPLITS,
+    data_shape=DATA_SHAPE,
+    classes=NUM_CLASSES,
+    default_data_dir="",
+    prepare="nothing to prepare: bundled with scikit-learn",
+    open_sources=open_sources,
+)

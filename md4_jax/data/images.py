@@ -51,6 +51,10 @@ DATASETS = {
 }
 
 
+def prepare_command(tfds_name: str, data_dir: str = "DIR") -> str:
+  return f"tfds build {tfds_name} --data_dir={data_dir} --file_format=array_record"
+
+
 def data_source(tfds_name: str, split: str, data_dir: str | None):
   """Opens one split of a prepared ArrayRecord TFDS dataset.
 
@@ -80,43 +84,37 @@ def data_source(tfds_name: str, split: str, data_dir: str | None):
   raise FileNotFoundError(
       f"Dataset {tfds_name!r} is not prepared as ArrayRecord under "
       f"data_dir={root!r} (looked in {builder.data_dir}). Prepare it on a "
-      f"machine with internet:\n  tfds build {tfds_name} --data_dir={root} "
-      "--file_format=array_record\nand point config.data_dir at that "
-      "directory."
+      f"machine with internet:\n  {prepare_command(tfds_name, root)}\nand "
+      "point config.data_dir at that directory."
   )
 
 
-def build(
-    config, process_index=None, process_count=None, *, dataset: ImageDataset
-) -> common.Datasets:
-  """Builds the pipelines of a TFDS image dataset (see `create_datasets`)."""
-  common.check_config(
-      config,
-      config.dataset,
-      vocab_size=VOCAB_SIZE,
-      data_shape=dataset.data_shape,
-      classes=dataset.classes,
-  )
-  options = common.pipeline_options(config, process_index, process_count)
+def open_sources(config, split: str, *, dataset: ImageDataset) -> common.Sources:
+  """The TFDS train split and `split` (see `DatasetInfo.open_sources`)."""
   data_dir = config.data_dir or None
-  train_source = data_source(dataset.tfds_name, dataset.train_split, data_dir)
-  split = common.eval_split(config, config.dataset, dataset.eval_split)
-  eval_source = data_source(dataset.tfds_name, split, data_dir)
   transform = common.ToTokens(
       "image", "label" if config.classes else None, dataset.data_shape
   )
-  return common.Datasets(
-      train_iter=common.train_iterator(
-          train_source, transform, options, flip=config.random_flip
-      ),
-      eval_batches=common.eval_batches_fn(eval_source, transform, options),
-      num_eval_examples=len(eval_source),
-      kind="image",
-      eval_split=split,
+  return common.Sources(
+      data_source(dataset.tfds_name, dataset.train_split, data_dir),
+      data_source(dataset.tfds_name, split, data_dir),
+      transform,
   )
 
 
-BUILDERS = {
-    name: functools.partial(build, dataset=dataset)
+INFOS = {
+    name: common.DatasetInfo(
+        name=name,
+        kind="image",
+        vocab_size=VOCAB_SIZE,
+        metric="bits_per_dim",
+        eval_split=dataset.eval_split,
+        splits=None,  # Any TFDS split or slice, e.g. 'train[:10000]'.
+        data_shape=dataset.data_shape,
+        classes=dataset.classes,
+        default_data_dir="",  # TFDS's own default data_dir.
+        prepare=prepare_command(dataset.tfds_name),
+        open_sources=functools.partial(open_sources, dataset=dataset),
+    )
     for name, dataset in DATASETS.items()
 }

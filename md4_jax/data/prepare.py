@@ -339,7 +339,7 @@ def main(argv):
 
   os.makedirs(f.data_dir, exist_ok=True)
   shutil.copyfile(
-      f.tokenizer, os.path.join(f.data_dir, tokenized.TOKENIZER_FILE)
+      f.tokenizer, tokenized.tokenizer_path(f.data_dir)
   )
   summary = prepare(
       _hf_documents(SOURCES[f.dataset]),

@@ -160,39 +160,49 @@ def load_split(
   return Chunks(path, start, split_sizes[index], length)
 
 
-def build(
-    config,
-    process_index=None,
-    process_count=None,
-    *,
-    split_sizes: Sequence[int] = SPLIT_SIZES,
-) -> common.Datasets:
-  """Builds the text8 pipelines (see `md4_jax.data.create_datasets`).
+def open_sources(
+    config, split: str, *, split_sizes: Sequence[int] = SPLIT_SIZES
+) -> common.Sources:
+  """Chunks of the train split and of `split` (see `DatasetInfo.open_sources`).
 
   Args:
-    config: The run config.
-    process_index: This process; None means `jax.process_index()`.
-    process_count: Number of processes; None means `jax.process_count()`.
+    config: The run config (`data_dir`, `data_shape`).
+    split: The evaluation split.
     split_sizes: Characters of (train, validation, test); tests shrink it.
-
-  Returns:
-    The `Datasets` bundle, `kind='text'`, `decode` = `decode`.
   """
-  common.check_config(config, NAME, vocab_size=VOCAB_SIZE, sequence=True)
-  options = common.pipeline_options(config, process_index, process_count)
   path = find_or_fetch(config.data_dir)
   _check_file(path, split_sizes)
   (length,) = config.data_shape
-  transform = common.ToTokens("x")
-  split = common.eval_split(config, NAME, "validation", SPLITS)
-  eval_source = load_split(path, split, length, split_sizes)
-  return common.Datasets(
-      train_iter=common.train_iterator(
-          load_split(path, "train", length, split_sizes), transform, options
-      ),
-      eval_batches=common.eval_batches_fn(eval_source, transform, options),
-      num_eval_examples=len(eval_source),
-      kind="text",
-      eval_split=split,
-      decode=decode,
+  return common.Sources(
+      load_split(path, "train", length, split_sizes),
+      load_split(path, split, length, split_sizes),
+      common.ToTokens("x"),
   )
+
+
+class Codec:
+  """text8 text <-> ids. In a prompt, '_' marks a character to generate."""
+
+  def decode(self, ids_L: np.ndarray) -> str:
+    return decode(ids_L)
+
+  def encode_prompt(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    fixed = np.array([c != _UNKNOWN for c in text], bool)
+    return encode(text.replace(_UNKNOWN, " ")), fixed
+
+
+INFO = common.DatasetInfo(
+    name=NAME,
+    kind="text",
+    vocab_size=VOCAB_SIZE,
+    metric="bits_per_char",
+    eval_split="validation",
+    splits=SPLITS,
+    data_shape=None,
+    classes=0,
+    default_data_dir=DEFAULT_DATA_DIR,
+    prepare=f"nothing to run: downloaded from {URL} when online (or copy text8.zip into the "
+            "data dir)",
+    open_sources=open_sources,
+    codec=lambda data_dir: Codec(),
+)

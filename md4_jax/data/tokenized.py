@@ -16,7 +16,6 @@ This module only reads those shards; `config.data_shape` must be (L,) with L
 the packed length and `config.vocab_size` the GPT-2 vocabulary (50257).
 """
 
-from collections.abc import Callable
 import dataclasses
 import functools
 import glob
@@ -55,6 +54,15 @@ DATASETS = {
 }
 
 
+def tokenizer_path(data_dir: str) -> str:
+  """Where prepare saves the tokenizer, and everything reads it from."""
+  return os.path.join(data_dir, TOKENIZER_FILE)
+
+
+def prepare_command(name: str, data_dir: str = "DIR") -> str:
+  return f"python -m md4_jax.data.prepare --dataset={name} --data_dir={data_dir}"
+
+
 def shard_path(data_dir: str, split: str, index: int, count: int) -> str:
   """Path of shard `index` of `count` of `split` (shared with prepare)."""
   return os.path.join(
@@ -77,8 +85,7 @@ def find_shards(
     raise FileNotFoundError(
         f"Dataset {dataset.name!r}: no prepared '{split}' shards "
         f"({split}-*-of-*.array_record) in {data_dir}. Tokenise the corpus "
-        "first with\n  python -m md4_jax.data.prepare "
-        f"--dataset={dataset.name} --data_dir={data_dir}\n"
+        f"first with\n  {prepare_command(dataset.name, data_dir)}\n"
         "and set config.data_dir to that directory."
     )
   return paths
@@ -101,11 +108,12 @@ class ToSequence:
     return {"x": tokens_L.astype(np.int32)}
 
 
-class Decoder:
-  """Token ids [L] → text with the tokenizer saved by prepare.
+class Codec:
+  """Text <-> GPT-2 token ids with the tokenizer saved by prepare.
 
-  Falls back to space-separated ids if the `tokenizers` package or
-  `tokenizer.json` is missing (the loop's periodic samples then still log).
+  Decoding falls back to space-separated ids if the `tokenizers` package or
+  `tokenizer.json` is missing (the loop's periodic samples then still log);
+  encoding a prompt needs them and says so.
   """
 
   def __init__(self, path: str):
@@ -121,49 +129,47 @@ class Decoder:
       logging.warning("Decoding token ids as numbers: %s (%s).", self._path, e)
       return None
 
-  def __call__(self, ids_L: np.ndarray) -> str:
+  def decode(self, ids_L: np.ndarray) -> str:
     ids_L = np.asarray(ids_L)
     if self._tokenizer is None:
       return " ".join(map(str, ids_L.tolist()))
     ids_L = ids_L[(ids_L >= 0) & (ids_L < VOCAB_SIZE)]
     return self._tokenizer.decode(ids_L.tolist(), skip_special_tokens=False)
 
+  def encode_prompt(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+    if self._tokenizer is None:
+      raise FileNotFoundError(
+          f"A prompt needs the tokenizer {self._path} (and the `tokenizers` package); run "
+          "md4_jax.data.prepare.")
+    ids = np.asarray(self._tokenizer.encode(text).ids, np.int32)
+    return ids, np.ones(ids.shape, bool)
 
-def build(
-    config,
-    process_index=None,
-    process_count=None,
-    *,
-    dataset: TokenizedDataset,
-) -> common.Datasets:
-  """Builds the pipelines of a packed-token corpus (see `create_datasets`)."""
-  common.check_config(
-      config, dataset.name, vocab_size=VOCAB_SIZE, sequence=True
-  )
-  options = common.pipeline_options(config, process_index, process_count)
+
+def open_sources(config, split: str, *, dataset: TokenizedDataset) -> common.Sources:
+  """The packed train shards and `split`'s (see `DatasetInfo.open_sources`)."""
   data_dir = os.path.expanduser(config.data_dir or dataset.default_data_dir)
-  train_paths = find_shards(dataset, data_dir, "train")
-  split = common.eval_split(config, dataset.name, "validation", SPLITS)
-  eval_paths = find_shards(dataset, data_dir, split)
-  train_source = grain.sources.ArrayRecordDataSource(train_paths)
-  eval_source = grain.sources.ArrayRecordDataSource(eval_paths)
+  train_source = grain.sources.ArrayRecordDataSource(find_shards(dataset, data_dir, "train"))
+  eval_source = grain.sources.ArrayRecordDataSource(find_shards(dataset, data_dir, split))
   (length,) = config.data_shape
   transform = ToSequence(length)
   transform(train_source[0])  # Fails early on a length mismatch.
-  decoder: Callable[[np.ndarray], str] = Decoder(
-      os.path.join(data_dir, TOKENIZER_FILE)
-  )
-  return common.Datasets(
-      train_iter=common.train_iterator(train_source, transform, options),
-      eval_batches=common.eval_batches_fn(eval_source, transform, options),
-      num_eval_examples=len(eval_source),
-      kind="text",
-      eval_split=split,
-      decode=decoder,
-  )
+  return common.Sources(train_source, eval_source, transform)
 
 
-BUILDERS = {
-    name: functools.partial(build, dataset=dataset)
+INFOS = {
+    name: common.DatasetInfo(
+        name=name,
+        kind="text",
+        vocab_size=VOCAB_SIZE,
+        metric="bits_per_token",
+        eval_split="validation",
+        splits=SPLITS,
+        data_shape=None,
+        classes=0,
+        default_data_dir=dataset.default_data_dir,
+        prepare=prepare_command(name),
+        open_sources=functools.partial(open_sources, dataset=dataset),
+        codec=lambda data_dir: Codec(tokenizer_path(data_dir)),
+    )
     for name, dataset in DATASETS.items()
 }

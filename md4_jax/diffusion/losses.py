@@ -14,16 +14,62 @@ import jax.numpy as jnp
 from md4_jax.diffusion import schedules as schedules_lib
 
 
-def sample_times(rng: jax.Array, batch_size: int, antithetic: bool) -> jax.Array:
-  """t ~ U[0, 1) per example; antithetic: t_b = (u + b/B) mod 1.
+def antithetic_times(u: jax.Array, batch_size: int) -> jax.Array:
+  """t_b = 1 − ((u + b/B) mod 1) for b = 0..B−1: one stratified sweep of (0, 1].
+
+  The reflection 1 − (·) keeps t = 0 out (a polyK weight with K < 1 is
+  infinite there) and t = 1 in, where every weight is finite; the law of each
+  t_b is still U(0, 1].
+
+  Args:
+    u: float32 scalar in [0, 1).
+    batch_size: B.
 
   Returns:
-    t_B: float32 [B].
+    t_B: float32 [B] in (0, 1].
+  """
+  return 1.0 - jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
+
+
+def sample_times(rng: jax.Array, batch_size: int, antithetic: bool) -> jax.Array:
+  """t ~ U(0, 1] per example (antithetic: `antithetic_times` of one uniform).
+
+  Returns:
+    t_B: float32 [B], never 0.
   """
   if antithetic:
-    u = jax.random.uniform(rng, ())
-    return jnp.mod(u + jnp.arange(batch_size, dtype=jnp.float32) / batch_size, 1.0)
-  return jax.random.uniform(rng, (batch_size,))
+    return antithetic_times(jax.random.uniform(rng, ()), batch_size)
+  return 1.0 - jax.random.uniform(rng, (batch_size,))
+
+
+def stratified_times(rng: jax.Array, num_times: int, batch_size: int) -> jax.Array:
+  """K stratified times per example: t_k = (k + 1 − u_k)/K, u_k ~ U[0, 1) i.i.d.
+
+  Returns:
+    t_KxB: float32 [K, B] in (0, 1], row k inside ((k)/K, (k + 1)/K].
+  """
+  u_KxB = jax.random.uniform(rng, (num_times, batch_size))
+  k_K1 = jnp.arange(num_times, dtype=jnp.float32)[:, None]
+  return (k_K1 + 1.0 - u_KxB) / num_times
+
+
+def draw_times_and_noise(rng: jax.Array, x_shape: tuple[int, ...], antithetic: bool):
+  """The randomness of one NELBO estimate: times and the mask uniforms.
+
+  The only place that draws them (MD4.nelbo and the train step both call it),
+  so a batch's estimate is the same however it is later split.
+
+  Args:
+    rng: key.
+    x_shape: (B, *data_shape).
+    antithetic: stratify t across the batch.
+
+  Returns:
+    (t_B, noise): float32 [B] times in (0, 1] and float32 [B, *data_shape]
+    uniforms in [0, 1) (position n is masked iff noise_n ≥ α(t)).
+  """
+  k_t, k_noise = jax.random.split(rng)
+  return sample_times(k_t, x_shape[0], antithetic), jax.random.uniform(k_noise, x_shape)
 
 
 def forward_mask(x: jax.Array, alpha_t: jax.Array, noise: jax.Array, mask_id: int):
@@ -128,5 +174,23 @@ def diffusion_weight(
 
 
 def recon_loss(schedule: schedules_lib.Schedule, num_positions: int, vocab_size: int):
-  """L_recon = D·(1 − α(0))·log V: tokens still masked at t = 0 cost log V."""
+  """L_recon = D·(1 − α(0))·log V: tokens still masked at t = 0 cost log V.
+
+  Exact for the decoder p(x_n | z_0) = copy if z_0,n is a token, uniform over
+  the V tokens if it is the mask.
+  """
   return num_positions * (1.0 - schedule.alpha(jnp.float32(0.0))) * math.log(vocab_size)
+
+
+def prior_loss(schedule: schedules_lib.Schedule, num_positions: int, vocab_size: int):
+  """L_prior = KL(q(z_1 | x) ‖ p(z_1)) = D·α(1)·log V.
+
+  q(z_1 | x) keeps each token with probability α(1) = eps. The prior that makes
+  the NELBO a true upper bound on −log p(x) is p(z_1,n) = mask with probability
+  1 − α(1), each token with probability α(1)/V, giving α(1)·log V per position
+  (with an all-mask prior the KL would be infinite, and dropping the term would
+  let the reported NELBO fall below the true NLL by up to D·eps·log V). The
+  samplers start from all-mask, which differs from this prior only on an event
+  of probability ≤ D·eps.
+  """
+  return num_positions * schedule.alpha(jnp.float32(1.0)) * math.log(vocab_size)

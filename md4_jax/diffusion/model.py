@@ -1,8 +1,10 @@
 """MD4: a Flax module tying a denoising network to a masking schedule.
 
 The network is an attribute, so any backbone (or a test's toy network) plugs in
-with the contract `network(z_t, t, cond=None, train=False) -> logits[..., V]`.
-Random streams: 'sample' (times and masks), 'dropout' (inside the network).
+with the contract `network(z_t, t, cond=None, train=False) -> logits[..., V]`
+(and, for a `networks.layers.FusedHeadNetwork`, `network.features(...)`).
+The schedule is a `schedules.Schedule` object. Random streams: 'sample' (times
+and masks, drawn by `losses.draw_times_and_noise`), 'dropout' (in the network).
 """
 
 import math
@@ -15,6 +17,7 @@ import numpy as np
 
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import schedules as schedules_lib
+from md4_jax.networks import layers
 
 
 def check_tokens(x: Any, vocab_size: int) -> None:
@@ -40,21 +43,21 @@ class MD4(nn.Module):
 
   Attributes:
     network: (z_t [B, *data_shape], t [B], cond, train) -> logits [B, *data_shape, V].
-    schedule: masking schedule name ('linear', 'cosine', 'polyK').
+    schedule: the masking schedule (e.g. schedules.get_schedule('cosine')).
     vocab_size: V; token ids in [0, V), the mask id is V.
     data_shape: shape of one example, e.g. (L,) or (H, W, C).
     cont_time: continuous-time NELBO if True, else the T-step discrete one.
     timesteps: T for the discrete-time loss.
     antithetic_time_sampling: stratify t across the batch.
-    loss_chunk_size: if > 0 and the network supports it (a per-position
-      linear head, `supports_features`), the head and the cross-entropy run
-      this many positions at a time (losses.chunked_nll), so the full
-      [B, D, V] logits never exist in the loss-and-gradient step. Equal to
-      the plain loss up to float summation order. 0 = plain.
+    loss_chunk_size: if > 0 (the network must be a
+      layers.FusedHeadNetwork), the head and the cross-entropy run this many
+      positions at a time (losses.chunked_nll), so the full [B, D, V] logits
+      never exist in the loss-and-gradient step. Equal to the plain loss up
+      to float summation order. 0 = plain.
   """
 
   network: nn.Module
-  schedule: str
+  schedule: schedules_lib.Schedule
   vocab_size: int
   data_shape: tuple[int, ...]
   cont_time: bool = True
@@ -65,10 +68,6 @@ class MD4(nn.Module):
   @property
   def mask_id(self) -> int:
     return self.vocab_size
-
-  @property
-  def noise_schedule(self) -> schedules_lib.Schedule:
-    return schedules_lib.get_schedule(self.schedule)
 
   @property
   def num_positions(self) -> int:
@@ -89,7 +88,8 @@ class MD4(nn.Module):
       noise: optional float [B, *data_shape] mask uniforms (default: drawn).
 
     Returns:
-      dict of float32 [B]: loss_diff, loss_recon, loss_prior, loss.
+      dict of float32 [B]: loss_diff, loss_recon, loss_prior, loss (nats; the
+      sum is an upper bound on −log p(x), see losses.prior_loss).
     """
     check_tokens(x, self.vocab_size)
     if x.shape[1:] != tuple(self.data_shape):
@@ -97,12 +97,13 @@ class MD4(nn.Module):
           f"Batch has example shape {x.shape[1:]}, the model expects data_shape "
           f"{tuple(self.data_shape)}."
       )
-    schedule = self.noise_schedule
+    schedule = self.schedule
     batch = x.shape[0]
-    if t is None:
-      t = losses.sample_times(self.make_rng("sample"), batch, self.antithetic_time_sampling)
-    if noise is None:
-      noise = jax.random.uniform(self.make_rng("sample"), x.shape)
+    if t is None or noise is None:
+      drawn_t, drawn_noise = losses.draw_times_and_noise(
+          self.make_rng("sample"), x.shape, self.antithetic_time_sampling)
+      t = drawn_t if t is None else t
+      noise = drawn_noise if noise is None else noise
     t, weight_B = losses.diffusion_weight(schedule, t, self.cont_time, self.timesteps)
     z_t, masked = losses.forward_mask(x, schedule.alpha(t), noise, self.mask_id)
     nll = self._token_nll(z_t, t, cond, train, x)
@@ -111,7 +112,7 @@ class MD4(nn.Module):
     masked_nll_B += jnp.sum(jnp.where(jnp.isnan(nll), jnp.nan, 0.0).reshape(batch, -1), -1)
     loss_diff = weight_B * masked_nll_B
     loss_recon = jnp.full((batch,), losses.recon_loss(schedule, self.num_positions, self.vocab_size))
-    loss_prior = jnp.zeros((batch,))  # z_1 is all-mask up to α(1) = eps.
+    loss_prior = jnp.full((batch,), losses.prior_loss(schedule, self.num_positions, self.vocab_size))
     return {
         "loss_diff": loss_diff,
         "loss_recon": loss_recon,
@@ -121,8 +122,11 @@ class MD4(nn.Module):
 
   def _token_nll(self, z_t, t, cond, train, x):
     """−log p_θ(x | z_t) per position, float32 [B, *data_shape]."""
-    if self.loss_chunk_size > 0 and getattr(self.network, "supports_features", False):
-      feats = self.network(z_t, t, cond=cond, train=train, return_features=True)
+    if self.loss_chunk_size > 0:
+      if not isinstance(self.network, layers.FusedHeadNetwork):
+        raise ValueError(f"loss_chunk_size={self.loss_chunk_size} needs a network with a fused "
+                         f"head (layers.FusedHeadNetwork); {type(self.network).__name__} is not.")
+      feats = self.network.features(z_t, t, cond=cond, train=train)
       batch = x.shape[0]
       h_BxNxD = feats.h.reshape(batch, self.num_positions, feats.h.shape[-1])
       nll = losses.chunked_nll(h_BxNxD, x.reshape(batch, -1), feats.logits,
@@ -131,22 +135,28 @@ class MD4(nn.Module):
     return losses.token_nll(self.predict(z_t, t, cond=cond, train=train), x)
 
   def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
-    """Batch-mean NELBO terms (nats per example) and bits per dimension."""
-    terms = jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
-    terms["bpd"] = terms["loss"] / (self.num_positions * math.log(2.0))
-    return terms
+    """Batch-mean NELBO terms, nats per example (see `nelbo`)."""
+    return jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
 
 
 def build_model(config, network: nn.Module) -> MD4:
-  """The MD4 module described by `config` around `network`."""
-  schedules_lib.get_schedule(config.noise_schedule)  # Fail early on a bad name.
+  """The MD4 module described by `config` around `network`.
+
+  Raises:
+    ValueError: a bad schedule name, or loss_chunk_size > 0 with a network
+      that is not a layers.FusedHeadNetwork.
+  """
+  if config.loss_chunk_size > 0 and not isinstance(network, layers.FusedHeadNetwork):
+    raise ValueError(
+        f"config.loss_chunk_size={config.loss_chunk_size} fuses the head with the loss, which "
+        f"network {config.network!r} ({type(network).__name__}) cannot do; set it to 0.")
   return MD4(
       network=network,
-      schedule=config.noise_schedule,
+      schedule=schedules_lib.get_schedule(config.noise_schedule),
       vocab_size=config.vocab_size,
       data_shape=tuple(config.data_shape),
       cont_time=config.cont_time,
       timesteps=config.timesteps,
       antithetic_time_sampling=config.antithetic_time_sampling,
-      loss_chunk_size=config.get("loss_chunk_size", 0),
+      loss_chunk_size=config.loss_chunk_size,
   )

@@ -1,8 +1,8 @@
 """Reverse-chain samplers for MD4: from all-mask (or a partially masked z) to data.
 
 One driver, `sample(model, variables, rng, ...)`, runs every sampler; it is
-jit-compatible (`lax.fori_loop` / `lax.while_loop`), and `make_sampler` jits it
-batch-sharded over a device mesh. Shapes: B batch, D positions of one example
+jit-compatible (`lax.fori_loop` / `lax.while_loop`). Nothing here knows about
+devices: `train.build.Experiment.sampler` jits it batch-sharded over a mesh. Shapes: B batch, D positions of one example
 (the flattened data_shape), V vocabulary, N grid steps; the mask id is V.
 
 Samplers (registry `SAMPLERS`, name → `Sampler`):
@@ -59,10 +59,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from md4_jax import parallel
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
 
@@ -139,22 +136,32 @@ def categorical(rng: jax.Array, logits: jax.Array, exact: bool = True) -> jax.Ar
   return jnp.argmax(logits + exact_gumbel(rng, logits.shape), axis=-1).astype(jnp.int32)
 
 
-def bernoulli(rng: jax.Array, p: jax.Array, shape, exact: bool = True) -> jax.Array:
-  """Bool [shape] coins with probability p (broadcast from the left)."""
-  p = jnp.asarray(p, jnp.float32)
-  p = p.reshape(p.shape + (1,) * (len(shape) - p.ndim))
-  u = fine_uniform(rng, shape) if exact else jax.random.uniform(rng, shape)
-  return u < p
-
-
 def top_p_logits(logits: jax.Array, top_p: float) -> jax.Array:
-  """Keeps the smallest prefix of tokens (by probability) with mass ≥ top_p."""
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  sorted_probs = -jnp.sort(-probs, axis=-1)
+  """Keeps the smallest prefix of tokens, by probability, whose mass reaches top_p.
+
+  The rule: sort the tokens by probability, descending, ties broken by the
+  lower token id first; keep token k of that order iff the mass of the tokens
+  before it is < top_p. So exactly the shortest prefix with mass ≥ top_p is
+  kept, even when several tokens tie at its boundary. top_p ≥ 1 keeps every
+  token (no float32 cumulative sum can then drop a tail of tiny ones).
+
+  Args:
+    logits: float [..., V].
+    top_p: nucleus mass in (0, 1].
+
+  Returns:
+    float32 [..., V]: the logits, −inf outside the nucleus.
+  """
+  logits = logits.astype(jnp.float32)
+  if top_p >= 1.0:
+    return logits
+  probs = jax.nn.softmax(logits, axis=-1)
+  order = jnp.argsort(-probs, axis=-1, stable=True)  # Descending; ties: lower id first.
+  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
   mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-  kept = jnp.where(mass_before < top_p, sorted_probs, jnp.inf)
-  threshold = jnp.min(kept, axis=-1, keepdims=True)
-  return jnp.where(probs >= threshold, logits, -jnp.inf)
+  keep_sorted = mass_before < top_p
+  keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(keep, logits, -jnp.inf)
 
 
 def time_grid(name: str, steps: int) -> jax.Array:
@@ -430,7 +437,10 @@ def get_sampler(name: str) -> Sampler:
   return SAMPLERS[name]
 
 
-def _check(sampler, steps, grid, options, t_start, frames):
+def check_arguments(sampler: str, steps: Optional[int], grid: str, options: SamplerOptions,
+                    t_start: float = 1.0, frames: int = 0) -> None:
+  """Raises ValueError for arguments `sample` cannot run with (before any tracing)."""
+  sampler = get_sampler(sampler)
   if sampler.grid:
     if steps is None or int(steps) < 1:
       raise ValueError(f"steps must be a positive integer, got {steps!r}.")
@@ -454,6 +464,33 @@ def masked_input(tokens: jax.Array, fixed: jax.Array, mask_id: int) -> jax.Array
 def all_masked(model: model_lib.MD4, batch_size: int) -> jax.Array:
   """int32 [B, *data_shape] filled with the mask id."""
   return jnp.full((batch_size,) + tuple(model.data_shape), model.mask_id, jnp.int32)
+
+
+def class_labels(num_classes: int, batch_size: int, label: Optional[int] = None,
+                 offset: int = 0) -> Optional[jax.Array]:
+  """Labels to sample a class-conditional model with; None if unconditional.
+
+  Args:
+    num_classes: the model's classes (0 = unconditional).
+    batch_size: B.
+    label: one label for every sample, or None for offset, offset + 1, ...
+      (mod num_classes), i.e. the classes in turn.
+    offset: index of the first sample (for labels that continue across batches).
+
+  Returns:
+    int32 [B] or None.
+
+  Raises:
+    ValueError: a label given for an unconditional model, or out of range.
+  """
+  if label is None:
+    if num_classes <= 0:
+      return None
+    return (offset + jnp.arange(batch_size, dtype=jnp.int32)) % num_classes
+  if not 0 <= label < max(num_classes, 0):
+    raise ValueError(f"label {label} needs a class-conditional model with label < classes "
+                     f"(this one has classes={num_classes}).")
+  return jnp.full((batch_size,), label, jnp.int32)
 
 
 def sample(
@@ -493,8 +530,8 @@ def sample(
       evaluates all B examples once, so it is also the NFE per sample.
       'frames': int32 [K, B, *data_shape] when frames > 0.
   """
+  check_arguments(sampler, steps, grid, options, t_start, frames)
   spec = get_sampler(sampler)
-  _check(spec, steps, grid, options, t_start, frames)
   if z_init is None:
     if batch_size is None:
       raise ValueError("Pass batch_size or z_init.")
@@ -519,7 +556,7 @@ def sample(
   if frames:
     frame_times = t_start * (1.0 - jnp.arange(frames, dtype=jnp.float32) / (frames - 1))
     trajectory = jnp.broadcast_to(z[None], (frames,) + z.shape)
-  chain = _Chain(predict=predict, schedule=model.noise_schedule,
+  chain = _Chain(predict=predict, schedule=model.schedule,
                  keys_B=_example_keys(rng, batch), mask_id=model.mask_id, options=options,
                  token_logits=spec.token_logits, frame_times_K=frame_times)
   if not spec.grid:
@@ -554,53 +591,8 @@ def reconstruct(
   """
   k_mask, k_chain = jax.random.split(rng)
   x = jnp.asarray(x, jnp.int32)
-  alpha_B = jnp.full((x.shape[0],), model.noise_schedule.alpha(jnp.float32(t)))
+  alpha_B = jnp.full((x.shape[0],), model.schedule.alpha(jnp.float32(t)))
   z_t, _ = losses.forward_mask(x, alpha_B, jax.random.uniform(k_mask, x.shape), model.mask_id)
   tokens, stats = sample(model, variables, k_chain, z_init=z_t, cond=cond, steps=steps,
                          sampler=sampler, grid=grid, options=options, t_start=t, frames=frames)
   return z_t, tokens, stats
-
-
-def make_sampler(
-    model: model_lib.MD4, mesh: Mesh, *, steps: Optional[int], sampler: str = "ancestral",
-    grid: str = "uniform", options: SamplerOptions = SamplerOptions(), t_start: float = 1.0,
-    frames: int = 0, rules: Optional[Any] = None,
-) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-  """`sample` jitted over `mesh` with the batch split across its batch axes.
-
-  Returns:
-    fn(variables, rng, z_init, cond=None) -> (tokens, stats): z_init [B, ...]
-    (B divisible by the batch shards; see `all_masked` / `masked_input`) and
-    cond [B] are batch-sharded, tokens come back batch-sharded, stats['nfe']
-    replicated, stats['frames'] sharded on its batch axis. variables keep the
-    sharding they have (e.g. from workdir.restore_run) or are placed by jit.
-    rules: optional logical-axis rules; with them the networks' activation
-      constraints apply over `mesh` (as in the train step).
-  """
-  get_sampler(sampler)
-  _check(get_sampler(sampler), steps, grid, options, t_start, frames)
-  batch_sharding = parallel.batch_sharding(mesh)
-  replicated = parallel.replicated(mesh)
-  stats_sharding = {"nfe": replicated}
-  if frames:
-    stats_sharding["frames"] = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
-
-  def fn(variables, rng, z_init, cond):
-    def run():
-      return sample(model, variables, rng, z_init=z_init, cond=cond, steps=steps,
-                    sampler=sampler, grid=grid, options=options, t_start=t_start,
-                    frames=frames)
-    if rules is None:
-      return run()
-    with parallel.logical_context(rules, mesh):
-      return run()
-
-  jitted = jax.jit(fn, in_shardings=(None, replicated, batch_sharding, batch_sharding),
-                   out_shardings=(batch_sharding, stats_sharding))
-
-  def call(variables, rng, z_init, cond=None):
-    parallel.check_batch_size(int(np.shape(z_init)[0]), mesh, "the sampling batch")
-    return jitted(variables, rng, z_init, cond)
-
-  call.jitted = jitted  # For ahead-of-time lowering (call.jitted.lower(...)).
-  return call

@@ -6,13 +6,14 @@ into [eps, 1−eps] so that α(0) ≈ 1 and α(1) ≈ 0 without touching either:
   α(t) = (1 − 2·eps)·α₀(t) + eps,     α'(t) = (1 − 2·eps)·α₀'(t).
 
 The loss weight is w(t) = −α'(t) / (1 − α(t)) ≥ 0 and the log-SNR is
-γ(t) = log(α / (1 − α)). `get_schedule(name)` parses a name into a `Schedule`.
+γ(t) = log(α / (1 − α)). A schedule is a frozen dataclass, equal and hashable by
+value (`get_schedule("poly3") == PolySchedule(3.0)`), so the model holds the
+object itself; `get_schedule(name)` parses a config name into one.
 """
 
 import dataclasses
 import math
 import re
-from typing import Callable
 
 import jax.numpy as jnp
 
@@ -23,21 +24,31 @@ Array = jnp.ndarray
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """A masking schedule. All methods are elementwise and jit-friendly.
+  """A masking schedule: subclasses define α₀, its derivative and its inverse.
+
+  Every method is elementwise and jit-friendly.
 
   Attributes:
-    name: the parsed name, e.g. 'cosine' or 'poly3'.
-    base_alpha: α₀(t), decreasing from 1 to 0 on [0, 1].
-    base_dalpha: dα₀/dt.
-    base_inverse: t such that α₀(t) = a, for a in [0, 1].
     eps: the squeeze margin.
   """
 
-  name: str
-  base_alpha: Callable[[Array], Array]
-  base_dalpha: Callable[[Array], Array]
-  base_inverse: Callable[[Array], Array]
   eps: float = EPS
+
+  @property
+  def name(self) -> str:
+    raise NotImplementedError
+
+  def base_alpha(self, t: Array) -> Array:
+    """α₀(t), decreasing from 1 to 0 on [0, 1]."""
+    raise NotImplementedError
+
+  def base_dalpha(self, t: Array) -> Array:
+    """dα₀/dt."""
+    raise NotImplementedError
+
+  def base_inverse(self, a: Array) -> Array:
+    """t such that α₀(t) = a, for a in [0, 1]."""
+    raise NotImplementedError
 
   def alpha(self, t: Array) -> Array:
     """α(t) in [eps, 1 − eps]."""
@@ -62,35 +73,64 @@ class Schedule:
     return self.base_inverse(jnp.clip(a0, 0.0, 1.0))
 
 
-def _linear() -> Schedule:
-  return Schedule(
-      name="linear",
-      base_alpha=lambda t: 1.0 - t,
-      base_dalpha=lambda t: -jnp.ones_like(t),
-      base_inverse=lambda a: 1.0 - a,
-  )
+@dataclasses.dataclass(frozen=True)
+class LinearSchedule(Schedule):
+  """α₀(t) = 1 − t."""
+
+  name = "linear"
+
+  def base_alpha(self, t):
+    return 1.0 - t
+
+  def base_dalpha(self, t):
+    return -jnp.ones_like(t)
+
+  def base_inverse(self, a):
+    return 1.0 - a
 
 
-def _cosine() -> Schedule:
-  half_pi = math.pi / 2
-  return Schedule(
-      name="cosine",
-      base_alpha=lambda t: 1.0 - jnp.cos(half_pi * (1.0 - t)),
-      base_dalpha=lambda t: -half_pi * jnp.sin(half_pi * (1.0 - t)),
-      base_inverse=lambda a: 1.0 - jnp.arccos(1.0 - a) / half_pi,
-  )
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule(Schedule):
+  """α₀(t) = 1 − cos(π/2·(1 − t))."""
+
+  name = "cosine"
+
+  def base_alpha(self, t):
+    return 1.0 - jnp.cos(math.pi / 2 * (1.0 - t))
+
+  def base_dalpha(self, t):
+    return -math.pi / 2 * jnp.sin(math.pi / 2 * (1.0 - t))
+
+  def base_inverse(self, a):
+    return 1.0 - jnp.arccos(1.0 - a) / (math.pi / 2)
 
 
-def _poly(power: float, name: str) -> Schedule:
-  return Schedule(
-      name=name,
-      base_alpha=lambda t: 1.0 - t**power,
-      base_dalpha=lambda t: -power * t ** (power - 1.0),
-      base_inverse=lambda a: (1.0 - a) ** (1.0 / power),
-  )
+@dataclasses.dataclass(frozen=True)
+class PolySchedule(Schedule):
+  """α₀(t) = 1 − t^K. For K < 1 the weight K·t^(K−1)/(1 − α) diverges at t = 0
+  (integrably): the loss draws t in (0, 1], never 0 (losses.sample_times).
+
+  Attributes:
+    power: K > 0.
+  """
+
+  power: float = 1.0
+
+  @property
+  def name(self) -> str:
+    return f"poly{self.power:g}"
+
+  def base_alpha(self, t):
+    return 1.0 - t**self.power
+
+  def base_dalpha(self, t):
+    return -self.power * t ** (self.power - 1.0)
+
+  def base_inverse(self, a):
+    return (1.0 - a) ** (1.0 / self.power)
 
 
-_FIXED = {"linear": _linear, "cosine": _cosine}
+_FIXED = {"linear": LinearSchedule, "cosine": CosineSchedule}
 _POLY = re.compile(r"^poly(\d+(?:\.\d*)?|\.\d+)$")
 VALID_FORMS = "'linear', 'cosine', or 'polyK' with K a positive number (e.g. 'poly3', 'poly0.5')"
 
@@ -103,5 +143,5 @@ def get_schedule(name: str) -> Schedule:
   if match:
     power = float(match.group(1))
     if power > 0:
-      return _poly(power, name)
+      return PolySchedule(power=power)
   raise ValueError(f"Unknown noise schedule {name!r}; valid: {VALID_FORMS}.")

@@ -10,10 +10,11 @@ Every network is a Flax linen module called as
   train:  enables dropout (rng stream 'dropout').
   logits: [B, *data_shape, V] float32, over the V real tokens.
 
-A network whose last layer is a per-position linear head may also set the
-class attribute `supports_features = True` and accept `return_features=True`,
-returning layers.HeadInputs (features and head parameters): the loss then
-applies the head chunk by chunk (diffusion/losses.chunked_head_nll).
+A network whose last layer is a per-position linear head declares it by
+inheriting `layers.FusedHeadNetwork` and offers
+`features(z, t, cond, train) -> layers.HeadInputs` (features and the head's
+parameters): the loss can then apply the head chunk by chunk
+(diffusion/losses.chunked_nll, config.loss_chunk_size).
 
 Only the builders here read the config; the modules take typed attributes.
 Parameters carry logical axis names (see transformer.py / unet.py) and come
@@ -33,20 +34,11 @@ from md4_jax.networks.transformer import Transformer
 from md4_jax.networks.unet import UNet
 
 
-def remat_policy(config: ml_collections.ConfigDict) -> str:
-  """config.remat_policy, or 'full' for a legacy `config.remat = True`."""
-  policy = config.get("remat_policy", "none")
-  if policy == "none" and config.get("remat", False):
-    policy = "full"
-  layers.check_remat_policy(policy)
-  return policy
-
-
 def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
   """Attributes every network shares, read from the config."""
   layers.check_time_features(config.time_features)
-  attention_impl = config.get("attention_impl", "xla")
-  layers.check_attention_impl(attention_impl)
+  layers.check_attention_impl(config.attention_impl)
+  layers.check_remat_policy(config.remat_policy)
   return dict(
       vocab_size=config.vocab_size,
       num_classes=config.classes,
@@ -54,8 +46,8 @@ def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype),
-      remat_policy=remat_policy(config),
-      attention_impl=attention_impl,
+      remat_policy=config.remat_policy,
+      attention_impl=config.attention_impl,
   )
 
 
@@ -68,7 +60,7 @@ def build_transformer(config: ml_collections.ConfigDict) -> Transformer:
       depth=tc.depth,
       num_heads=tc.num_heads,
       mlp_ratio=tc.mlp_ratio,
-      scan_layers=config.get("scan_layers", False),
+      scan_layers=config.scan_layers,
       **_common_kwargs(config),
   )
 

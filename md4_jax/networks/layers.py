@@ -449,11 +449,11 @@ class SelfAttention(nn.Module):
 
 
 class HeadInputs(NamedTuple):
-  """A network's output before its final linear layer (`return_features=True`).
+  """A network's output before its final linear layer (`FusedHeadNetwork.features`).
 
   logits = h @ kernel + bias, computed by `linear_head` in h's dtype, so a loss
   can apply the head a chunk of positions at a time and never hold all
-  [B, N, V] logits (see diffusion/losses.chunked_head_nll).
+  [B, N, V] logits (see diffusion/losses.chunked_nll).
 
   Attributes:
     h: [B, *data_shape, D] final features, in the activation dtype.
@@ -469,6 +469,21 @@ class HeadInputs(NamedTuple):
     """[..., D] features (e.g. a chunk of `self.h`) -> [..., V] logits."""
     out = linear_head(h, self.kernel, self.bias)
     return constrain(out, ACTIVATION_BxLxV) if out.ndim == 3 else out
+
+
+class FusedHeadNetwork:
+  """The interface of a network whose last layer is a per-position linear head.
+
+  Such a network offers, besides `__call__(z, t, cond, train) -> logits`,
+  `features(z, t, cond, train) -> HeadInputs`: the features and the head's
+  parameters, so the loss can fuse the head with the cross-entropy
+  (`MD4.loss_chunk_size`). A network declares it by inheriting this class;
+  `model.build_model` refuses `loss_chunk_size > 0` for any other network.
+  """
+
+  def features(self, z: Array, t: Array, cond: Optional[Array] = None,
+               train: bool = False) -> HeadInputs:
+    raise NotImplementedError
 
 
 def linear_head(h: Array, kernel: Array, bias: Array) -> Array:
@@ -502,8 +517,8 @@ class LinearHead(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, h: Array, return_features: bool = False):
-    """[..., D] -> [..., V] logits in `dtype`, or HeadInputs if asked."""
+  def inputs(self, h: Array) -> HeadInputs:
+    """[..., D] -> HeadInputs (h in `dtype`, the head's parameters)."""
     kernel = self.param(
         "kernel",
         partitioned(nn.initializers.lecun_normal(), ("embed", "vocab")),
@@ -516,7 +531,9 @@ class LinearHead(nn.Module):
         (self.features,),
         self.param_dtype,
     )
-    h = h.astype(self.dtype)
-    if return_features:
-      return HeadInputs(h, kernel, bias)
-    return linear_head(h, kernel, bias)
+    return HeadInputs(h.astype(self.dtype), kernel, bias)
+
+  def __call__(self, h: Array) -> Array:
+    """[..., D] -> [..., V] logits in `dtype`."""
+    heads = self.inputs(h)
+    return linear_head(heads.h, heads.kernel, heads.bias)

@@ -36,8 +36,9 @@ Memory knobs: `remat_policy` rematerialises each block with a
 jax.checkpoint policy (layers.REMAT_POLICIES); `scan_layers` runs the blocks as
 one `nn.scan` over stacked parameters (one compiled block, and the backward
 pass recomputes block by block inside the loop, which is what makes remat
-effective on backends whose scheduler may hoist recomputation, e.g. CPU);
-`return_features=True` hands the head to the loss (layers.HeadInputs).
+effective on backends whose scheduler may hoist recomputation, e.g. CPU).
+The transformer is a `layers.FusedHeadNetwork`: `features` hands the final
+features and the head's parameters to the loss (layers.HeadInputs).
 """
 
 from typing import Any, Optional
@@ -191,7 +192,7 @@ class ScannedBlock(nn.Module):
     return block_cls(**self.block_kwargs, name="block")(x_BxLxD, c_BxC, self.train), None
 
 
-class Transformer(nn.Module):
+class Transformer(nn.Module, layers.FusedHeadNetwork):
   """MD4 denoising transformer: (z, t, cond) -> logits over the V real tokens.
 
   Attributes:
@@ -229,30 +230,33 @@ class Transformer(nn.Module):
   scan_layers: bool = False
   attention_impl: str = "xla"
 
-  # The network can return its features and head (return_features=True).
-  supports_features = True
+  def __call__(self, z: Array, t: Array, cond: Optional[Array] = None,
+               train: bool = False) -> Array:
+    """[B, *data_shape] tokens -> [B, *data_shape, V] float32 logits (see `features`)."""
+    feats = self.features(z, t, cond, train)
+    batch_size, data_shape = z.shape[0], z.shape[1:]
+    h_BxLxD = feats.h.reshape(batch_size, -1, self.width)
+    logits_BxLxV = feats.logits(h_BxLxD)  # Carries the logits' activation constraint.
+    return logits_BxLxV.astype(jnp.float32).reshape(batch_size, *data_shape, self.vocab_size)
 
   @nn.compact
-  def __call__(
+  def features(
       self,
       z: Array,
       t: Array,
       cond: Optional[Array] = None,
       train: bool = False,
-      return_features: bool = False,
-  ):
-    """Computes logits.
+  ) -> layers.HeadInputs:
+    """The final features and the head's parameters.
 
     Args:
       z: [B, *data_shape] int tokens in [0, V].
       t: [B] float times in [0, 1] (ignored if time_features == 'none').
       cond: [B] int labels in [0, num_classes), or None.
       train: enables dropout (rng stream 'dropout').
-      return_features: return layers.HeadInputs (features [B, *data_shape, D]
-        and the head's parameters) instead of applying the head.
 
     Returns:
-      [B, *data_shape, V] float32 logits, or HeadInputs.
+      layers.HeadInputs: h [B, *data_shape, D] and the head's kernel and bias.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     batch_size, data_shape = z.shape[0], z.shape[1:]
@@ -322,11 +326,5 @@ class Transformer(nn.Module):
     )(c_BxC)
     x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
     x_BxLxD = layers.modulate(x_BxLxD, shift, scale)
-    head = layers.LinearHead(self.vocab_size, name="head", **kw)
-    if return_features:
-      feats = head(x_BxLxD, return_features=True)
-      return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))
-    logits_BxLxV = layers.constrain(head(x_BxLxD), layers.ACTIVATION_BxLxV)
-    return logits_BxLxV.astype(jnp.float32).reshape(
-        batch_size, *data_shape, self.vocab_size
-    )
+    feats = layers.LinearHead(self.vocab_size, name="head", **kw).inputs(x_BxLxD)
+    return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))

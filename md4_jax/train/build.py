@@ -1,29 +1,170 @@
-"""Model, sharded train state and jitted steps from a config, over a mesh.
+"""One setup: from a config and a mesh to everything a run steps, evaluates and samples.
 
-Everything a training or benchmark run needs to build and step the model,
-with no data pipeline, checkpointing or metric writers (so no TensorFlow,
-TFDS, grain or clu imports): `loop.run` uses these, and so do the benchmark
-scripts, which then run on accelerator images that lack those packages.
+  experiment = build.setup(config, mesh)
+  state = experiment.init_state()                    # or experiment.restore(checkpointer)
+  state, metrics = experiment.train_step(state, batch)
+  terms = experiment.eval_step(num_t_samples=4)(params, batch, rng)
+  tokens, stats = experiment.sampler(steps=256)(variables, rng, z_init, cond)
+
+`setup` is the only place that turns a config into the mesh's sharding rules,
+the model, the optimiser, the abstract (sharded) train state and the jitted
+functions; the training loop, the sampling and evaluation CLIs, the benchmarks
+and the tests all call it. Every jitted function is traced inside
+`parallel.logical_context(rules, mesh)`, so the networks' activation
+constraints apply over the mesh. No data pipeline, checkpoint format or metric
+writer is imported here (so no TensorFlow, TFDS, grain or clu): the benchmark
+scripts run on accelerator images that lack those packages.
 """
 
+import dataclasses
 import functools
-from typing import Optional
+import math
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import ml_collections
-from jax.sharding import Mesh
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from md4_jax import networks
+from md4_jax import optim
 from md4_jax import parallel
 from md4_jax.diffusion import model as model_lib
+from md4_jax.diffusion import samplers
 from md4_jax.train import state as state_lib
 from md4_jax.train import step as step_lib
+
+
+def sharding_rules(config: ml_collections.ConfigDict) -> parallel.Rules:
+  """config.sharding_rules as hashable (logical name, mesh axes) pairs."""
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
+               for name, axes in config.sharding_rules)
 
 
 def build_model(config: ml_collections.ConfigDict) -> model_lib.MD4:
   """The MD4 model (network from the registry) described by the config."""
   return model_lib.build_model(config, networks.build_network(config))
+
+
+@dataclasses.dataclass(eq=False)  # Hashed by identity (eval_step caches per K).
+class Experiment:
+  """What one config builds over one mesh.
+
+  Attributes:
+    config: the run config.
+    mesh: the device mesh.
+    rules: logical-axis -> mesh-axis rules (parameters and activations).
+    model: the MD4 module.
+    optimizer: the optax transformation; lr_schedule its learning rate.
+    abstract_state: ShapeDtypeStructs (with shardings) of the TrainState.
+  """
+
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  rules: parallel.Rules
+  model: model_lib.MD4
+  optimizer: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  abstract_state: state_lib.TrainState
+
+  @property
+  def state_shardings(self) -> Any:
+    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
+  @property
+  def num_params(self) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(self.abstract_state.params))
+
+  def jit(self, fn: Callable, **jit_kwargs) -> Callable:
+    """jax.jit(fn) traced inside the logical rules and the abstract mesh."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      with parallel.logical_context(self.rules, self.mesh):
+        return fn(*args, **kwargs)
+    return jax.jit(traced, **jit_kwargs)
+
+  def init_state(self) -> state_lib.TrainState:
+    """A fresh TrainState, initialised directly in its shardings."""
+    init = _init_fn(self.config, self.model, self.optimizer, self.mesh)
+    with nn.logical_axis_rules(self.rules):
+      return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=self.state_shardings)(
+          jax.random.key(self.config.seed))
+
+  def restore(self, checkpointer, step: Optional[int] = None,
+              data_iter: Any = None) -> state_lib.TrainState:
+    """The checkpointed state (latest or `step`) in this mesh's shardings.
+
+    checkpointer: a `checkpoint.Checkpointer`; the data iterator, if given, is
+    restored in place.
+    """
+    return checkpointer.restore(self.abstract_state, data_iter, step=step)
+
+  @functools.cached_property
+  def train_step(self) -> Callable[[state_lib.TrainState, Any],
+                                   tuple[state_lib.TrainState, dict[str, jax.Array]]]:
+    """`(state, global batch) -> (state, metrics)`: jitted, the state donated."""
+    config = self.config
+    fn = functools.partial(step_lib.train_step, model=self.model, optimizer=self.optimizer,
+                           lr_schedule=self.lr_schedule, ema_rate=config.ema_rate,
+                           accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
+                           debug_nan_at_step=config.debug_nan_at_step)
+    shardings = self.state_shardings
+    return self.jit(fn, in_shardings=(shardings, parallel.batch_sharding(self.mesh)),
+                    out_shardings=(shardings, parallel.replicated(self.mesh)), donate_argnums=0)
+
+  @functools.cache  # pylint: disable=method-cache-max-size-none
+  def eval_step(self, num_t_samples: int = 1) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted `(params, batch, rng) -> per-example NELBO terms` (see step.eval_step).
+
+    Outputs are replicated float32 [B] arrays; K = num_t_samples time draws
+    are averaged per example.
+    """
+    if num_t_samples < 1:
+      raise ValueError(f"num_t_samples must be >= 1, got {num_t_samples}.")
+    fn = functools.partial(step_lib.eval_step, model=self.model,
+                           num_t_samples=int(num_t_samples))
+    return self.jit(fn, in_shardings=(None, parallel.batch_sharding(self.mesh),
+                                      parallel.replicated(self.mesh)),
+                    out_shardings=parallel.replicated(self.mesh))
+
+  def sampler(
+      self, *, steps: Optional[int], sampler: str = "ancestral", grid: str = "uniform",
+      options: samplers.SamplerOptions = samplers.SamplerOptions(), t_start: float = 1.0,
+      frames: int = 0,
+  ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """`samplers.sample` jitted over the mesh with the batch split across its batch axes.
+
+    Returns:
+      fn(variables, rng, z_init, cond=None) -> (tokens, stats): z_init
+      [B, ...] (B divisible by the batch shards; see `samplers.all_masked` /
+      `masked_input`) and cond [B] are batch-sharded, tokens come back
+      batch-sharded, stats['nfe'] replicated, stats['frames'] sharded on its
+      batch axis. variables keep the sharding they have (e.g. restored) or
+      are placed by jit. `fn.jitted` allows ahead-of-time lowering.
+    """
+    samplers.check_arguments(sampler, steps, grid, options, t_start, frames)
+    mesh = self.mesh
+    batch_sharding = parallel.batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
+    stats_sharding = {"nfe": replicated}
+    if frames:
+      stats_sharding["frames"] = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+    def fn(variables, rng, z_init, cond):
+      return samplers.sample(self.model, variables, rng, z_init=z_init, cond=cond, steps=steps,
+                             sampler=sampler, grid=grid, options=options, t_start=t_start,
+                             frames=frames)
+
+    jitted = self.jit(fn, in_shardings=(None, replicated, batch_sharding, batch_sharding),
+                      out_shardings=(batch_sharding, stats_sharding))
+
+    def call(variables, rng, z_init, cond=None):
+      parallel.check_batch_size(int(z_init.shape[0]), mesh, "the sampling batch")
+      return jitted(variables, rng, z_init, cond)
+
+    call.jitted = jitted
+    return call
 
 
 def _init_fn(config, model, optimizer, mesh):
@@ -32,59 +173,24 @@ def _init_fn(config, model, optimizer, mesh):
                            with_labels=config.classes > 0)
 
 
-def sharding_rules(config) -> tuple:
-  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-               for name, axes in config.sharding_rules)
+def setup(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> Experiment:
+  """Builds the experiment of `config` over `mesh` (default: the config's mesh).
 
+  Shapes first, then shardings: the abstract state comes from `jax.eval_shape`
+  and the logical rules, so nothing is allocated until `init_state` or
+  `restore`.
 
-def abstract_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
-  """Shapes, dtypes and shardings (from the logical rules) of the TrainState."""
-  boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
-  shardings = parallel.logical_shardings(boxed, mesh, sharding_rules(config))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
-
-
-def create_train_state(config, model, optimizer, mesh) -> state_lib.TrainState:
-  """Initialises the state directly in its shardings (shapes → shardings → init)."""
-  abstract = abstract_train_state(config, model, optimizer, mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  init = _init_fn(config, model, optimizer, mesh)
-  with nn.logical_axis_rules(sharding_rules(config)):
-    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(
-        jax.random.key(config.seed))
-
-
-def with_rules(fn, config, mesh: Optional[Mesh] = None):
-  """Traces `fn` inside `parallel.logical_context(sharding_rules(config), mesh)`."""
-  rules = sharding_rules(config)
-
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    with parallel.logical_context(rules, mesh):
-      return fn(*args, **kwargs)
-  return wrapped
-
-
-def make_train_step(config, model, optimizer, lr_schedule, mesh, state):
-  """The jitted, donated train step over `mesh`."""
-  fn = functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                         lr_schedule=lr_schedule, ema_rate=config.ema_rate,
-                         accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
-                         debug_nan_at_step=config.debug_nan_at_step)
-  state_shardings = jax.tree.map(lambda a: a.sharding, state)
-  return jax.jit(with_rules(fn, config, mesh), in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
-
-
-def make_eval_step(config, model, mesh, num_t_samples: int = 1):
-  """Jitted `(params, batch, rng) -> per-example NELBO estimates` over `mesh`.
-
-  See `step.eval_step`; outputs are replicated float32 [B] arrays.
+  Raises:
+    ValueError: a bad mesh, schedule, network or optimiser setting.
   """
-  if num_t_samples < 1:
-    raise ValueError(f"num_t_samples must be >= 1, got {num_t_samples}.")
-  fn = functools.partial(step_lib.eval_step, model=model, num_t_samples=int(num_t_samples))
-  return jax.jit(with_rules(fn, config, mesh),
-                 in_shardings=(None, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                 out_shardings=parallel.replicated(mesh))
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  rules = sharding_rules(config)
+  model = build_model(config)
+  optimizer, lr_schedule = optim.build_optimizer(config)
+  boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      nn.meta.unbox(boxed), shardings)
+  return Experiment(config=config, mesh=mesh, rules=rules, model=model, optimizer=optimizer,
+                    lr_schedule=lr_schedule, abstract_state=abstract_state)

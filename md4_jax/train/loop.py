@@ -1,17 +1,15 @@
-"""Build, restore, train; periodic eval, samples, checkpoints and metrics.
+"""Restore or initialise, train; periodic eval, samples, checkpoints and metrics.
 
-This is the only training loop: one `jax.jit` over a mesh serves one CPU as
-well as many devices and processes.
+This is the only training loop: `build.setup` jits one step over a mesh that
+serves one CPU as well as many devices and processes.
 """
 
 import json
-import math
 import os
 import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -20,7 +18,7 @@ from etils import epath
 
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
-from md4_jax import optim
+from md4_jax import evaluation
 from md4_jax import parallel
 from md4_jax import preemption
 from md4_jax import run_config
@@ -28,86 +26,21 @@ from md4_jax import visualize
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.train import build
+from md4_jax.train import step as step_lib
 
-EVAL_RNG_SALT = 1  # Eval noise is fixed per run: fold_in(key(seed), salt).
-SAMPLE_RNG_SALT = 2
-
-
-def evaluate(eval_step, params, datasets, mesh, model, seed: int,
-             progress=None) -> dict[str, float]:
-  """NELBO over the whole eval split (every example once), with standard errors.
-
-  Batch i draws its times and masks from fold_in(fold_in(key(seed), salt), i).
-  Results are fetched one batch late, so the device never waits for the host;
-  the statistics are computed on the host in float64.
-
-  Args:
-    eval_step: from `make_eval_step` (any number of time samples K).
-    params: the parameters to evaluate (e.g. the EMA ones).
-    datasets: `eval_batches()` covers the split once; padding has weight 0.
-    mesh: the device mesh the batches are sharded over.
-    model: the MD4 model (for D, the positions per example).
-    seed: base seed of the times and masks.
-    progress: optional wrapper of the batch iterator (e.g. a tqdm bar).
-
-  Returns:
-    eval_loss (mean NELBO, nats per example), eval_loss_diff, eval_loss_recon,
-    eval_bpd = eval_loss / (D ln 2), eval_loss_stderr and eval_bpd_stderr (the
-    sample std of the N per-example estimates / sqrt(N): data spread plus
-    the estimator's noise, which falls with K) and eval_examples (N).
-  """
-  base = jax.random.fold_in(jax.random.key(seed), EVAL_RNG_SALT)
-  batches = datasets.eval_batches()
-  if progress is not None:
-    batches = progress(batches)
-  chunks, pending = [], None
-  for i, batch in enumerate(batches):
-    out = eval_step(params, parallel.to_global(batch, mesh), jax.random.fold_in(base, i))
-    if pending is not None:
-      chunks.append(parallel.fetch(pending))
-    pending = out
-  if pending is None:
-    raise ValueError("The evaluation split is empty.")
-  chunks.append(parallel.fetch(pending))
-  real = np.concatenate([c["weight"] for c in chunks]) > 0
-  values = {k: np.concatenate([c[k] for c in chunks]).astype(np.float64)[real]
-            for k in chunks[0] if k != "weight"}
-  n = int(real.sum())
-  bits = model.num_positions * math.log(2.0)
-  result = {f"eval_{k}": float(np.mean(v)) for k, v in values.items()}
-  stderr = float(np.std(values["loss"], ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-  result.update(eval_bpd=result["eval_loss"] / bits, eval_loss_stderr=stderr,
-                eval_bpd_stderr=stderr / bits, eval_examples=float(n))
-  return result
+SAMPLE_RNG_SALT = 2  # Periodic samples: fold_in(fold_in(key(seed), salt), step).
 
 
-def make_sample_fn(config, model, mesh):
-  """Jitted ancestral sampler for the periodic samples (replicated, small batch)."""
-  def fn(params, rng, cond):
-    return samplers.sample(model, {"params": params}, rng, batch_size=config.num_samples,
-                           cond=cond, steps=config.sampling_steps)[0]
-  return jax.jit(fn, out_shardings=parallel.replicated(mesh))
-
-
-def write_samples(tokens, datasets, model, workdir, step, writer) -> str:
+def write_samples(tokens, datasets, config, workdir: str, step: int, writer) -> str:
   """Writes a PNG grid (images) or a text file (text) and logs it to TensorBoard."""
-  tokens = np.asarray(tokens)
-  out_dir = os.path.join(workdir, "samples")
-  if datasets.kind == "image":
-    grid = visualize.image_grid(tokens, model.vocab_size)
-    path = visualize.save_png(grid, os.path.join(out_dir, f"step_{step:08d}.png"), scale=4)
-    writer.write_images(step, {"samples": grid[None]})
+  path, shown = visualize.save_samples(
+      tokens, os.path.join(workdir, "samples", f"step_{step:08d}"), config.vocab_size,
+      datasets.info.text_codec(config.data_dir))
+  if isinstance(shown, np.ndarray):
+    writer.write_images(step, {"samples": shown[None]})
   else:
-    texts = visualize.decode_all(tokens, datasets.decode) if datasets.decode else [str(r.tolist()) for r in tokens]
-    path = visualize.save_texts(texts, os.path.join(out_dir, f"step_{step:08d}.txt"))
-    writer.write_texts(step, {"samples": "\n\n".join(texts[:4])})
+    writer.write_texts(step, {"samples": "\n\n".join(shown[:4])})
   return path
-
-
-def class_labels(config) -> Optional[jax.Array]:
-  if config.classes <= 0:
-    return None
-  return jnp.arange(config.num_samples, dtype=jnp.int32) % config.classes
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -138,20 +71,23 @@ def save_run_info(config, workdir: str, num_params: int) -> None:
   (epath.Path(workdir) / "run_info.json").write_text(json.dumps(info, indent=2))
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss or gradient became NaN/Inf and the policy is to stop."""
+NonFiniteError = step_lib.NonFiniteError
 
 
 class _MetricLog:
   """Collects device metrics each step; writes them one step late (no host sync).
 
-  Means are over the finite steps; `raise_on_nonfinite` makes a non-finite step
-  an error at log time (the guard of last resort when check_nans is off).
+  Means are over the finite steps, with the mean loss also as the dataset's
+  headline metric (train_bits_per_char, ...); `raise_on_nonfinite` makes a
+  non-finite step an error at log time (the guard of last resort when
+  check_nans is off).
   """
 
-  def __init__(self, writer, raise_on_nonfinite: bool):
+  def __init__(self, writer, raise_on_nonfinite: bool, num_positions: int, metric: str):
     self._writer = writer
     self._raise = raise_on_nonfinite
+    self._num_positions = num_positions
+    self._metric = metric
     self._buffer: list[dict[str, jax.Array]] = []
     self._pending: Optional[tuple[int, list]] = None
 
@@ -174,6 +110,9 @@ class _MetricLog:
                            "the learning rate or check the data.")
     summary = {f"train_{k}": float(np.mean([v[k] for v in good]))
                for k in values[0] if k != "finite"} if good else {}
+    if good:
+      bits = evaluation.headline(summary["train_loss"], 0.0, self._num_positions, self._metric)
+      summary.update({f"train_{k}": v for k, v in bits.items() if not k.endswith("_stderr")})
     summary["train_nonfinite_steps"] = float(len(values) - len(good))
     self._writer.write_scalars(step, summary)
 
@@ -191,29 +130,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   changes = run_config.check_resume(workdir, config, allow_config_change)
   if changes:
     logging.warning("Resuming with changed safe config keys: %s", changes)
-  mesh = parallel.make_mesh(config.mesh)
+  experiment = build.setup(config)
+  mesh, model = experiment.mesh, experiment.model
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   if config.num_samples > 0:
     parallel.check_batch_size(config.num_samples, mesh, "num_samples")
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  model = build.build_model(config)
-  optimizer, lr_schedule = optim.build_optimizer(config)
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
+  metric = datasets.info.metric
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                              config.max_checkpoints_to_keep)
-  abstract_state = build.abstract_train_state(config, model, optimizer, mesh)
   resumed = checkpointer.latest_step() is not None
   if resumed:  # Restores the data iterator too, before the first batch is read.
-    state = checkpointer.restore(abstract_state, datasets.train_iter)
+    state = experiment.restore(checkpointer, data_iter=datasets.train_iter)
     logging.info("Resuming from step %d.", int(state.step))
   first_batch = next(datasets.train_iter)
   model_lib.check_tokens(first_batch["x"], config.vocab_size)
   if not resumed:
-    state = build.create_train_state(config, model, optimizer, mesh)
+    state = experiment.init_state()
 
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  num_params = experiment.num_params
   save_run_info(config, workdir, num_params)
   logging.info("Config:\n%s", config)
   parameter_overview.log_parameter_overview(state.params)
@@ -222,18 +160,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   if not resumed:
     writer.write_texts(0, {"config": f"```\n{config}\n```"})
 
-  train_step = build.make_train_step(config, model, optimizer, lr_schedule, mesh, state)
-  eval_step = build.make_eval_step(config, model, mesh)
-  sample_fn = make_sample_fn(config, model, mesh)
+  train_step = experiment.train_step
+  eval_step = experiment.eval_step()
+  eval_progress = evaluation.Progress(datasets.num_eval_batches,
+                                      f"eval {datasets.info.name}/{datasets.eval_split}", bar=False)
+  if config.num_samples > 0:
+    sample_fn = experiment.sampler(steps=config.sampling_steps)
+    sample_z = samplers.all_masked(model, config.num_samples)
+    sample_cond = samplers.class_labels(config.classes, config.num_samples)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
   watcher = preemption.PreemptionWatcher()
+
+  def run_eval(params) -> dict[str, Any]:
+    return evaluation.evaluate(eval_step, params, datasets, mesh, model.num_positions,
+                               config.seed, progress=eval_progress)
 
   total = config.num_train_steps
   step = int(state.step)
   initial_step = step
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_loss_every_steps)
-  log = _MetricLog(writer, raise_on_nonfinite=not config.check_nans)
+  log = _MetricLog(writer, not config.check_nans, model.num_positions, metric)
   eval_metrics: dict[str, Any] = {}
   preempted = False
   pending_finite: Optional[tuple[int, jax.Array, dict]] = None
@@ -278,14 +225,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
         if due(config.eval_every_steps):
           log.flush()
           with report.timed("eval"):
-            eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
-          writer.write_scalars(step, {k: v for k, v in eval_metrics.items() if k != "eval_examples"})
-          logging.info("step %d: eval bpd %.4f", step, eval_metrics["eval_bpd"])
+            eval_metrics = run_eval(state.ema_params)
+          writer.write_scalars(step, {k: v for k, v in eval_metrics.items()
+                                      if isinstance(v, float)})
+          logging.info("step %d: eval %s", step, evaluation.describe(eval_metrics, metric, "eval_"))
         if due(config.sample_every_steps) and config.num_samples > 0:
           with report.timed("sample"):
-            tokens = sample_fn(state.ema_params, jax.random.fold_in(sample_rng, step), class_labels(config))
+            tokens, _ = sample_fn({"params": state.ema_params},
+                                  jax.random.fold_in(sample_rng, step), sample_z, sample_cond)
+            tokens = parallel.gather(tokens)
             if jax.process_index() == 0:
-              logging.info("Samples: %s", write_samples(tokens, datasets, model, workdir, step, writer))
+              logging.info("Samples: %s", write_samples(tokens, datasets, config, workdir, step,
+                                                        writer))
         preempted = watcher.reached(step)
         if due(config.checkpoint_every_steps) or preempted:
           if pending_finite is not None:
@@ -311,7 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
           "same command to resume.", flush=True)
     return {"step": step, "preempted": True}
   if not eval_metrics:  # Nothing left to train: evaluate the restored state.
-    eval_metrics = evaluate(eval_step, state.ema_params, datasets, mesh, model, config.seed)
+    eval_metrics = run_eval(state.ema_params)
   elapsed = time.time() - start
   eval_metrics.update(step=step, num_params=num_params, train_seconds=elapsed,
                       steps_per_second=(step - initial_step) / elapsed if step > initial_step else 0.0)
@@ -319,7 +270,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     (epath.Path(workdir) / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
   checkpointer.close()
   writer.close()
-  print(f"Final eval at step {step}: {eval_metrics['eval_bpd']:.4f} bits/dim "
+  print(f"Final eval at step {step}: {evaluation.describe(eval_metrics, metric, 'eval_')} "
         f"(NELBO {eval_metrics['eval_loss']:.3f} nats/example) on "
-        f"{int(eval_metrics['eval_examples'])} held-out examples.", flush=True)
+        f"{eval_metrics['eval_examples']} held-out examples.", flush=True)
   return eval_metrics

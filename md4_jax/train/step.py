@@ -1,7 +1,7 @@
 """Pure train / eval steps: `(state, batch) -> (state, metrics)`.
 
-The loop binds the static arguments with functools.partial and jits them once
-over the mesh; nothing here knows about devices or the config.
+`train.build.Experiment` binds the static arguments with functools.partial and
+jits them once over the mesh; nothing here knows about devices or the config.
 """
 
 from typing import Any, Callable, Mapping
@@ -15,6 +15,10 @@ from md4_jax.diffusion import model as model_lib
 from md4_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient became NaN/Inf and the policy is to stop (CLI exit code 3)."""
 
 
 def init_state(
@@ -59,9 +63,8 @@ def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, ac
   x = batch["x"]
   cond = batch.get("label")
   batch_size = x.shape[0]
-  k_t, k_noise, k_drop = jax.random.split(rng, 3)
-  t = losses.sample_times(k_t, batch_size, model.antithetic_time_sampling)
-  noise = jax.random.uniform(k_noise, x.shape)
+  k_draw, k_drop = jax.random.split(rng)
+  t, noise = losses.draw_times_and_noise(k_draw, x.shape, model.antithetic_time_sampling)
   if accum_steps == 1:
     return _loss_and_grads(model, params, x, cond, t, noise, k_drop)
   if batch_size % accum_steps:
@@ -117,8 +120,8 @@ def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MD4,
               num_t_samples: int = 1) -> dict[str, jax.Array]:
   """Per-example NELBO estimates, each averaged over K stratified times.
 
-  Every example gets its own grid t_k = (k + u_k)/K, u_k ~ U[0, 1) i.i.d.,
-  with fresh mask noise for each k: unbiased, with at most 1/K of the variance
+  Every example gets its own grid t_k = (k + 1 − u_k)/K, u_k ~ U[0, 1) i.i.d.
+  (losses.stratified_times), with fresh mask noise for each k: unbiased, with at most 1/K of the variance
   of one draw. Examples draw independently, so the spread of the per-example
   estimates gives an honest standard error of the split mean.
 
@@ -130,20 +133,19 @@ def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MD4,
     num_t_samples: K.
 
   Returns:
-    float32 [B] arrays: loss, loss_diff, loss_recon (nats per example, mean
-    over the K times) and weight.
+    float32 [B] arrays: loss, loss_diff, loss_recon, loss_prior (nats per
+    example, mean over the K times) and weight.
   """
   x = batch["x"]
   cond = batch.get("label")
   k_t, k_noise = jax.random.split(rng)
-  u_KxB = jax.random.uniform(k_t, (num_t_samples, x.shape[0]))
-  t_KxB = (jnp.arange(num_t_samples, dtype=jnp.float32)[:, None] + u_KxB) / num_t_samples
+  t_KxB = losses.stratified_times(k_t, num_t_samples, x.shape[0])
 
   def one_time(carry, inputs):  # A scan keeps memory at one forward pass.
     t_B, key = inputs
     terms = model.apply({"params": params}, x, cond, False, t_B, jax.random.uniform(key, x.shape),
                         method=model_lib.MD4.nelbo)
-    return carry, {k: terms[k] for k in ("loss", "loss_diff", "loss_recon")}
+    return carry, {k: terms[k] for k in ("loss", "loss_diff", "loss_recon", "loss_prior")}
 
   _, terms_KxB = jax.lax.scan(one_time, None, (t_KxB, jax.random.split(k_noise, num_t_samples)))
   out = {k: jnp.mean(v, axis=0) for k, v in terms_KxB.items()}

@@ -1,0 +1,92 @@
+"""What every md4_jax command shares: start-up, multi-process flags, logging, exit codes.
+
+`md4_jax.main`, `md4_jax.sample` and `md4_jax.evaluate` each call
+
+  cli.start(argv)                 # flags checked, libraries quiet, JAX set up
+  cli.run(lambda: ..., "md4_jax") # one-line errors and exit codes
+
+Exit codes: 0 done (or preempted with a checkpoint), 2 bad input (flags,
+config, workdir, data, checkpoint), 3 training stopped on a NaN/Inf.
+"""
+
+import logging as pylogging
+import os
+import sys
+from typing import Callable, TypeVar
+
+import jax
+from absl import app, flags, logging
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", os.environ.get("MD4_DISTRIBUTED", "0") == "1",
+    "Call jax.distributed.initialize() first (multi-process runs). Without the three flags "
+    "below JAX auto-detects TPU pods, SLURM and other clusters. Default from $MD4_DISTRIBUTED.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+# Libraries whose INFO (and, for quiet commands, WARNING) chatter is dropped.
+_NOISY = ("/orbax/", "/grain/", "/etils/")
+
+T = TypeVar("T")
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops records below `min_level` that come from the checkpoint/data libraries."""
+
+  def __init__(self, min_level: int):
+    super().__init__()
+    self._min_level = min_level
+
+  def filter(self, record):
+    return record.levelno >= self._min_level or not any(n in record.pathname for n in _NOISY)
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from the flags; CPU processes talk through gloo."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                             num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+
+
+def start(argv, quiet: bool = False) -> None:
+  """Checks for stray arguments, quietens library logs, sets up JAX (and processes).
+
+  Args:
+    argv: what absl passed to main.
+    quiet: a command with its own progress output: log at WARNING unless
+      --verbosity is given, and drop the libraries' warnings too.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if quiet and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(
+      _QuietLibraries(pylogging.ERROR if quiet else pylogging.WARNING))
+  jax.config.update("jax_threefry_partitionable", True)
+  if _DISTRIBUTED.value:
+    initialize_distributed()
+  logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.devices())
+
+
+def run(fn: Callable[[], T], prog: str) -> T:
+  """Runs `fn`; a bad input or a stop on NaN/Inf becomes one line on stderr and an exit code.
+
+  ValueError, FileNotFoundError, PermissionError -> "<prog>: error: ..." and
+  exit 2 (the traceback goes to the debug log); FloatingPointError (the
+  training loop's NaN/Inf stop) -> "<prog>: stopped: ..." and exit 3.
+  """
+  try:
+    return fn()
+  except FloatingPointError as e:
+    logging.error("%s", e)
+    print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_NONFINITE)
+  except (ValueError, FileNotFoundError, PermissionError) as e:
+    logging.debug("Input error", exc_info=True)
+    print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)

@@ -1,0 +1,32 @@
+"""md4_jax.visualize: what a person looks at, for images and for text."""
+
+import numpy as np
+from PIL import Image
+
+from md4_jax import visualize
+from md4_jax.data import text8
+
+
+def test_image_samples_and_trajectory(tmp_path):
+  tokens = np.random.default_rng(0).integers(0, 17, (5, 8, 8, 1))
+  path, grid = visualize.save_samples(tokens, str(tmp_path / "s"), 17)
+  assert path.endswith("s.png") and grid.dtype == np.uint8
+  assert grid.shape == (2 * 9 + 1, 3 * 9 + 1, 3)  # 5 images: 3 columns, 2 rows, 1-pixel borders.
+  assert np.asarray(Image.open(path)).shape == (4 * grid.shape[0], 4 * grid.shape[1], 3)
+  frames = np.stack([np.full_like(tokens, 17), tokens])  # All-mask, then the samples.
+  png, gif = visualize.save_trajectory(frames, str(tmp_path / "s"), 17, mask_id=17)
+  picture = np.asarray(Image.open(png))
+  red = (picture[..., 0] == 255) & (picture[..., 1] == 0)
+  assert red[:, : picture.shape[1] // 2].mean() > 0.5 and not red[:, -4 * 9:].any()
+  assert Image.open(gif).n_frames == 2
+
+
+def test_text_samples_and_trajectory(tmp_path):
+  codec = text8.INFO.text_codec("")
+  tokens = np.stack([text8.encode("hello world"), text8.encode("masked text")])
+  path, texts = visualize.save_samples(tokens, str(tmp_path / "t"), 27, codec)
+  assert texts == ["hello world", "masked text"]
+  assert open(path).read() == "=== sample 0 ===\nhello world\n=== sample 1 ===\nmasked text\n"
+  frames = np.stack([np.full_like(tokens, 27), tokens])
+  (traj,) = visualize.save_trajectory(frames, str(tmp_path / "t"), 27, 27, codec)
+  assert "[0] ___________\n[1] hello world" in open(traj).read()
