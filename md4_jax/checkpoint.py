@@ -1,20 +1,50 @@
-"""Orbax checkpoints of the train state and the grain data iterator together.
+"""Orbax checkpoints that cannot lie: state, data iterator, config and checksums together.
 
-Layout: <workdir>/checkpoints/<step>/{state, data_iter}. Orbax writes each step
-to a temporary directory and renames it on commit, so an interrupted save is
-never picked up as the latest checkpoint.
+Layout: <workdir>/checkpoints/<step>/{state, data_iter, config, digest}. Orbax
+writes each step to a temporary directory and renames it on commit, so an
+interrupted save is never picked up as the latest checkpoint.
+
+Integrity. Every save stores a digest of every array of the state (two 32-bit
+position-weighted sums of its bits, computed on the devices in one jitted pass:
+order-independent, so the same on any mesh or process count). A restore
+recomputes them from what it read and compares; a checkpoint that fails, cannot
+be read, or has unreadable metadata raises `CorruptCheckpointError` naming the
+step, its directory and the first array or the error. `restore_latest_good`
+falls back to the newest checkpoint that verifies and moves the bad ones aside
+to <workdir>/checkpoints_corrupt/ (never deleting them).
+
+Identity. The run's config is stored in every checkpoint, so `config.json` is
+only a readable copy: deleting or editing it cannot make a run resume under a
+different model, data or optimisation.
 """
 
 import os
+import time
 from typing import Any, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 STATE = "state"
 DATA_ITER = "data_iter"
+CONFIG = "config"
+DIGEST = "digest"
+CORRUPT_DIR = "checkpoints_corrupt"
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint failed verification or could not be read (a bad input: CLI exit 2)."""
+
+  def __init__(self, step: int, path: str, what: str):
+    super().__init__(f"Checkpoint step {step} ({path}) {what}.")
+    self.step = step
+    self.path = path
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -26,49 +56,181 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
+def _leaf_digest(a: jax.Array) -> jax.Array:
+  """uint32 [2]: Σ w_i and Σ (2i + 1)·w_i (mod 2^32) over the array's bits w_i."""
+  a = jnp.asarray(a)
+  if a.dtype == jnp.bool_:
+    a = a.astype(jnp.uint8)
+  bits = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[a.dtype.itemsize]
+  w = jax.lax.bitcast_convert_type(a, bits).astype(jnp.uint32).reshape(-1)
+  odd = 2 * jnp.arange(w.size, dtype=jnp.uint32) + 1
+  return jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * odd, dtype=jnp.uint32)])
+
+
+_digests = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
+
+
+def digest(tree: Any) -> dict[str, list[int]]:
+  """{array path: [sum, weighted sum]} of every array in `tree` (global, any sharding)."""
+  values = jax.tree_util.tree_flatten_with_path(_digests(tree))[0]
+  host = multihost_utils.process_allgather([v for _, v in values], tiled=True)
+  return {jax.tree_util.keystr(path): [int(x) for x in np.asarray(h)]
+          for (path, _), h in zip(values, host)}
+
+
 class Checkpointer:
-  """Saves and restores (TrainState, data iterator) pairs in a directory."""
+  """Saves and restores (TrainState, data iterator, config) with checksums in a directory."""
 
   def __init__(self, directory: str, max_to_keep: Optional[int] = 3, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    self._options = dict(max_to_keep=max_to_keep, read_only=read_only)
     self.directory = directory
-    self._manager = ocp.CheckpointManager(directory, options=options, item_names=(STATE, DATA_ITER))
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    read_only = self._options["read_only"]
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None if read_only else self._options["max_to_keep"], create=not read_only,
+        read_only=read_only, enable_async_checkpointing=False,
+        cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(self.directory, options=options,
+                                 item_names=(STATE, DATA_ITER, CONFIG, DIGEST))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iter: Any = None) -> None:
-    items = {STATE: ocp.args.StandardSave(state)}
+  def step_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def save(self, step: int, state: Any, data_iter: Any = None, config: Any = None) -> None:
+    """Saves `state` with its digest (and the data iterator and the config's dict).
+
+    Raises:
+      OSError: the save failed (e.g. disk full); the previous checkpoints are intact.
+    """
+    items = {STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.JsonSave(digest(state))}
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-    self._manager.wait_until_finished()
+    if config is not None:
+      items[CONFIG] = ocp.args.JsonSave(config)
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise OSError(e.errno, f"Saving checkpoint step {step} in {self.directory} failed "
+                             f"({e.strerror or e}); the previous checkpoints are intact") from None
     logging.info("Saved checkpoint at step %d in %s", step, self.directory)
 
+  def _has(self, step: int, item: str) -> bool:
+    return (epath.Path(self.step_path(step)) / item).exists()
+
   def restore(self, state_like: Any, data_iter: Any = None, step: Optional[int] = None) -> Any:
-    """Restores into the structure/shardings of `state_like` (arrays or abstract).
+    """Restores into the structure/shardings of `state_like` (arrays or abstract) and verifies.
 
     The data iterator, when given and saved, is restored in place.
 
-    Returns:
-      The restored state.
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      CorruptCheckpointError: the checkpoint cannot be read or fails its checksums.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    path = self.step_path(step)
     abstract = jax.tree.map(
         lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else abstract_like(a), state_like)
     items = {STATE: ocp.args.StandardRestore(abstract)}
-    if data_iter is not None:
+    verify = self._has(step, DIGEST)
+    if verify:
+      items[DIGEST] = ocp.args.JsonRestore()
+    if data_iter is not None and self._has(step, DATA_ITER):
       items[DATA_ITER] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      message = " ".join(str(e).split())[:300]
+      raise CorruptCheckpointError(step, path, f"cannot be read ({type(e).__name__}: "
+                                               f"{message})") from None
+    state = restored[STATE]
+    if verify:
+      expected, actual = restored[DIGEST], digest(state)
+      bad = [k for k in actual if expected.get(k) != actual[k]]
+      if bad or set(expected) != set(actual):
+        first = bad[0] if bad else sorted(set(expected) ^ set(actual))[0]
+        raise CorruptCheckpointError(
+            step, path, f"fails verification: {len(bad) or 'the set of'} arrays differ from "
+                        f"their saved checksums (first: state{first} under {path}/{STATE})")
+    else:
+      logging.warning("Checkpoint step %d (%s) has no checksums (written by an older md4_jax); "
+                      "restored unverified.", step, path)
     logging.info("Restored checkpoint at step %d from %s", step, self.directory)
-    return restored[STATE]
+    return state
+
+  def restore_latest_good(self, state_like: Any, data_iter: Any = None) -> Any:
+    """The newest checkpoint that verifies; bad ones are logged and moved aside (left in
+    place by a read-only Checkpointer, e.g. sampling or evaluation).
+
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      CorruptCheckpointError: none of the checkpoints verifies (all moved aside).
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    for step in reversed(steps):
+      try:
+        state, error = self.restore(state_like, data_iter, step), None
+      except CorruptCheckpointError as e:
+        state, error = None, e
+      if not _all_processes_agree(error is None):
+        error = error or CorruptCheckpointError(step, self.step_path(step),
+                                                "failed verification on another process")
+      if error is None:
+        return state
+      where = ("left in place (read-only)" if self._options["read_only"] else
+               f"moved aside to {self.set_aside(step)}")
+      logging.error("%s It was %s; falling back to the previous checkpoint.", error, where)
+      print(f"md4_jax: warning: {error} It was {where}; falling back to the previous "
+            "checkpoint.", flush=True)
+    raise CorruptCheckpointError(steps[0], self.directory,
+                                 f"is the oldest of {len(steps)} checkpoints and none of them "
+                                 "verifies")
+
+  def _aside_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory.rstrip("/")), CORRUPT_DIR)
+
+  def set_aside(self, step: int) -> str:
+    """Moves the step's directory into checkpoints_corrupt/ (process 0) and reloads."""
+    target = os.path.join(self._aside_dir(), f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      epath.Path(self._aside_dir()).mkdir(parents=True, exist_ok=True)
+      epath.Path(self.step_path(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"md4_jax_set_aside_{step}")
+    self._manager.close()
+    self._manager = self._open()
+    return target
+
+  def saved_config(self) -> Optional[dict]:
+    """The config stored in the newest checkpoint that has a readable one (None if none)."""
+    for step in reversed(self.all_steps()):
+      if not self._has(step, CONFIG):
+        continue
+      try:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+      except Exception:  # pylint: disable=broad-except
+        logging.warning("Checkpoint step %d: its stored config cannot be read.", step)
+    return None
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True iff `ok` on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

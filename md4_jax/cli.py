@@ -2,6 +2,7 @@
 
 `md4_jax.main`, `md4_jax.sample` and `md4_jax.evaluate` each call
 
+  app.run(main, flags_parser=cli.flags_parser("md4_jax"))  # flag errors: one line
   cli.start(argv)                 # flags checked, libraries quiet, JAX set up
   cli.run(lambda: ..., "md4_jax") # one-line errors and exit codes
 
@@ -12,6 +13,7 @@ config, workdir, data, checkpoint), 3 training stopped on a NaN/Inf.
 import logging as pylogging
 import os
 import sys
+import threading
 from typing import Callable, TypeVar
 
 import jax
@@ -67,18 +69,49 @@ def start(argv, quiet: bool = False) -> None:
   logging.get_absl_handler().addFilter(
       _QuietLibraries(pylogging.ERROR if quiet else pylogging.WARNING))
   jax.config.update("jax_threefry_partitionable", True)
+  # A failed checkpoint read leaves orbax/tensorstore coroutines and callbacks that raise
+  # after the error was handled; their tracebacks would bury the one-line report.
+  sys.unraisablehook = lambda u: logging.debug("Ignored: %s", u.exc_value)
+  threading.excepthook = lambda a: logging.debug("Ignored in a thread: %s", a.exc_value)
   if _DISTRIBUTED.value:
     initialize_distributed()
   logging.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(),
                jax.process_count(), jax.devices())
 
 
+def one_line(error: BaseException, limit: int = 400) -> str:
+  """An exception's message on one line (whitespace folded, at most `limit` characters).
+
+  A message that embeds a traceback (ml_collections' config-file errors) keeps
+  its subject and the traceback's last line, e.g. "flag --config=X: ValueError: ...".
+  """
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  if any("Traceback (most recent call last)" in l for l in lines):
+    text = f"{lines[0].split(': ')[0]}: {lines[-1]}"
+  else:
+    text = " ".join(" ".join(lines).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def flags_parser(prog: str) -> Callable[[list], list]:
+  """An absl `flags_parser` turning any flag error (a missing or broken --config file, an
+  unknown config variant or key, a bad value) into one line and exit 2, not a traceback."""
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_BAD_INPUT)
+  return parse
+
+
 def run(fn: Callable[[], T], prog: str) -> T:
   """Runs `fn`; a bad input or a stop on NaN/Inf becomes one line on stderr and an exit code.
 
-  ValueError, FileNotFoundError, PermissionError -> "<prog>: error: ..." and
-  exit 2 (the traceback goes to the debug log); FloatingPointError (the
-  training loop's NaN/Inf stop) -> "<prog>: stopped: ..." and exit 3.
+  ValueError and OSError (missing files, permissions, a full disk) ->
+  "<prog>: error: ..." and exit 2 (the traceback goes to the debug log);
+  FloatingPointError (the training loop's NaN/Inf stop) -> "<prog>: stopped:
+  ..." and exit 3.
   """
   try:
     return fn()
@@ -86,7 +119,7 @@ def run(fn: Callable[[], T], prog: str) -> T:
     logging.error("%s", e)
     print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_NONFINITE)
-  except (ValueError, FileNotFoundError, PermissionError) as e:
+  except (ValueError, OSError) as e:
     logging.debug("Input error", exc_info=True)
-    print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    print(f"{prog}: error: {one_line(e, 2000)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)

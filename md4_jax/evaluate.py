@@ -52,7 +52,7 @@ def evaluate_checkpoint(
     workdir: the training run's directory.
     split: the split to score; '' = the run's evaluation split.
     num_t_samples: K time samples averaged per example (stratified).
-    step: the checkpoint step; None = the latest.
+    step: the checkpoint step; None = the newest one that verifies.
     batch_size: global evaluation batch; None = the run's eval_batch_size.
     seed: seed of the times and masks; None = the run's seed.
     params: 'ema' (the EMA parameters) or 'raw' (the optimised ones).
@@ -79,7 +79,7 @@ def evaluate_checkpoint(
   if num_t_samples < 1:
     raise ValueError(f"--num_t_samples must be >= 1, got {num_t_samples}.")
   config = workdir_lib.load_config(workdir)
-  step = workdir_lib.checkpoint_step(workdir, step)
+  workdir_lib.checkpoint_step(workdir, step)  # No checkpoint or no such step: fail early.
   root = workdir if "://" in workdir else os.path.abspath(workdir)
   config.eval_split = split or config.eval_split
   if batch_size is not None:
@@ -92,7 +92,9 @@ def evaluate_checkpoint(
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
 
   start = time.time()
+  # The newest checkpoint that verifies (or exactly `step`).
   _, experiment, state = workdir_lib.restore_run(workdir, step, mesh)
+  step = int(parallel.fetch(state.step))
   weights = state.ema_params if params == "ema" else state.params
   del state  # The optimiser state is not needed.
   progress_fn = evaluation.Progress(datasets.num_eval_batches,
@@ -181,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser("md4_jax.evaluate"))

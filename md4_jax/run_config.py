@@ -9,7 +9,7 @@ checkpoint's layout) may change when the caller allows it explicitly.
 """
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import ml_collections
 from etils import epath
@@ -27,7 +27,7 @@ SAFE_KEYS = frozenset({
 })
 
 
-def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as JSON-compatible data (tuples become lists)."""
   return json.loads(config.to_json_best_effort())
 
@@ -51,43 +51,97 @@ def _tuples(value):
   return value
 
 
+def config_from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A ConfigDict from `plain`'s output (lists back to tuples)."""
+  return ml_collections.ConfigDict(_tuples(tree))
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config the run in `workdir` was started with."""
+  """The config.json of the run in `workdir` (its readable copy; checkpoints hold the truth)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
         f"No {CONFIG_FILE} in {workdir!r}: not an md4_jax workdir (train first with "
         f"`python -m md4_jax.main --config=configs/digits.py --workdir={workdir}`).")
-  return ml_collections.ConfigDict(_tuples(json.loads(path.read_text())))
+  try:
+    return config_from_dict(json.loads(path.read_text()))
+  except ValueError as e:
+    raise ValueError(f"{path} is not a readable config ({e}).") from None
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(_plain(config), indent=2, sort_keys=True))
+  (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(plain(config), indent=2, sort_keys=True))
 
 
 def differences(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDict) -> dict[str, tuple]:
   """{dotted key: (saved value, new value)} for every key that differs."""
-  old, cur = _flatten(_plain(saved)), _flatten(_plain(new))
+  old, cur = _flatten(plain(saved)), _flatten(plain(new))
   return {k: (old.get(k), cur.get(k)) for k in sorted(set(old) | set(cur)) if old.get(k) != cur.get(k)}
 
 
-def check_resume(workdir: str, config: ml_collections.ConfigDict, allow_safe_changes: bool) -> dict:
-  """Raises ValueError if `config` may not resume the run in `workdir`.
+def check_resume(saved: Optional[ml_collections.ConfigDict], config: ml_collections.ConfigDict,
+                 allow_safe_changes: bool, where: str) -> dict:
+  """Raises ValueError if `config` may not resume the run whose config is `saved`.
+
+  Args:
+    saved: the config the run was started with (from its checkpoints, else its
+      config.json); None for a first start.
+    config: the config now.
+    allow_safe_changes: --allow_config_change.
+    where: the workdir, for messages.
 
   Returns:
     The (allowed) differences, empty for a first start or an identical config.
   """
-  if not (epath.Path(workdir) / CONFIG_FILE).exists():
+  if saved is None:
     return {}
-  diffs = differences(load_config(workdir), config)
+  diffs = differences(saved, config)
   describe = lambda keys: ", ".join(f"{k}: {diffs[k][0]!r} -> {diffs[k][1]!r}" for k in keys)
   unsafe = [k for k in diffs if k not in SAFE_KEYS]
   if unsafe:
     raise ValueError(
-        f"Refusing to resume {workdir}: the config changes {describe(unsafe)} (model/data/"
+        f"Refusing to resume {where}: the config changes {describe(unsafe)} (model/data/"
         "optimisation keys). Use a new --workdir, or restore the original values.")
   if diffs and not allow_safe_changes:
     raise ValueError(
-        f"The config differs from the run in {workdir}: {describe(diffs)}. These keys are safe to "
+        f"The config differs from the run in {where}: {describe(diffs)}. These keys are safe to "
         "change; pass --allow_config_change to resume with them.")
   return diffs
+
+
+def _check(ok: bool, field: str, value, rule: str) -> None:
+  if not ok:
+    raise ValueError(f"config.{field}={value!r} is out of range: it must be {rule}.")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Range checks of the config's values, before anything is built or written.
+
+  Raises:
+    ValueError: the first field out of range, with the rule it breaks.
+  """
+  for field in ("num_train_steps", "batch_size", "eval_batch_size", "grad_accum_steps",
+                "timesteps", "sampling_steps", "max_checkpoints_to_keep", "vocab_size"):
+    _check(int(config[field]) >= 1, field, config[field], ">= 1")
+  for field in ("log_loss_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                "sample_every_steps", "num_samples", "warmup_steps", "grain_worker_count",
+                "grain_prefetch"):
+    _check(int(config[field]) >= 0, field, config[field], ">= 0 (0 = only at the end / off)")
+  _check(config.learning_rate > 0, "learning_rate", config.learning_rate, "> 0")
+  _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, ">= 0")
+  for field in ("b1", "b2", "ema_rate", "dropout_rate"):
+    _check(0 <= config[field] < 1, field, config[field], "in [0, 1)")
+  _check(len(config.data_shape) >= 1 and all(int(d) >= 1 for d in config.data_shape),
+         "data_shape", tuple(config.data_shape), "a non-empty tuple of sizes >= 1")
+  _check(config.classes >= 0, "classes", config.classes, ">= 0")
+  _check(config.loss_chunk_size >= 0, "loss_chunk_size", config.loss_chunk_size,
+         ">= 0 (0 = plain)")
+  for group in ("transformer", "unet"):
+    for field, value in config[group].items():
+      sizes = value if isinstance(value, (tuple, list)) else (value,)
+      # attn_resolutions may be empty; every other size is positive.
+      if field != "attn_resolutions":
+        _check(len(sizes) >= 1 and all(v > 0 for v in sizes), f"{group}.{field}", value,
+               "> 0")
+  if config.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")

@@ -11,6 +11,7 @@ from typing import Optional
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 from jax.sharding import Mesh
 
 from md4_jax import checkpoint as checkpoint_lib
@@ -19,7 +20,43 @@ from md4_jax import run_config
 from md4_jax.train import build
 from md4_jax.train import state as state_lib
 
-load_config = run_config.load_config
+
+
+def saved_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
+  """The config the run in `workdir` was started with, or None if there is no run.
+
+  The newest checkpoint that stores one is the truth; config.json (its readable
+  copy) counts only for a run without checkpoints.
+  """
+  directory = checkpoint_lib.checkpoint_dir(workdir)
+  if epath.Path(directory).is_dir():
+    ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+    stored = ckpt.saved_config()
+    ckpt.close()
+    if stored is not None:
+      return run_config.config_from_dict(stored)
+  if (epath.Path(workdir) / run_config.CONFIG_FILE).exists():
+    return run_config.load_config(workdir)
+  return None
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """`saved_config`, or FileNotFoundError for a directory that holds no run."""
+  config = saved_config(workdir)
+  if config is None:
+    return run_config.load_config(workdir)  # Raises the not-a-workdir error.
+  return config
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The saved steps of the run in `workdir`, oldest first ([] if none)."""
+  directory = checkpoint_lib.checkpoint_dir(workdir)
+  if not epath.Path(directory).is_dir():
+    return []
+  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+  steps = ckpt.all_steps()
+  ckpt.close()
+  return steps
 
 
 def checkpoint_step(workdir: str, step: Optional[int] = None) -> int:
@@ -30,9 +67,7 @@ def checkpoint_step(workdir: str, step: Optional[int] = None) -> int:
     ValueError: `step` was not saved.
   """
   directory = checkpoint_lib.checkpoint_dir(workdir)
-  ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
-  steps = sorted(ckpt.all_steps())
-  ckpt.close()
+  steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {directory!r}: train first (python -m "
                             f"md4_jax.main --config=... --workdir={workdir}) or check --workdir.")
@@ -57,16 +92,26 @@ def run_mesh(config: ml_collections.ConfigDict) -> Mesh:
 def restore_run(
     workdir: str, step: Optional[int] = None, mesh: Optional[Mesh] = None,
 ) -> tuple[ml_collections.ConfigDict, build.Experiment, state_lib.TrainState]:
-  """Config, experiment (`build.setup`) and TrainState of the latest (or `step`) checkpoint.
+  """Config, experiment (`build.setup`) and TrainState of a verified checkpoint.
 
   The state is restored onto `mesh` (default: the run's mesh if it fits the
   devices here, else all devices on the data axis), whatever mesh it was
-  saved from.
+  saved from. Without `step`, the newest checkpoint that verifies (a corrupt
+  newer one is reported and skipped); with `step`, exactly that one.
+
+  Raises:
+    FileNotFoundError: no run or no checkpoint.
+    ValueError: `step` was not saved; checkpoint.CorruptCheckpointError.
   """
   config = load_config(workdir)
-  step = checkpoint_step(workdir, step)
+  if step is not None:
+    step = checkpoint_step(workdir, step)
+  else:
+    checkpoint_step(workdir)  # A clear error when there is no checkpoint at all.
   experiment = build.setup(config, mesh or run_mesh(config))
   ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir), read_only=True)
-  state = experiment.restore(ckpt, step=step)
-  ckpt.close()
+  try:
+    state = experiment.restore(ckpt, step=step)
+  finally:
+    ckpt.close()
   return config, experiment, state

@@ -66,6 +66,7 @@ def test_cli_reports_bits_per_dim_and_writes_json(run_dir):
   assert "bits/dim" in line and "300 examples" in line and str(path) in line
 
 
+@pytest.mark.slow
 def test_more_time_samples_shrink_the_standard_error(run_dir, mesh):
   one, eight = (evaluate.evaluate_checkpoint(str(run_dir), num_t_samples=k, mesh=mesh, seed=k)
                 for k in (1, 8))

@@ -126,8 +126,9 @@ def _assert_equal(loss, grads, ref_loss, ref_grads):
         pytest.param(dict(remat_policy="dots_saveable"),  # Unrolled blocks, nn.remat each.
                      marks=pytest.mark.slow),
         # Every knob at once, as in the paper-scale memory rows.
-        dict(scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable",
-             loss_chunk_size=64, attention_impl="chunked"),
+        pytest.param(dict(scan_layers=True, remat_policy="dots_with_no_batch_dims_saveable",
+                          loss_chunk_size=64, attention_impl="chunked"),
+                     marks=pytest.mark.slow),
         pytest.param(dict(scan_layers=True, remat_policy="full"), marks=pytest.mark.slow),
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),

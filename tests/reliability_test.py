@@ -122,11 +122,11 @@ def _tiny_config(**overrides):
 
 
 def test_nan_stop_keeps_last_good_checkpoint(tmp_path):
-  config = _tiny_config(debug_nan_at_step=5, nan_policy="stop")
-  with pytest.raises(loop.NonFiniteError, match="step 6"):  # Step index 5 is the 6th step.
+  config = _tiny_config(debug_nan_at_step=3, nan_policy="stop", num_train_steps=6)
+  with pytest.raises(loop.NonFiniteError, match="step 4"):  # Step index 3 is the 4th step.
     loop.run(config, str(tmp_path))
   steps = _complete_steps(tmp_path)
-  assert steps[-1] == 4  # Nothing written after the bad step.
+  assert steps == [2]  # Nothing written at or after the bad step.
   _, _, state = workdir_lib.restore_run(str(tmp_path))
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params)))
 
@@ -168,18 +168,25 @@ class _BadTokens:
     ("vocab", {"vocab_size": 10}, "vocab_size"),
     ("batch", {"batch_size": 12}, "divisible by the 8 batch shards"),
     ("nan policy", {"nan_policy": "ignore"}, "nan_policy"),
+    ("no steps", {"num_train_steps": 0}, r"num_train_steps=0 is out of range: it must be >= 1"),
+    ("negative lr", {"learning_rate": -1e-3}, r"learning_rate=-0.001 .*must be > 0"),
+    ("ema rate", {"ema_rate": 1.0}, r"ema_rate=1.0 .*in \[0, 1\)"),
+    ("dropout", {"dropout_rate": 1.5}, r"dropout_rate=1.5 .*in \[0, 1\)"),
+    ("sampling steps", {"sampling_steps": 0}, r"sampling_steps=0 .*>= 1"),
+    ("chunked loss on a UNet", {"loss_chunk_size": 16}, "loss_chunk_size=16 .*'unet'"),
     ("tokens", {}, r"\[0, 17\)"),
     ("workdir parent", {}, "does not exist"),
-    ("workdir unwritable", {}, "not a writable directory"),
+    ("workdir is a file", {}, "is a file, not a directory"),
+    ("workdir under a file", {}, "is a file, not a directory"),
 ])
 def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch, case, overrides, message):
   config = _tiny_config(**overrides)
   workdir = str(tmp_path / "run")
   if case == "workdir parent":
     workdir = str(tmp_path / "missing" / "run")
-  if case == "workdir unwritable":
+  if case.startswith("workdir") and "file" in case:
     (tmp_path / "file").write_text("")
-    workdir = str(tmp_path / "file")  # A regular file: no directory can be made there.
+    workdir = str(tmp_path / "file" / "run") if "under" in case else str(tmp_path / "file")
   if case == "tokens":
     real = loop.data_lib.create_datasets
     def corrupt(cfg, *args):
@@ -188,18 +195,55 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch, case, overrides
     monkeypatch.setattr(loop.data_lib, "create_datasets", corrupt)
   compiled = []
   monkeypatch.setattr(build.Experiment, "init_state", lambda *a: compiled.append(1))
-  with pytest.raises((ValueError, PermissionError), match=message):
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ValueError, match=message):
     loop.run(config, workdir)
   assert not compiled
-  assert not _complete_steps(workdir)  # [] also when no workdir was made.
+  assert sorted(os.listdir(tmp_path)) == before  # Nothing created: no empty workdir left.
+
+
+def _one_line_error(result, prog="md4_jax"):
+  """The single `<prog>: error:` line of a run that failed with exit 2 and no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith(f"{prog}: error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  return errors[0]
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
-  result = _run(tmp_path / "run", "--config.noise_schedule=quadratic")
-  assert result.returncode == 2
-  errors = [l for l in result.stderr.splitlines() if l.startswith("md4_jax: error:")]
-  assert len(errors) == 1 and "quadratic" in errors[0]
-  assert "Traceback" not in result.stderr
+  error = _one_line_error(_run(tmp_path / "run", "--config.noise_schedule=quadratic"))
+  assert "quadratic" in error
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, message", [
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+    (["--config=BAD"], "invalid syntax"),
+    (["--config=configs/digits.py:typo"], "Unknown variant 'typo' of configs/digits.py"),
+    (["--config=configs/digits.py:tiny", "--config.nonexistent=1"], "nonexistent"),
+    (["--config=configs/digits.py:tiny", "--config.num_train_steps=0"], "num_train_steps=0"),
+    (["--config=configs/digits.py:tiny", "--config.learning_rate=-1e-3"], "learning_rate"),
+    (["--config=configs/digits.py:tiny", "--workdir=FILE/run"], "is a file, not a directory"),
+])
+def test_cli_bad_inputs_are_one_line_exit_2_and_create_nothing(tmp_path, argv, message):
+  (tmp_path / "bad.py").write_text("def get_config(:\n")
+  (tmp_path / "file").write_text("")
+  argv = [a.replace("BAD", str(tmp_path / "bad.py")).replace("FILE", str(tmp_path / "file"))
+          for a in argv]
+  workdir = [a for a in argv if a.startswith("--workdir=")] or [f"--workdir={tmp_path / 'run'}"]
+  argv = [a for a in argv if not a.startswith("--workdir=")]
+  result = subprocess.run([sys.executable, "-m", "md4_jax.main", *argv, *workdir], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=600)
+  assert message in _one_line_error(result)
+  assert sorted(os.listdir(tmp_path)) == ["bad.py", "file"]
+
+
+@pytest.mark.slow
+def test_other_clis_report_bad_flags_in_one_line(tmp_path):
+  result = helpers.run_module("md4_jax.evaluate", f"--workdir={tmp_path}", "--num_t_samples=0")
+  assert "num_t_samples must be >= 1" in _one_line_error(result, "md4_jax.evaluate")
 
 
 @pytest.mark.slow

@@ -93,11 +93,14 @@ class Experiment:
 
   def restore(self, checkpointer, step: Optional[int] = None,
               data_iter: Any = None) -> state_lib.TrainState:
-    """The checkpointed state (latest or `step`) in this mesh's shardings.
+    """A verified checkpointed state in this mesh's shardings.
 
-    checkpointer: a `checkpoint.Checkpointer`; the data iterator, if given, is
-    restored in place.
+    checkpointer: a `checkpoint.Checkpointer`. step: exactly that checkpoint;
+    None: the newest one that verifies (`restore_latest_good`). The data
+    iterator, if given, is restored in place.
     """
+    if step is None:
+      return checkpointer.restore_latest_good(self.abstract_state, data_iter)
     return checkpointer.restore(self.abstract_state, data_iter, step=step)
 
   @functools.cached_property

@@ -23,6 +23,7 @@ from md4_jax import parallel
 from md4_jax import preemption
 from md4_jax import run_config
 from md4_jax import visualize
+from md4_jax import workdir as workdir_lib
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.train import build
@@ -43,12 +44,24 @@ def write_samples(tokens, datasets, config, workdir: str, step: int, writer) -> 
   return path
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates the workdir (its parent must exist) and checks that it is writable."""
+def check_workdir_path(workdir: str) -> None:
+  """Raises ValueError if `workdir` cannot become a directory (nothing is created)."""
+  if "://" in workdir:
+    return
   path = epath.Path(workdir)
-  if "://" not in workdir and not path.parent.is_dir():
+  for ancestor in (path, *path.parents):
+    if ancestor.exists() and not ancestor.is_dir():
+      raise ValueError(f"--workdir {workdir} cannot be created: {ancestor} is a file, not a "
+                       "directory.")
+  if not path.parent.is_dir():
     raise ValueError(f"The parent of --workdir ({path.parent}) does not exist; create it "
                      f"(mkdir -p {path.parent}) or fix --workdir.")
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir (its parent must exist) and checks that it is writable."""
+  check_workdir_path(workdir)
+  path = epath.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_probe_{jax.process_index()}"
@@ -120,16 +133,14 @@ class _MetricLog:
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`. Returns the final eval metrics.
 
-  Everything that can be wrong with the inputs (names, shapes, batch sizes,
-  the workdir, a changed config) raises before anything is compiled.
+  Everything that can be wrong with the inputs (value ranges, names, shapes,
+  batch sizes, the workdir, a changed config, bad tokens) raises before
+  anything is compiled or written. A resume starts from the newest checkpoint
+  that verifies (corrupt ones are reported and moved aside).
   """
-  # ---------------------------------------------- validate, then build ---
-  if config.nan_policy not in ("stop", "skip"):
-    raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")
-  prepare_workdir(workdir)
-  changes = run_config.check_resume(workdir, config, allow_config_change)
-  if changes:
-    logging.warning("Resuming with changed safe config keys: %s", changes)
+  # ------------------- validate and build; nothing is written until all pass ---
+  run_config.validate(config)
+  check_workdir_path(workdir)
   experiment = build.setup(config)
   mesh, model = experiment.mesh, experiment.model
   parallel.check_batch_size(config.batch_size, mesh)
@@ -140,16 +151,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
                jax.process_count())
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
   metric = datasets.info.metric
+  # The run's identity: the config in its checkpoints (config.json only if it has none).
+  changes = run_config.check_resume(workdir_lib.saved_config(workdir), config,
+                                    allow_config_change, workdir)
+  if changes:
+    logging.warning("Resuming with changed safe config keys: %s", changes)
+  resumed = bool(workdir_lib.checkpoint_steps(workdir))
+  if not resumed:  # Bad tokens fail before anything is written.
+    first_batch = next(datasets.train_iter)
+    model_lib.check_tokens(first_batch["x"], config.vocab_size)
+  prepare_workdir(workdir)
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
                                              config.max_checkpoints_to_keep)
-  resumed = checkpointer.latest_step() is not None
-  if resumed:  # Restores the data iterator too, before the first batch is read.
+  if resumed:  # The newest checkpoint that verifies, with the data iterator.
     state = experiment.restore(checkpointer, data_iter=datasets.train_iter)
     logging.info("Resuming from step %d.", int(state.step))
-  first_batch = next(datasets.train_iter)
-  model_lib.check_tokens(first_batch["x"], config.vocab_size)
-  if not resumed:
+    first_batch = next(datasets.train_iter)
+    model_lib.check_tokens(first_batch["x"], config.vocab_size)
+  else:
     state = experiment.init_state()
+  saved_config = run_config.plain(config)
 
   num_params = experiment.num_params
   save_run_info(config, workdir, num_params)
@@ -243,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
             check_finite(pending_finite)
             pending_finite = None
           with report.timed("checkpoint"):
-            checkpointer.save(step, state, datasets.train_iter)
+            checkpointer.save(step, state, datasets.train_iter, saved_config)
         if preempted:
           logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
                           "resume.", step)

@@ -80,6 +80,13 @@ def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, ac
   return jax.tree.map(lambda g: g / accum_steps, grad_sum), jax.tree.map(jnp.mean, metrics)
 
 
+def all_finite(tree) -> jax.Array:
+  """bool scalar: every element of every floating-point leaf of `tree` is finite."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
 def train_step(
     state: TrainState, batch: Batch, *, model: model_lib.MD4,
     optimizer: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
@@ -89,9 +96,10 @@ def train_step(
   """One optimisation step with EMA update. Returns the new state and metrics.
 
   Args:
-    skip_nonfinite: if the loss or the gradient norm is not finite, keep the
-      old params / EMA / optimiser state (the step counter still advances).
-      metrics['finite'] reports it either way.
+    skip_nonfinite: if the loss, the gradient norm or any new parameter, EMA
+      or optimiser-state value is not finite, keep the old params / EMA /
+      optimiser state (the step counter still advances). metrics['finite']
+      reports it either way.
     debug_nan_at_step: poison the loss and gradients with NaN at this step
       (for testing the guard; -1 = never).
   """
@@ -101,11 +109,13 @@ def train_step(
     grads = jax.tree.map(lambda g: g * poison, grads)
     metrics = dict(metrics, loss=metrics["loss"] * poison)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
   new = (params, ema_params, opt_state)
+  # The whole update must be finite, not only the loss: a NaN in the optimiser
+  # state (overflow, a bad restore) would otherwise be applied and checkpointed.
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(new)
   if skip_nonfinite:
     old = (state.params, state.ema_params, state.opt_state)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
