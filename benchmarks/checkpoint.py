@@ -37,7 +37,8 @@ from md4_jax import checkpoint as checkpoint_lib  # noqa: E402
 from md4_jax import parallel  # noqa: E402
 from md4_jax.train import build  # noqa: E402
 
-CONFIGS = {"md4s": openwebtext.get_config, "text8": text8.get_config}
+CONFIGS = {"md4s": openwebtext.get_config, "text8": text8.get_config,
+           "tiny": lambda: text8.get_config("tiny")}
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("config", "md4s", list(CONFIGS), "Whose state shapes to use.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats; medians are reported.")

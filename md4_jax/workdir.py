@@ -21,7 +21,6 @@ from md4_jax.train import build
 from md4_jax.train import state as state_lib
 
 
-
 def saved_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
   """The config the run in `workdir` was started with, or None if there is no run.
 

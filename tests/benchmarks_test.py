@@ -89,3 +89,11 @@ def test_data_benchmark():
   (row,) = _table(stdout, "dataset")
   assert row["dataset"] == "digits" and row["batch"] == "64"
   assert float(row["examples/s median (min-max)"].split()[0].replace(",", "")) > 0
+
+
+def test_checkpoint_benchmark():
+  rows = _table(_run("checkpoint.py", "--config=tiny", "--repeats=1"),
+                "operation")
+  assert [r["operation"] for r in rows] == ["checksums alone", "save", "restore"]
+  assert float(rows[0]["with checksums s"]) > 0
+  assert all(float(r["without checksums s"]) > 0 for r in rows[1:])

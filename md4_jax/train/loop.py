@@ -59,8 +59,7 @@ def check_workdir_path(workdir: str) -> None:
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Creates the workdir (its parent must exist) and checks that it is writable."""
-  check_workdir_path(workdir)
+  """Creates the workdir (after `check_workdir_path`) and checks that it is writable."""
   path = epath.Path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
