@@ -104,10 +104,10 @@ def main(argv):
         f"{FLAGS.repeats}.\n")
   print("| operation | without checksums s | with checksums s | overhead |")
   print("|---|---|---|---|")
-  print(f"| checksums alone | - | {digest_s:.2f} | - |")
-  print(f"| save | {plain_save_s:.2f} | {ours_save_s:.2f} | "
+  print(f"| checksums alone | - | {digest_s:.3g} | - |")
+  print(f"| save | {plain_save_s:.3g} | {ours_save_s:.3g} | "
         f"{100 * (ours_save_s / plain_save_s - 1):+.0f}% |")
-  print(f"| restore | {plain_restore_s:.2f} | {ours_restore_s:.2f} | "
+  print(f"| restore | {plain_restore_s:.3g} | {ours_restore_s:.3g} | "
         f"{100 * (ours_restore_s / plain_restore_s - 1):+.0f}% |")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
@@ -156,6 +157,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   if changes:
     logging.warning("Resuming with changed safe config keys: %s", changes)
   resumed = bool(workdir_lib.checkpoint_steps(workdir))
+  if jax.process_count() > 1:  # Every process has read the workdir before any writes to it.
+    multihost_utils.sync_global_devices("md4_jax:workdir_read")
   if not resumed:  # Bad tokens fail before anything is written.
     first_batch = next(datasets.train_iter)
     model_lib.check_tokens(first_batch["x"], config.vocab_size)
