@@ -35,6 +35,7 @@ device count (default: the variant's own batch; md4s: 16 per device).
 
   .venv/bin/python benchmarks/train.py
   .venv/bin/python benchmarks/train.py --variants=text,text_chunked --repeats=3
+  .venv/bin/python benchmarks/train.py --variants=text,text_genmd4,image,image_genmd4
   python benchmarks/train.py --variants=md4s,md4s_remat --batch_per_device=32   # accelerator
 """
 
@@ -128,6 +129,9 @@ VARIANTS = {
     "text_scan_remat": (text_config, dict(scan_layers=True, remat_policy="full")),
     "text_bf16": (text_config, dict(dtype="bfloat16")),
     "image": (image_config, {}),
+    # GenMD4 (K = 2 masks per example: the network runs on 2x the batch).
+    "text_genmd4": (text_config, dict(model="genmd4", noise_schedule="linear")),
+    "image_genmd4": (image_config, dict(model="genmd4", noise_schedule="linear")),
     "md4s": (md4s_config, dict(dtype="bfloat16", attention_impl="auto")),
     "md4s_remat": (md4s_config, dict(dtype="bfloat16", attention_impl="auto", scan_layers=True,
                                      remat_policy="dots_with_no_batch_dims_saveable")),
@@ -209,7 +213,8 @@ def run_variant(name: str) -> dict:
   # Model FLOPs: 3 x the forward's matmul/conv FLOPs.
   x = batch["x"]
   t = jnp.full((x.shape[0],), 0.5)
-  noise = jnp.full(x.shape, 0.5)
+  masks = model.masks_per_example  # GenMD4: K masked copies per example.
+  noise = jnp.full(x.shape if masks == 1 else (x.shape[0], masks) + x.shape[1:], 0.5)
   fwd = lambda p: model.apply({"params": p}, x, None, train=True, t=t, noise=noise,
                               rngs={"dropout": jax.random.key(0)})["loss"]
   fwd_flops = matmul_flops(jax.make_jaxpr(fwd)(state.params))
@@ -269,8 +274,9 @@ def main(argv):
         "| model GFLOP/step | XLA GFLOP/step | model GFLOP/s | dot GFLOP/s | model/dot "
         "(min-max) | MFU (datasheet) | peak GiB (analysis) | peak GiB (device) |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  rows = {}
   for name in FLAGS.variants:
-    r = run_variant(name)
+    r = rows[name] = run_variant(name)
     ov = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
     print(f"| {r['name']} | {r['network']} {r['dtype']} | {ov} | {r['params'] / 1e6:.1f}M "
           f"| {r['batch']} x {r['shape']} (V={r['vocab']}) | {r['steps_per_s']:.3f} "
@@ -280,6 +286,11 @@ def main(argv):
           f"| {'-' if math.isnan(r['mfu']) else format(r['mfu'], '.1%')} "
           f"| {r['peak_analysis_gib']:.2f} "
           f"| {r['peak_device_gib']:.2f} |", flush=True)
+  for name, r in rows.items():
+    base = name.removesuffix("_genmd4")
+    if name.endswith("_genmd4") and base in rows:
+      print(f"\n{name}: step time {rows[base]['steps_per_s'] / r['steps_per_s']:.2f}x {base}'s "
+            f"(model FLOPs {r['model_gflop'] / rows[base]['model_gflop']:.2f}x).", flush=True)
 
 
 if __name__ == "__main__":

@@ -49,10 +49,17 @@ def get_config():
   config.grain_prefetch = 2  # Batches grain keeps ready ahead of the loop.
 
   # ------------------------------------------------------------ diffusion ---
+  # md4 (one schedule for every token) | genmd4 (a learnable schedule per token
+  # value, α_t^v = 1 − (1 − eps)·t^{w_v}; needs cont_time and a polynomial schedule).
+  config.model = "md4"
   config.noise_schedule = "cosine"  # linear | cosine | polyK (K > 0, e.g. poly3).
   config.cont_time = True  # True: continuous-time NELBO; False: T-step NELBO.
   config.timesteps = 1000  # T of the discrete-time loss (used if not cont_time).
   config.antithetic_time_sampling = True  # t_b = (u + b/B) mod 1 across the batch.
+  # GenMD4 only. Initial exponent of every token (noise_schedule must name the same poly).
+  config.power_init = 1.0
+  config.genmd4_t1 = 1e-3  # t in [t1, 1]; the reconstruction term is taken at t1.
+  config.genmd4_num_masks = 2  # K >= 2 masks per example for the leave-one-out gradient.
 
   # ------------------------------------------------------------- network ---
   config.network = "unet"  # transformer | unet

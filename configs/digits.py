@@ -10,17 +10,21 @@ split; MD4 should clearly beat it in a few minutes on a 2-core CPU.
   python -m md4_jax.main --config=configs/digits.py:cond --workdir=/tmp/md4_digits_c
   # seconds-long smoke run (8-channel one-level UNet, 16 per batch; tests use it):
   python -m md4_jax.main --config=configs/digits.py:tiny --workdir=/tmp/md4_digits_tiny
+  # GenMD4 (a learnable schedule per intensity level; its MD4 baseline is
+  # --config.noise_schedule=linear, the schedule GenMD4 starts from):
+  python -m md4_jax.main --config=configs/digits.py:genmd4 --workdir=/tmp/genmd4_digits
 """
 
 from configs import base
 
 
-VARIANTS = ("", "cond", "tiny", "tiny_cond")
+VARIANTS = ("", "cond", "tiny", "tiny_cond", "genmd4", "tiny_genmd4")
 
 
 def get_config(arg=None):
   """arg: '' (unconditional), 'cond' (class-conditional on the digit label),
-  'tiny' / 'tiny_cond' (the same with a tiny network and batch, for smoke runs)."""
+  'genmd4' (GenMD4 from the linear schedule), 'tiny' / 'tiny_cond' /
+  'tiny_genmd4' (the same with a tiny network and batch, for smoke runs)."""
   arg = base.check_variant(arg, "configs/digits.py", VARIANTS)
   config = base.get_config()
   config.dataset = "digits"
@@ -48,6 +52,13 @@ def get_config(arg=None):
   config.sample_every_steps = 1000
   config.num_samples = 64
   config.sampling_steps = 64
+
+  if arg.endswith("genmd4"):
+    config.model = "genmd4"
+    config.noise_schedule = "linear"  # = poly1, the schedule every token starts from.
+    config.power_init = 1.0
+    config.genmd4_t1 = 1e-3
+    config.genmd4_num_masks = 2  # The network runs on 2 masked copies: ~2x MD4's step.
 
   if arg.startswith("tiny"):
     config.unet.channels = 8

@@ -12,8 +12,8 @@ from configs import base
 
 
 def get_config(arg=None):
-  """arg: '' (MD4-S) or 'tiny' (CPU smoke run)."""
-  arg = base.check_variant(arg, "configs/openwebtext.py", ("", "tiny"))
+  """arg: '' (MD4-S), 'genmd4' (GenMD4, paper settings) or 'tiny' (CPU smoke run)."""
+  arg = base.check_variant(arg, "configs/openwebtext.py", ("", "tiny", "genmd4"))
   config = base.get_config()
   config.dataset = "openwebtext"
   config.data_shape = (1024,)
@@ -40,6 +40,17 @@ def get_config(arg=None):
   config.num_train_steps = 1_000_000
   config.num_samples = 4
   config.sampling_steps = 1024
+
+  if arg == "genmd4":  # The paper's GenMD4 settings (Sec. 7 / App.): 12 layers as above.
+    config.model = "genmd4"
+    config.noise_schedule = "linear"  # = poly1: every token starts at power_init = 1.
+    config.power_init = 1.0
+    config.genmd4_t1 = 1e-3
+    config.genmd4_num_masks = 2
+    config.dropout_rate = 0.02
+    config.weight_decay = 0.03  # Not applied to the schedule exponents (optim.NO_DECAY).
+    config.learning_rate = 3e-4
+    config.batch_size = 512
 
   if arg == "tiny":
     config.data_shape = (128,)

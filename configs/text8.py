@@ -12,8 +12,8 @@ from configs import base
 
 
 def get_config(arg=None):
-  """arg: '' (paper size) or 'tiny' (CPU smoke run)."""
-  arg = base.check_variant(arg, "configs/text8.py", ("", "tiny"))
+  """arg: '' (paper size), 'genmd4' (GenMD4, paper settings) or 'tiny' (CPU smoke run)."""
+  arg = base.check_variant(arg, "configs/text8.py", ("", "tiny", "genmd4"))
   config = base.get_config()
   config.dataset = "text8"
   config.data_shape = (256,)
@@ -36,6 +36,17 @@ def get_config(arg=None):
   config.num_train_steps = 1_000_000
   config.num_samples = 8
   config.sampling_steps = 256
+
+  if arg == "genmd4":  # The paper's GenMD4 settings (Sec. 7 / App.): 12 layers as above.
+    config.model = "genmd4"
+    config.noise_schedule = "linear"  # = poly1: every token starts at power_init = 1.
+    config.power_init = 1.0
+    config.genmd4_t1 = 1e-3
+    config.genmd4_num_masks = 2
+    config.dropout_rate = 0.05
+    config.weight_decay = 0.03  # Not applied to the schedule exponents (optim.NO_DECAY).
+    config.learning_rate = 3e-4
+    config.batch_size = 512
 
   if arg == "tiny":
     config.data_shape = (64,)

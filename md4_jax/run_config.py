@@ -14,6 +14,8 @@ from typing import Any, Optional
 import ml_collections
 from etils import epath
 
+from md4_jax.diffusion import genmd4
+
 CONFIG_FILE = "config.json"
 
 # Keys that do not change what is being trained; dotted for nested fields.
@@ -51,9 +53,14 @@ def _tuples(value):
   return value
 
 
+# Keys added after runs were already saved, with the value that reproduces what
+# those runs did (a run saved without 'model' is an MD4 run).
+ADDED_KEYS = {"model": "md4", "power_init": 1.0, "genmd4_t1": 1e-3, "genmd4_num_masks": 2}
+
+
 def config_from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict from `plain`'s output (lists back to tuples)."""
-  return ml_collections.ConfigDict(_tuples(tree))
+  """A ConfigDict from `plain`'s output (lists back to tuples; ADDED_KEYS filled in)."""
+  return ml_collections.ConfigDict(_tuples({**ADDED_KEYS, **tree}))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -145,3 +152,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "> 0")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")
+  if config.model not in ("md4", "genmd4"):
+    raise ValueError(f"Unknown model {config.model!r}; valid: 'md4', 'genmd4'.")
+  genmd4.check_config(config)

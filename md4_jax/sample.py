@@ -142,7 +142,9 @@ def run(workdir: str) -> dict:
       "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
       "grid": _GRID.value, "steps": None if sampler == "first_hitting" else steps,
       "temperature": options.temperature, "top_p": options.top_p, "exact": options.exact,
-      "cache": options.cache, "seed": _SEED.value, "num_samples": num, "batch": batch,
+      # GenMD4 calls the network at every step: idle-step skipping does not apply.
+      "cache": options.cache and not model.per_token_schedule,
+      "seed": _SEED.value, "num_samples": num, "batch": batch,
       "num_batches": num_batches, "label": _LABEL.value, "prompt": _PROMPT.value,
       # Network calls on a batch = network evaluations per sample; mean over batches.
       "nfe": float(np.mean(nfes)), "nfe_per_batch": nfes,

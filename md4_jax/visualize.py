@@ -27,6 +27,20 @@ def image_grid(images_BxHxWxC: np.ndarray, vocab_size: int, ncols: Optional[int]
   return grid
 
 
+def bar_image(values: np.ndarray, height: int = 96, max_bars: int = 1024) -> np.ndarray:
+  """A bar plot as uint8 [H, W, 3]: one dark bar per value (the first max_bars),
+  heights scaled so the largest value fills the image (values must be >= 0)."""
+  v = np.asarray(values, np.float64).reshape(-1)[:max_bars]
+  width = max(1, 512 // len(v))
+  top = v.max() if v.size and v.max() > 0 else 1.0
+  bars = np.round(v / top * (height - 1)).astype(int)
+  img = np.full((height, len(v) * width, 3), 255, np.uint8)
+  rows = np.arange(height)[:, None]
+  filled = rows >= (height - 1 - np.repeat(bars, width))[None, :]
+  img[filled] = (40, 70, 140)
+  return img
+
+
 def save_png(grid_HxWx3: np.ndarray, path: str, scale: int = 1) -> str:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   im = Image.fromarray(grid_HxWx3)

@@ -16,9 +16,10 @@ from md4_jax.train import build
 from md4_jax.train import loop
 
 
-def tiny_config(**overrides):
-  """configs/digits.py:tiny without dropout, with a short warmup."""
-  return helpers.digits_tiny(dropout_rate=0.0, warmup_steps=5, num_train_steps=40, **overrides)
+def tiny_config(variant="tiny", **overrides):
+  """configs/digits.py:tiny (or another tiny variant) without dropout, with a short warmup."""
+  return helpers.digits_tiny(variant, dropout_rate=0.0, warmup_steps=5, num_train_steps=40,
+                             **overrides)
 
 
 def _setup(config, devices):
@@ -78,9 +79,10 @@ def test_same_seed_same_run_and_eight_devices_match_one():
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_equals_full_batch():
+@pytest.mark.parametrize("variant", ["tiny", "tiny_genmd4"])
+def test_gradient_accumulation_equals_full_batch(variant):
   from md4_jax.train import step as step_lib
-  config = tiny_config(batch_size=16)
+  config = tiny_config(variant, batch_size=16)
   mesh, model, state, _ = _setup(config, jax.devices()[:1])
   batch = parallel.to_global(_batches(config, 1)[0], mesh)
   rng = jax.random.key(3)

@@ -30,3 +30,10 @@ def test_text_samples_and_trajectory(tmp_path):
   frames = np.stack([np.full_like(tokens, 27), tokens])
   (traj,) = visualize.save_trajectory(frames, str(tmp_path / "t"), 27, 27, codec)
   assert "[0] ___________\n[1] hello world" in open(traj).read()
+
+
+def test_bar_image_heights_follow_the_values():
+  img = visualize.bar_image(np.array([1.0, 0.6, 0.0, 2.0]), height=11)
+  assert img.shape == (11, 4 * 128, 3) and img.dtype == np.uint8
+  dark = (img[..., 0] == 40).sum(axis=0)[::128]  # Filled pixels per bar column.
+  np.testing.assert_array_equal(dark, [6, 4, 1, 11])  # round(v / 2 · 10) + 1.

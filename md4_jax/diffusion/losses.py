@@ -6,7 +6,7 @@ The mask id is V. Everything here is jit/vmap/grad friendly; the Flax model in
 """
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,8 @@ def stratified_times(rng: jax.Array, num_times: int, batch_size: int) -> jax.Arr
   return (k_K1 + 1.0 - u_KxB) / num_times
 
 
-def draw_times_and_noise(rng: jax.Array, x_shape: tuple[int, ...], antithetic: bool):
+def draw_times_and_noise(rng: jax.Array, x_shape: tuple[int, ...], antithetic: bool,
+                         num_masks: int = 1):
   """The randomness of one NELBO estimate: times and the mask uniforms.
 
   The only place that draws them (MD4.nelbo and the train step both call it),
@@ -63,13 +64,18 @@ def draw_times_and_noise(rng: jax.Array, x_shape: tuple[int, ...], antithetic: b
     rng: key.
     x_shape: (B, *data_shape).
     antithetic: stratify t across the batch.
+    num_masks: masks per example at the same t (GenMD4's leave-one-out
+      gradient uses K >= 2; the example axis stays first, so splitting the
+      batch keeps an example's K masks together).
 
   Returns:
-    (t_B, noise): float32 [B] times in (0, 1] and float32 [B, *data_shape]
-    uniforms in [0, 1) (position n is masked iff noise_n ≥ α(t)).
+    (t_B, noise): float32 [B] times in (0, 1] and float32 uniforms in [0, 1),
+    [B, *data_shape] for one mask, [B, K, *data_shape] for K > 1 (position n
+    is masked iff noise_n >= its keep probability α).
   """
   k_t, k_noise = jax.random.split(rng)
-  return sample_times(k_t, x_shape[0], antithetic), jax.random.uniform(k_noise, x_shape)
+  noise_shape = x_shape if num_masks == 1 else (x_shape[0], num_masks) + tuple(x_shape[1:])
+  return sample_times(k_t, x_shape[0], antithetic), jax.random.uniform(k_noise, noise_shape)
 
 
 def forward_mask(x: jax.Array, alpha_t: jax.Array, noise: jax.Array, mask_id: int):
@@ -112,14 +118,15 @@ def token_nll(logits: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def chunked_nll(
-    h: jax.Array, x: jax.Array, head: Callable[[jax.Array], jax.Array], chunk_size: int
-) -> jax.Array:
-  """token_nll(head(h), x), a chunk of positions at a time.
+    h: jax.Array, x: jax.Array, head: Callable[[jax.Array], jax.Array], chunk_size: int,
+    terms: Callable[[jax.Array, jax.Array], Any] = token_nll,
+) -> Any:
+  """terms(head(h), x) (default: token_nll), a chunk of positions at a time.
 
-  The head (features -> logits) and the cross-entropy run inside a
+  The head (features -> logits) and the per-position terms run inside a
   rematerialised `lax.map` over chunks of the sequence axis, so neither the
   [B, N, V] logits nor their gradient is ever alive at once: the forward pass
-  keeps only the [B, N] result, and the backward pass recomputes one chunk's
+  keeps only the [B, N] results, and the backward pass recomputes one chunk's
   logits at a time. Per position the arithmetic is that of the plain version;
   only the summation order of the head's parameter gradient changes.
 
@@ -128,9 +135,11 @@ def chunked_nll(
     x: int [B, N] targets.
     head: [B, C, D] -> [B, C, V] logits (e.g. layers.HeadInputs.logits).
     chunk_size: C, positions per chunk (N is zero-padded to a multiple of C).
+    terms: (logits [B, C, V], x [B, C]) -> a pytree of float [B, C] arrays.
 
   Returns:
-    float32 [B, N] negative log-likelihoods (NaN for targets outside [0, V)).
+    terms' pytree with [B, N] leaves (token_nll: float32 [B, N] negative
+    log-likelihoods, NaN for targets outside [0, V)).
   """
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
@@ -147,10 +156,11 @@ def chunked_nll(
   @jax.checkpoint
   def one_chunk(args):
     h_BxCxD, x_BxC = args
-    return token_nll(head(h_BxCxD), x_BxC)
+    return terms(head(h_BxCxD), x_BxC)
 
-  nll_KxBxC = jax.lax.map(one_chunk, (h_KxBxCxD, x_KxBxC))
-  return nll_KxBxC.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
+  out_KxBxC = jax.lax.map(one_chunk, (h_KxBxCxD, x_KxBxC))
+  return jax.tree.map(
+      lambda a: a.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length], out_KxBxC)
 
 
 def diffusion_weight(

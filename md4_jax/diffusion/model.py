@@ -73,6 +73,20 @@ class MD4(nn.Module):
   def num_positions(self) -> int:
     return math.prod(self.data_shape)
 
+  # A schedule shared by every token: the samplers may draw reveal times
+  # without the network and skip idle steps (GenMD4 overrides both).
+  per_token_schedule = False
+
+  @property
+  def masks_per_example(self) -> int:
+    """Masks drawn per example and training step (losses.draw_times_and_noise)."""
+    return 1
+
+  def keep_probability(self, x, t):
+    """α(t) of every position of x [B, *data_shape] at times t [B] (float32)."""
+    alpha_B = self.schedule.alpha(jnp.asarray(t, jnp.float32))
+    return jnp.broadcast_to(alpha_B.reshape(alpha_B.shape + (1,) * (x.ndim - 1)), x.shape)
+
   def predict(self, z_t, t, cond=None, train: bool = False):
     """Logits of the clean tokens. z_t: int [B, *data_shape]; t: float [B]."""
     return self.network(z_t, t, cond=cond, train=train)
@@ -122,6 +136,14 @@ class MD4(nn.Module):
 
   def _token_nll(self, z_t, t, cond, train, x):
     """−log p_θ(x | z_t) per position, float32 [B, *data_shape]."""
+    return self._token_terms(z_t, t, cond, train, x, losses.token_nll)
+
+  def _token_terms(self, z_t, t, cond, train, x, terms):
+    """terms(logits, x) per position: a pytree of float32 [B, *data_shape].
+
+    With loss_chunk_size > 0 the fused head and `terms` run a chunk of
+    positions at a time (losses.chunked_nll); otherwise on the full logits.
+    """
     if self.loss_chunk_size > 0:
       if not isinstance(self.network, layers.FusedHeadNetwork):
         raise ValueError(f"loss_chunk_size={self.loss_chunk_size} needs a network with a fused "
@@ -129,14 +151,22 @@ class MD4(nn.Module):
       feats = self.network.features(z_t, t, cond=cond, train=train)
       batch = x.shape[0]
       h_BxNxD = feats.h.reshape(batch, self.num_positions, feats.h.shape[-1])
-      nll = losses.chunked_nll(h_BxNxD, x.reshape(batch, -1), feats.logits,
-                               self.loss_chunk_size)
-      return nll.reshape(x.shape)
-    return losses.token_nll(self.predict(z_t, t, cond=cond, train=train), x)
+      out = losses.chunked_nll(h_BxNxD, x.reshape(batch, -1), feats.logits,
+                               self.loss_chunk_size, terms)
+      return jax.tree.map(lambda a: a.reshape(x.shape), out)
+    return terms(self.predict(z_t, t, cond=cond, train=train), x)
 
   def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
     """Batch-mean NELBO terms, nats per example (see `nelbo`)."""
     return jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
+
+
+def check_fused_head(config, network: nn.Module) -> None:
+  """Raises ValueError if loss_chunk_size > 0 and `network` has no fused head."""
+  if config.loss_chunk_size > 0 and not isinstance(network, layers.FusedHeadNetwork):
+    raise ValueError(
+        f"config.loss_chunk_size={config.loss_chunk_size} fuses the head with the loss, which "
+        f"network {config.network!r} ({type(network).__name__}) cannot do; set it to 0.")
 
 
 def build_model(config, network: nn.Module) -> MD4:
@@ -146,10 +176,7 @@ def build_model(config, network: nn.Module) -> MD4:
     ValueError: a bad schedule name, or loss_chunk_size > 0 with a network
       that is not a layers.FusedHeadNetwork.
   """
-  if config.loss_chunk_size > 0 and not isinstance(network, layers.FusedHeadNetwork):
-    raise ValueError(
-        f"config.loss_chunk_size={config.loss_chunk_size} fuses the head with the loss, which "
-        f"network {config.network!r} ({type(network).__name__}) cannot do; set it to 0.")
+  check_fused_head(config, network)
   return MD4(
       network=network,
       schedule=schedules_lib.get_schedule(config.noise_schedule),

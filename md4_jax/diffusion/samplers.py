@@ -47,6 +47,16 @@ number of distinct reveal steps of an example in the batch: at most D + 1
 every step (NFE = N). A time-independent network (`time_features='none'`)
 gains nothing more: z changes at every event, so no logits can be reused.
 
+GenMD4 (a schedule per token value, `model.per_token_schedule`): whether a
+position is revealed depends on the token it would become, so the reveal and
+the token are one (V+1)-way draw per masked position and step (tokens
+μ_v·(1 − (s/t)^{w_v}), mask Σ_v μ_v·(s/t)^{w_v}, after temperature and top-p
+act on μ; 'mean' draws x̂ ~ μ first, then reveals it with probability
+1 − (s/t)^{w_x̂}, the same law). The network is called at every step (no
+idle-step skipping: `cache` does not apply and NFE = N); the last step (s = 0)
+reveals everything. first_hitting is refused: its reveal time would depend on
+predictions at times between network calls.
+
 Randomness: every draw of example b comes from fold_in(rng, b) (then a stream
 id and the step or call index), so results do not depend on the batch size,
 the position of the example in the batch, the device mesh, or on whether a
@@ -60,7 +70,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from md4_jax.diffusion import losses
+from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
 
 # Random stream ids folded into each example's key.
@@ -355,6 +365,53 @@ def _reference_chain(chain: _Chain, z, ts, frames, step_fn, vocab_size: int):
   return z, jnp.int32(steps), chain.finish_frames(frames, z, last)
 
 
+# ------------------------------------------------------ per-token (GenMD4) ---
+
+
+def _per_token_chain(chain: _Chain, z, ts, frames, powers_V, two_stage: bool):
+  """GenMD4's reverse chain: the network at every grid step, one exact draw per step.
+
+  Step i (t = t_{N−i} -> s = t_{N−i−1}) for a masked position: token v with
+  probability μ_v·(1 − (s/t)^{w_v}), stay masked with Σ_v μ_v·(s/t)^{w_v}
+  (`two_stage`: x̂ ~ μ, then reveal x̂ with probability 1 − (s/t)^{w_x̂}).
+  """
+  steps = ts.shape[0] - 1
+  batch = z.shape[0]
+  options = chain.options
+
+  def body(i, carry):
+    z, last, frames = carry
+    t, s = ts[steps - i], ts[steps - i - 1]
+    step_B = jnp.full((batch,), i, jnp.int32)
+    logits = chain.predict(z, jnp.full((batch,), t))
+    logits = chain.token_logits(logits.astype(jnp.float32) / options.temperature, options)
+    log_mu = jax.nn.log_softmax(logits, axis=-1)
+    log_stay_V = genmd4.log_stay_masked(powers_V, s, t)  # w_v·log(s/t), −inf at s = 0.
+    log_stay_11V = log_stay_V.reshape((1, 1, -1))
+    keys = _stream_keys(chain.keys_B, _TOKEN, step_B)
+    if two_stage:
+      x_hat = jax.vmap(lambda k, l: categorical(k, l, options.exact))(keys, logits)
+      reveal_p = -jnp.expm1(log_stay_V[x_hat])
+      u = chain.uniforms(_REVEAL, step_B, z.shape[1:])
+      draw = jnp.where(u < reveal_p, x_hat, chain.mask_id)
+    else:
+      log_reveal = log_mu + jnp.log(-jnp.expm1(log_stay_11V))
+      log_stay = jax.nn.logsumexp(log_mu + log_stay_11V, axis=-1, keepdims=True)
+      joint = jnp.concatenate([log_reveal, log_stay], axis=-1)  # Index V = the mask id.
+      draw = jax.vmap(lambda k, l: categorical(k, l, options.exact))(keys, joint)
+    s_B = jnp.full((batch,), s)
+    frames = chain.record(frames, z, s_B, last, jnp.ones((batch,), bool))
+    masked = z == chain.mask_id
+    # The last step decodes whatever is left (its stay probability is 0 anyway).
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    draw = jnp.where((draw == chain.mask_id) & (i == steps - 1), greedy, draw)
+    return jnp.where(masked, draw, z), s_B, frames
+
+  inf_B = jnp.full((batch,), jnp.inf, jnp.float32)
+  z, last, frames = jax.lax.fori_loop(0, steps, body, (z, inf_B, frames))
+  return z, jnp.int32(steps), chain.finish_frames(frames, z, last)
+
+
 # ---------------------------------------------------------- first hitting ---
 
 
@@ -456,6 +513,15 @@ def check_arguments(sampler: str, steps: Optional[int], grid: str, options: Samp
     raise ValueError(f"frames must be 0 (none) or >= 2, got {frames}.")
 
 
+def check_model(model: model_lib.MD4, sampler: str) -> None:
+  """Raises ValueError for a sampler the model's schedule does not support."""
+  if model.per_token_schedule and not get_sampler(sampler).grid:
+    working = sorted(name for name, spec in SAMPLERS.items() if spec.grid)
+    raise ValueError(f"Sampler {sampler!r} is not exact for GenMD4 (a schedule per token: the "
+                     f"time of the next reveal depends on the predictions); use one of "
+                     f"{working}.")
+
+
 def masked_input(tokens: jax.Array, fixed: jax.Array, mask_id: int) -> jax.Array:
   """tokens where `fixed` is True, the mask id elsewhere (positions to generate)."""
   return jnp.where(jnp.asarray(fixed, bool), jnp.asarray(tokens, jnp.int32), mask_id)
@@ -527,10 +593,12 @@ def sample(
   Returns:
     tokens: int32 [B, *data_shape], no mask left, fixed positions unchanged.
     stats: 'nfe': int32 scalar, network calls on the batch; every call
-      evaluates all B examples once, so it is also the NFE per sample.
+      evaluates all B examples once, so it is also the NFE per sample
+      (N for GenMD4, which calls the network at every step).
       'frames': int32 [K, B, *data_shape] when frames > 0.
   """
   check_arguments(sampler, steps, grid, options, t_start, frames)
+  check_model(model, sampler)
   spec = get_sampler(sampler)
   if z_init is None:
     if batch_size is None:
@@ -548,7 +616,7 @@ def sample(
 
   def predict(z_BxD, t_B):
     logits = model.apply(variables, z_BxD.reshape((batch,) + data_shape), t_B, cond,
-                         method=model_lib.MD4.predict)
+                         method="predict")
     return logits.reshape(batch, z_BxD.shape[1], -1)
 
   frame_times = None
@@ -561,6 +629,11 @@ def sample(
                  token_logits=spec.token_logits, frame_times_K=frame_times)
   if not spec.grid:
     z, nfe, trajectory = _first_hitting_chain(chain, z, t_start, trajectory)
+  elif model.per_token_schedule:
+    powers = model.apply(variables, method="powers")
+    ts = time_grid(grid, int(steps)) * t_start
+    z, nfe, trajectory = _per_token_chain(chain, z, ts, trajectory, powers,
+                                          two_stage=sampler == "mean")
   else:
     ts = time_grid(grid, int(steps)) * t_start
     if options.exact:
@@ -583,7 +656,8 @@ def reconstruct(
 
   Args:
     x: int [B, *data_shape] clean tokens.
-    t: the masking level in (0, 1]: each position is masked w.p. 1 − α(t).
+    t: the masking level in (0, 1]: each position is masked w.p. 1 − α(t)
+      (1 − α_t^{x_n} for GenMD4).
     (the rest as in `sample`; the grid covers [0, t]).
 
   Returns:
@@ -591,8 +665,9 @@ def reconstruct(
   """
   k_mask, k_chain = jax.random.split(rng)
   x = jnp.asarray(x, jnp.int32)
-  alpha_B = jnp.full((x.shape[0],), model.schedule.alpha(jnp.float32(t)))
-  z_t, _ = losses.forward_mask(x, alpha_B, jax.random.uniform(k_mask, x.shape), model.mask_id)
+  keep = model.apply(variables, x, jnp.full((x.shape[0],), t, jnp.float32),
+                     method="keep_probability")  # Per token for GenMD4.
+  z_t = jnp.where(jax.random.uniform(k_mask, x.shape) >= keep, model.mask_id, x)
   tokens, stats = sample(model, variables, k_chain, z_init=z_t, cond=cond, steps=steps,
                          sampler=sampler, grid=grid, options=options, t_start=t, frames=frames)
   return z_t, tokens, stats

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from md4_jax import networks
 from md4_jax import optim
 from md4_jax import parallel
+from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.train import state as state_lib
@@ -42,9 +43,15 @@ def sharding_rules(config: ml_collections.ConfigDict) -> parallel.Rules:
                for name, axes in config.sharding_rules)
 
 
+# config.model -> (config, network) -> the diffusion model.
+MODELS = {"md4": model_lib.build_model, "genmd4": genmd4.build_model}
+
+
 def build_model(config: ml_collections.ConfigDict) -> model_lib.MD4:
-  """The MD4 model (network from the registry) described by the config."""
-  return model_lib.build_model(config, networks.build_network(config))
+  """The diffusion model (MD4 or GenMD4, network from the registry) of the config."""
+  if config.model not in MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; valid: {sorted(MODELS)}.")
+  return MODELS[config.model](config, networks.build_network(config))
 
 
 @dataclasses.dataclass(eq=False)  # Hashed by identity (eval_step caches per K).
@@ -147,6 +154,7 @@ class Experiment:
       are placed by jit. `fn.jitted` allows ahead-of-time lowering.
     """
     samplers.check_arguments(sampler, steps, grid, options, t_start, frames)
+    samplers.check_model(self.model, sampler)
     mesh = self.mesh
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)

@@ -45,6 +45,22 @@ def write_samples(tokens, datasets, config, workdir: str, step: int, writer) -> 
   return path
 
 
+def schedule_summary(model, params, writer=None, step: int = 0) -> dict[str, float]:
+  """GenMD4: min / mean / max of the learned exponents w (and, with a writer,
+  their histogram and a per-token bar plot in TensorBoard); {} for MD4."""
+  if not model.per_token_schedule:
+    return {}
+  w = np.asarray(parallel.fetch(model.apply({"params": params}, method="powers")))
+  summary = {"genmd4_power_min": float(w.min()), "genmd4_power_mean": float(w.mean()),
+             "genmd4_power_max": float(w.max()), "genmd4_power_argmin": int(w.argmin()),
+             "genmd4_power_argmax": int(w.argmax())}
+  if writer is not None:
+    writer.write_scalars(step, {k: v for k, v in summary.items() if "arg" not in k})
+    writer.write_histograms(step, {"genmd4_powers": w})
+    writer.write_images(step, {"genmd4_powers_per_token": visualize.bar_image(w)[None]})
+  return summary
+
+
 def check_workdir_path(workdir: str) -> None:
   """Raises ValueError if `workdir` cannot become a directory (nothing is created)."""
   if "://" in workdir:
@@ -251,6 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
             eval_metrics = run_eval(state.ema_params)
           writer.write_scalars(step, {k: v for k, v in eval_metrics.items()
                                       if isinstance(v, float)})
+          eval_metrics.update(schedule_summary(model, state.ema_params, writer, step))
           logging.info("step %d: eval %s", step, evaluation.describe(eval_metrics, metric, "eval_"))
         if due(config.sample_every_steps) and config.num_samples > 0:
           with report.timed("sample"):
@@ -286,6 +303,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     return {"step": step, "preempted": True}
   if not eval_metrics:  # Nothing left to train: evaluate the restored state.
     eval_metrics = run_eval(state.ema_params)
+    eval_metrics.update(schedule_summary(model, state.ema_params))
   elapsed = time.time() - start
   eval_metrics.update(step=step, num_params=num_params, train_seconds=elapsed,
                       steps_per_second=(step - initial_step) / elapsed if step > initial_step else 0.0)

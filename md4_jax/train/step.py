@@ -48,7 +48,8 @@ def _loss_and_grads(model, params, x, cond, t, noise, dropout_key):
   def loss_fn(p):
     metrics = model.apply({"params": p}, x, cond, train=True, t=t, noise=noise,
                           rngs={"dropout": dropout_key})
-    return metrics["loss"], metrics
+    # GenMD4 adds its score-function (RLOO) surrogate to the objective only.
+    return metrics["loss"] + metrics.get("loss_score", 0.0), metrics
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, metrics
 
@@ -64,7 +65,8 @@ def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, ac
   cond = batch.get("label")
   batch_size = x.shape[0]
   k_draw, k_drop = jax.random.split(rng)
-  t, noise = losses.draw_times_and_noise(k_draw, x.shape, model.antithetic_time_sampling)
+  t, noise = losses.draw_times_and_noise(k_draw, x.shape, model.antithetic_time_sampling,
+                                         model.masks_per_example)
   if accum_steps == 1:
     return _loss_and_grads(model, params, x, cond, t, noise, k_drop)
   if batch_size % accum_steps:
@@ -154,7 +156,7 @@ def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MD4,
   def one_time(carry, inputs):  # A scan keeps memory at one forward pass.
     t_B, key = inputs
     terms = model.apply({"params": params}, x, cond, False, t_B, jax.random.uniform(key, x.shape),
-                        method=model_lib.MD4.nelbo)
+                        method="nelbo")
     return carry, {k: terms[k] for k in ("loss", "loss_diff", "loss_recon", "loss_prior")}
 
   _, terms_KxB = jax.lax.scan(one_time, None, (t_KxB, jax.random.split(k_noise, num_t_samples)))

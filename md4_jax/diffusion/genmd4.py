@@ -1,0 +1,253 @@
+"""GenMD4: a learnable masking schedule per token value (MD4 paper, Sec. 5).
+
+Schedule. One exponent per vocabulary entry, w = softplus(w_raw) ∈ R^V
+(w_raw initialised so that every w_v = power_init), and
+
+  α_t^v = 1 − (1 − ε)·t^{w_v},      −α'^v_t / (1 − α_t^v) = w_v / t,
+
+with ε the schedule's eps (1e-4): α_0^v = 1 (nothing masked at t = 0, so
+there is no ε offset at the clean end; the small t1 below keeps the weight
+w_v/t finite) and α_1^v = ε at the noisy end, as for the fixed schedules. A
+position holding token x is masked at t with probability 1 − α_t^x.
+
+Objective. t ranges over [t1, 1]: a unit time u ∈ (0, 1] (the project's one
+time draw, losses.draw_times_and_noise / stratified_times) maps to
+t = t1 + (1 − t1)·u, and the integral's estimate carries the factor (1 − t1).
+For a masked position with clean token x and prediction μ = softmax(logits):
+
+  integrand = (1/t)·[ −w_x·log μ_x − w_x + Σ_v w_v·μ_v ]
+
+(the KL rate between the true and the model's reverse jump processes; all
+w_v = K gives exactly the polyK MD4 term (K/t)·(−log μ_x)). Reconstruction at
+t1 with the decoder p(x | masked at t1) ∝ 1 − α_{t1}^x (the token posterior of
+a mask under a uniform prior; copy if unmasked):
+L_recon = Σ_n (1 − α_{t1}^{x_n})·[ log Σ_v t1^{w_v} − w_{x_n}·log t1 ]
+(= D·(1 − α_{t1})·log V for equal w). Prior at t = 1: D·ε·log V, as for MD4
+(losses.prior_loss), so loss_diff + loss_recon + loss_prior bounds −log p(x).
+
+Gradient of the schedule. The masks depend on w, so w gets, besides the
+pathwise gradient of the integrand, a score-function term: K ≥ 2 masks z_k per
+example at the same t, losses ℓ_k, and the leave-one-out (RLOO) surrogate
+
+  loss_score = (1/K)·Σ_k stop_grad(ℓ_k − mean_{j≠k} ℓ_j)·log q(z_k | x),
+  log q(z | x) = Σ_n [masked: log(1 − α_t^{x_n}); kept: log α_t^{x_n}].
+
+The training step minimises loss + loss_score; loss (reported, evaluated)
+is the NELBO alone. The network sees the mean loss only (ℓ_k is stopped in
+loss_score, and log q does not depend on it). The K masked copies of a batch
+go through the network as one call on [B·K, ...] (example-major, so an
+example's copies stay on its device).
+
+Sampling (diffusion/samplers.py): a masked position moves from t to s < t to
+token v with probability μ_v·(α_s^v − α_t^v)/(1 − α_t^v) = μ_v·(1 − (s/t)^{w_v})
+and stays masked with probability Σ_v μ_v·(s/t)^{w_v}: one (V+1)-way draw.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from md4_jax.diffusion import losses
+from md4_jax.diffusion import model as model_lib
+from md4_jax.diffusion import schedules as schedules_lib
+
+MIN_POWER = 1e-6  # softplus can underflow to 0; t^0 would freeze a token's schedule.
+
+
+def powers_from_raw(w_raw: jax.Array) -> jax.Array:
+  """w = softplus(w_raw), at least MIN_POWER. float32 [V]."""
+  return jnp.maximum(jax.nn.softplus(w_raw.astype(jnp.float32)), MIN_POWER)
+
+
+def raw_from_power(power: float) -> float:
+  """The w_raw with softplus(w_raw) = power (> 0)."""
+  return math.log(math.expm1(power))
+
+
+def keep_probability(w_x: jax.Array, t: jax.Array, eps: float) -> jax.Array:
+  """α_t^x = 1 − (1 − ε)·t^{w_x} (t broadcast against w_x)."""
+  return 1.0 - (1.0 - eps) * jnp.exp(w_x * jnp.log(t))
+
+
+def log_stay_masked(w_V: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
+  """log((1 − α_s^v)/(1 − α_t^v)) = w_v·log(s/t) (−inf at s = 0), float32 [..., V]."""
+  return w_V * (jnp.log(s) - jnp.log(t))[..., None]
+
+
+class GenMD4(model_lib.MD4):
+  """MD4 with a learnable polynomial schedule per token value (see the module doc).
+
+  Attributes (besides MD4's; `schedule` must be polynomial and supplies ε):
+    power_init: every w_v at initialisation (> 0).
+    t1: lower end of the time range (0 <= t1 < 1); the reconstruction term
+      is taken there.
+    num_masks: K >= 2 masks per example for the RLOO gradient (training).
+  """
+
+  power_init: float = 1.0
+  t1: float = 1e-3
+  num_masks: int = 2
+
+  per_token_schedule = True
+
+  @property
+  def masks_per_example(self) -> int:
+    return self.num_masks
+
+  def setup(self):
+    self.w_raw = self.param("w_raw", jax.nn.initializers.constant(raw_from_power(self.power_init)),
+                            (self.vocab_size,), jnp.float32)
+
+  @property
+  def eps(self) -> float:
+    return self.schedule.eps
+
+  def powers(self) -> jax.Array:
+    """w = softplus(w_raw): float32 [V]."""
+    return powers_from_raw(self.w_raw)
+
+  def keep_probability(self, x, t):
+    """α_t^{x_n} for every position of x [B, *data_shape] at times t [B]."""
+    t = jnp.asarray(t, jnp.float32)
+    return keep_probability(self.powers()[x], t.reshape(t.shape + (1,) * (x.ndim - 1)), self.eps)
+
+  def times(self, u):
+    """Unit draws u ∈ (0, 1] -> t = t1 + (1 − t1)·u ∈ (t1, 1]."""
+    return self.t1 + (1.0 - self.t1) * u
+
+  def recon_terms(self, x):
+    """L_recon per example (float32 [B]): masked at t1 -> decoder ∝ 1 − α_{t1}^v."""
+    batch = x.shape[0]
+    if self.t1 == 0:  # α_0 = 1: nothing is masked at t = 0.
+      return jnp.zeros((batch,), jnp.float32)
+    w = self.powers()
+    log_t1 = math.log(self.t1)
+    w_x = w[x]
+    masked_prob = (1.0 - self.eps) * jnp.exp(w_x * log_t1)
+    nll = jax.nn.logsumexp(w * log_t1) - w_x * log_t1
+    return jnp.sum((masked_prob * nll).reshape(batch, -1), axis=-1)
+
+  def nelbo(self, x, cond=None, train: bool = False, t=None, noise=None):
+    """Per-example NELBO terms in nats (and the RLOO term when K > 1 masks).
+
+    Args:
+      x: int [B, *data_shape] clean tokens.
+      cond: optional int [B] labels.
+      train: dropout on.
+      t: optional float [B] unit times u ∈ (0, 1], mapped to t1 + (1 − t1)·u
+        (default: drawn from the 'sample' stream).
+      noise: optional float uniforms, [B, *data_shape] (one mask) or
+        [B, K, *data_shape] (K masks at the same t; default: K = num_masks
+        drawn). Position n of mask k is masked iff noise >= α_t^{x_n}.
+
+    Returns:
+      dict of float32 [B]: loss_diff (mean over the K masks), loss_recon,
+      loss_prior, loss (their sum, the NELBO), and with K > 1 loss_score,
+      the RLOO surrogate (zero value in the gradient's sense: add it to the
+      objective, never to the reported loss).
+    """
+    model_lib.check_tokens(x, self.vocab_size)
+    if x.shape[1:] != tuple(self.data_shape):
+      raise ValueError(f"Batch has example shape {x.shape[1:]}, the model expects data_shape "
+                       f"{tuple(self.data_shape)}.")
+    batch = x.shape[0]
+    if t is None or noise is None:
+      drawn_t, drawn_noise = losses.draw_times_and_noise(
+          self.make_rng("sample"), x.shape, self.antithetic_time_sampling, self.num_masks)
+      t = drawn_t if t is None else t
+      noise = drawn_noise if noise is None else noise
+    several = noise.ndim == x.ndim + 1
+    noise_BxK = noise if several else noise[:, None]
+    num_masks = noise_BxK.shape[1]
+    t = self.times(jnp.asarray(t, jnp.float32))
+    w = self.powers()
+    x_BxK = jnp.broadcast_to(x[:, None], noise_BxK.shape)
+    w_x = w[x_BxK]
+    t_b = t.reshape((batch, 1) + (1,) * (x.ndim - 1))
+    alpha_x = keep_probability(w_x, t_b, self.eps)
+    masked = noise_BxK >= alpha_x
+    z = jnp.where(masked, self.mask_id, x_BxK)
+
+    def terms(logits, targets):  # −log μ_x and Σ_v w_v μ_v per position.
+      expected_w = jnp.einsum("...v,v->...", jax.nn.softmax(logits.astype(jnp.float32), -1), w)
+      return losses.token_nll(logits, targets), expected_w
+
+    flat = lambda a: a.reshape((batch * num_masks,) + a.shape[2:])
+    cond_flat = None if cond is None else jnp.repeat(cond, num_masks, axis=0)
+    nll, expected_w = self._token_terms(flat(z), jnp.repeat(t, num_masks), cond_flat, train,
+                                        flat(x_BxK), terms)
+    nll, expected_w = nll.reshape(z.shape), expected_w.reshape(z.shape)
+    integrand = w_x * nll - w_x + expected_w
+    per_mask = lambda a: jnp.sum(a.reshape(batch, num_masks, -1), axis=-1)
+    # Out-of-range tokens must poison the loss even at unmasked positions.
+    masked_sum = per_mask(jnp.where(masked, integrand, 0.0))
+    masked_sum += per_mask(jnp.where(jnp.isnan(nll), jnp.nan, 0.0))
+    loss_k = (1.0 - self.t1) * masked_sum / t[:, None]  # [B, K]
+    loss_diff = jnp.mean(loss_k, axis=1)
+    loss_recon = self.recon_terms(x)
+    loss_prior = jnp.full((batch,), losses.prior_loss(self.schedule, self.num_positions,
+                                                      self.vocab_size))
+    out = {"loss_diff": loss_diff, "loss_recon": loss_recon, "loss_prior": loss_prior,
+           "loss": loss_diff + loss_recon + loss_prior}
+    if num_masks > 1:
+      log_mask = math.log1p(-self.eps) + w_x * jnp.log(t_b)
+      log_q = per_mask(jnp.where(masked, log_mask, jnp.log(alpha_x)))  # [B, K]
+      others = (jnp.sum(loss_k, axis=1, keepdims=True) - loss_k) / (num_masks - 1)
+      advantage = jax.lax.stop_gradient(loss_k - others)
+      out["loss_score"] = jnp.mean(advantage * log_q, axis=1)
+    return out
+
+  def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
+    """Batch means of `nelbo`'s terms, plus power_min / power_mean / power_max of w."""
+    out = jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
+    w = self.powers()
+    return dict(out, power_min=jnp.min(w), power_mean=jnp.mean(w), power_max=jnp.max(w))
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one line) for a config GenMD4 cannot run with."""
+  if config.model != "genmd4":
+    return
+  if not config.cont_time:
+    raise ValueError("config.model='genmd4' needs config.cont_time=True: GenMD4's objective is "
+                     "the continuous-time NELBO (there is no discrete-time GenMD4 loss).")
+  schedule = schedules_lib.get_schedule(config.noise_schedule)
+  power = {schedules_lib.LinearSchedule: 1.0}.get(type(schedule), getattr(schedule, "power", None))
+  if power is None:
+    raise ValueError(f"config.model='genmd4' learns a polynomial schedule per token; "
+                     f"config.noise_schedule={config.noise_schedule!r} is not polynomial: use "
+                     f"'linear' (= poly1) or 'polyK'.")
+  if not config.power_init > 0:
+    raise ValueError(f"config.power_init={config.power_init!r} is out of range: it must be > 0.")
+  if abs(power - config.power_init) > 1e-12:
+    raise ValueError(f"config.noise_schedule={config.noise_schedule!r} (poly{power:g}) and "
+                     f"config.power_init={config.power_init:g} disagree: GenMD4 starts every "
+                     f"token at α = 1 − (1 − ε)·t^power_init; set noise_schedule="
+                     f"'poly{config.power_init:g}'.")
+  if not 0 <= config.genmd4_t1 < 1:
+    raise ValueError(f"config.genmd4_t1={config.genmd4_t1!r} is out of range: it must be in "
+                     "[0, 1).")
+  if int(config.genmd4_num_masks) < 2:
+    raise ValueError(f"config.genmd4_num_masks={config.genmd4_num_masks!r} is out of range: "
+                     "the leave-one-out gradient needs >= 2 masks per example.")
+
+
+def build_model(config: ml_collections.ConfigDict, network) -> GenMD4:
+  """The GenMD4 module described by `config` around `network`."""
+  check_config(config)
+  model_lib.check_fused_head(config, network)
+  return GenMD4(
+      network=network,
+      schedule=schedules_lib.get_schedule(config.noise_schedule),
+      vocab_size=config.vocab_size,
+      data_shape=tuple(config.data_shape),
+      cont_time=True,
+      timesteps=config.timesteps,
+      antithetic_time_sampling=config.antithetic_time_sampling,
+      loss_chunk_size=config.loss_chunk_size,
+      power_init=float(config.power_init),
+      t1=float(config.genmd4_t1),
+      num_masks=int(config.genmd4_num_masks),
+  )
