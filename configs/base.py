@@ -34,7 +34,8 @@ def get_config():
   config.seed = 0  # Seeds parameters, time/mask draws, dropout and data order.
 
   # ---------------------------------------------------------------- data ---
-  config.dataset = "digits"  # digits | cifar10 | imagenet64 | text8 | openwebtext
+  # digits | cifar10 | imagenet64 | text8 | openwebtext | fineweb_edu | synthetic_text
+  config.dataset = "digits"
   config.data_dir = ""  # Where prepared data lives ('' = the dataset's default).
   config.data_shape = (8, 8, 1)  # Shape of one example: (L,) text, (H, W, C) images.
   config.vocab_size = 17  # V: tokens take values in [0, V); the mask id is V.
@@ -42,7 +43,7 @@ def get_config():
   config.batch_size = 64  # Global training batch (all devices, all processes).
   config.eval_batch_size = 64  # Global evaluation batch.
   # Split scored by eval ('' = the dataset's held-out split: digits test, text8 validation,
-  # cifar10 test, imagenet64 validation, openwebtext/fineweb_edu validation).
+  # cifar10 test, imagenet64 validation, openwebtext/fineweb_edu/synthetic_text validation).
   config.eval_split = ""
   config.random_flip = False  # Horizontal flips (images); off for likelihood runs.
   config.grain_worker_count = 0  # grain worker processes (0 = in the main process).

@@ -122,6 +122,9 @@ def evaluate_checkpoint(
       "nelbo_prior": result["eval_loss_prior"],
       **evaluation.headline(result["eval_loss"], result["eval_loss_stderr"],
                             experiment.model.num_positions, metric),
+      # A synthetic source: its exact entropy and the NELBO's gap to it.
+      **{k.removeprefix("eval_"): v for k, v in result.items()
+         if k in ("eval_source_entropy_bits_per_token", "eval_gap_bits_per_token")},
   }
   report.update(seconds=time.time() - start, devices=jax.device_count(),
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

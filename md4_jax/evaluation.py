@@ -51,7 +51,8 @@ def headline(nelbo: float, stderr: float, positions: int, metric: str) -> dict[s
 def describe(values: dict[str, float], metric: str, prefix: str = "") -> str:
   """'1.2345 ± 0.0012 bits/char' (and 'perplexity 22.1 ± 0.3, ' first for tokens).
 
-  values holds `prefix + metric` (and its _stderr, and prefix + perplexity).
+  values holds `prefix + metric` (and its _stderr, and prefix + perplexity;
+  and, for a synthetic source, its entropy and the gap to it).
   """
   def one(key, unit, digits):
     text = f"{values[prefix + key]:.{digits}f}"
@@ -61,6 +62,9 @@ def describe(values: dict[str, float], metric: str, prefix: str = "") -> str:
   parts = [one(metric, UNITS[metric], 4)]
   if prefix + "perplexity" in values:
     parts.insert(0, "perplexity " + one("perplexity", "", 3))
+  if prefix + "gap_bits_per_token" in values:  # A synthetic source with exact entropy.
+    parts.append(f"source entropy {values[prefix + 'source_entropy_bits_per_token']:.4f} "
+                 f"bits/token, gap {values[prefix + 'gap_bits_per_token']:+.4f}")
   return ", ".join(parts)
 
 
@@ -140,4 +144,20 @@ def evaluate(eval_step, params, datasets, mesh: Mesh, num_positions: int, seed: 
   result.update(eval_loss_stderr=stderr, eval_examples=n, eval_metric=metric)
   result.update({f"eval_{k}": v for k, v in
                  headline(result["eval_loss"], stderr, num_positions, metric).items()})
+  if datasets.exact_source is not None:
+    result.update({f"eval_{k}": v for k, v in
+                   source_gap(result["eval_loss"], datasets.exact_source, num_positions).items()})
   return result
+
+
+def source_gap(nelbo: float, source, num_positions: int) -> dict[str, float]:
+  """The NELBO next to the exact entropy of a synthetic source, bits per token.
+
+  Returns:
+    source_entropy_bits_per_token (H_L / (L ln 2)) and gap_bits_per_token
+    (NELBO / (L ln 2) minus it: the model's excess bits; ≥ 0 up to noise,
+    since the NELBO bounds the model's NLL, which is ≥ the entropy on average).
+  """
+  entropy = source.entropy(num_positions) / (num_positions * math.log(2))
+  return {"source_entropy_bits_per_token": entropy,
+          "gap_bits_per_token": nelbo / (num_positions * math.log(2)) - entropy}

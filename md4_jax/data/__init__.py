@@ -8,6 +8,8 @@ headline metric, text codec, data dir, splits, how to prepare it):
 * cifar10, imagenet64: TFDS ArrayRecord via `tfds.data_source` (images.py).
 * text8: characters of the text8 file (text8.py).
 * openwebtext, fineweb_edu: GPT-2 token shards from `prepare` (tokenized.py).
+* synthetic_text: sequences of a seeded Markov source with exact
+  probabilities (synthetic.py; generated, no download).
 
 Code outside `data/` reads dataset facts with `get_info(config.dataset)`.
 """
@@ -15,6 +17,7 @@ Code outside `data/` reads dataset facts with `get_info(config.dataset)`.
 from md4_jax.data import common
 from md4_jax.data import digits
 from md4_jax.data import images
+from md4_jax.data import synthetic
 from md4_jax.data import text8
 from md4_jax.data import tokenized
 
@@ -26,6 +29,7 @@ DATASETS: dict[str, DatasetInfo] = {
     **images.INFOS,
     text8.NAME: text8.INFO,
     **tokenized.INFOS,
+    synthetic.NAME: synthetic.INFO,
 }
 
 

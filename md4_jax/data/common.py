@@ -73,6 +73,9 @@ class DatasetInfo:
     open_sources: (config, eval split) -> Sources; raises FileNotFoundError
       when the data is not prepared.
     codec: data_dir -> TextCodec for text datasets; None for images.
+    exact_source: config -> a source whose probabilities are exact (with
+      `score(tokens)` and `entropy(length)`, e.g. synthetic.MarkovSource), for
+      generated benchmarks; None for real data.
   """
 
   name: str
@@ -87,6 +90,7 @@ class DatasetInfo:
   prepare: str
   open_sources: Callable[[Any, str], Sources]
   codec: Callable[[str], TextCodec] | None = None
+  exact_source: Callable[[Any], Any] | None = None
 
   def data_dir(self, config_data_dir: str) -> str:
     """config.data_dir, or this dataset's default ('' stays '' for TFDS's own)."""
@@ -162,6 +166,8 @@ class Datasets:
     num_eval_batches: Batches `eval_batches()` yields on every process.
     eval_split: Name of the split `eval_batches` covers.
     info: The dataset's record.
+    exact_source: The source with exact probabilities (`info.exact_source`
+      built for this config), or None.
   """
 
   train_iter: grain.DatasetIterator
@@ -170,6 +176,7 @@ class Datasets:
   num_eval_batches: int
   eval_split: str
   info: DatasetInfo
+  exact_source: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,4 +497,5 @@ def make_datasets(
       num_eval_batches=num_batches,
       eval_split=split,
       info=info,
+      exact_source=None if info.exact_source is None else info.exact_source(config),
   )
