@@ -33,10 +33,16 @@ setuptools.setup(
     install_requires=_RUNTIME,
     extras_require={
         # Tests also execute the notebooks and build a tiny BPE tokenizer for data.prepare.
+        # Tests also fit a tiny judge model (tests/judge_test.py).
         "test": ["pytest>=8", "chex>=0.1.87", "nbclient>=0.10", "nbformat>=5.9",
                  "ipykernel>=6.29", "matplotlib>=3.8", "tokenizers>=0.15",
-                 "scipy>=1.11"],  # chi-square p-values in tests/samplers_test.py.
+                 "scipy>=1.11",  # chi-square p-values in tests/samplers_test.py.
+                 "transformers>=4.46,<5"],
         "notebooks": ["matplotlib>=3.8", "ipykernel>=6.29"],
+        # Generative perplexity (md4_jax.sample --judge): GPT-2 large & co. through
+        # transformers' Flax classes, which run in the JAX process and need no
+        # PyTorch/CUDA stack (~3 GB); transformers 5 removed them, hence < 5.
+        "judge": ["transformers>=4.46,<5"],
         # Tokenising OpenWebText / FineWeb-Edu once (md4_jax.data.prepare).
         "prepare": ["datasets>=2.18", "tokenizers>=0.15", "tqdm>=4.60"],
     },

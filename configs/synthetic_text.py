@@ -1,6 +1,6 @@
 """MD4 on a synthetic text source with exact probabilities: the embedded text benchmark.
 
-Sequences of 32 tokens over 8 letters from a seeded order-2 Markov chain
+Sequences of 32 tokens over 8 letters from a seeded order-1 Markov chain
 (md4_jax/data/synthetic.py; its splits are generated, nothing to download). The
 source's entropy is known exactly, so the held-out NELBO is reported next to it
 (the gap is the model's excess bits per token), and `md4_jax.sample` scores
@@ -9,6 +9,10 @@ samples by their exact negative log-likelihood under the source.
   python -m md4_jax.main --config=configs/synthetic_text.py --workdir=/tmp/synth
   python -m md4_jax.sample --workdir=/tmp/synth --num_samples=1000 --steps=32
   python -m md4_jax.main --config=configs/synthetic_text.py:tiny --workdir=/tmp/synth_tiny
+
+Variant 'order2' makes the source an order-2 chain (64 contexts): inferring a
+masked token then needs two neighbours on each side, and the same model stays
+~0.15 bits/token above the entropy after 3000 steps (order 1: ~0.02).
 """
 
 import ml_collections
@@ -17,8 +21,8 @@ from configs import base
 
 
 def get_config(arg=None):
-  """arg: '' (a few minutes on 2 CPU cores) or 'tiny' (seconds, for smoke runs)."""
-  arg = base.check_variant(arg, "configs/synthetic_text.py", ("", "tiny"))
+  """arg: '' (a few minutes on 2 CPU cores), 'order2' (a harder source) or 'tiny' (seconds)."""
+  arg = base.check_variant(arg, "configs/synthetic_text.py", ("", "order2", "tiny"))
   config = base.get_config()
   config.dataset = "synthetic_text"
   config.data_shape = (32,)
@@ -26,7 +30,7 @@ def get_config(arg=None):
   config.classes = 0
   # The source: order-k Markov chain, Dirichlet(concentration) transitions drawn with seed.
   config.synthetic = ml_collections.ConfigDict()
-  config.synthetic.order = 2
+  config.synthetic.order = 2 if arg == "order2" else 1
   config.synthetic.concentration = 0.2
   config.synthetic.seed = 0
   config.batch_size = 64

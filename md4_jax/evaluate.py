@@ -15,19 +15,33 @@ estimates) / sqrt(N). It is printed as one line and written as JSON to
   <workdir>/eval/step_<step:08d>_<split>_<params>_k<K>.json
 
 (or --output). The batch is sharded over all devices like training.
+
+The zero-shot perplexity table of the MD4 / SEDD papers, for a run trained on
+GPT-2 tokens (OpenWebText, FineWeb-Edu), after preparing each set with
+`python -m md4_jax.data.prepare --dataset=NAME --tokenizer=...`:
+
+  python -m md4_jax.evaluate --workdir=RUN --num_t_samples=8 \
+      --zero_shot=lambada,wikitext2,ptb,wikitext103,lm1b [--zero_shot_dir=DIR]
+
+scores every set's blocks (restoring the checkpoint once) and prints one row
+per set: blocks, tokens, perplexity bound ± standard error, bits per token;
+the JSON goes to <workdir>/eval/step_<step:08d>_zero_shot_<params>_k<K>.json.
 """
 
+import copy
+import dataclasses
 import datetime
 import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from typing import Any, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads TFDS.
 
 import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
@@ -37,6 +51,8 @@ from md4_jax import data as data_lib  # noqa: E402
 from md4_jax import evaluation  # noqa: E402
 from md4_jax import parallel  # noqa: E402
 from md4_jax import workdir as workdir_lib  # noqa: E402
+from md4_jax.data import tokenized  # noqa: E402
+from md4_jax.data import zero_shot  # noqa: E402
 
 PARAMS = ("ema", "raw")
 
@@ -74,22 +90,116 @@ def evaluate_checkpoint(
     FileNotFoundError: no run, no checkpoint or no prepared data.
     ValueError: a bad argument (split, step, batch size, params, K).
   """
+  [report] = _evaluate(workdir, [Target(split=split)], num_t_samples=num_t_samples, step=step,
+                       batch_size=batch_size, seed=seed, params=params, mesh=mesh,
+                       progress=progress)
+  return report
+
+
+def evaluate_zero_shot(
+    workdir: str, names: Sequence[str], *, root: str = zero_shot.DEFAULT_ROOT,
+    num_t_samples: int = 1, step: Optional[int] = None, batch_size: Optional[int] = None,
+    seed: Optional[int] = None, params: str = "ema", mesh: Optional[Mesh] = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+  """The zero-shot perplexity table: a GPT-2-token run scored on prepared evaluation sets.
+
+  Each set NAME is read from root/NAME (`md4_jax.data.prepare --dataset=NAME`);
+  its blocks must have the run's length L. The checkpoint is restored once.
+
+  Args:
+    workdir: the training run (an OpenWebText / FineWeb-Edu model).
+    names: sets of `zero_shot.SETS`, in table order.
+    root: the directory holding one prepared directory per set.
+    num_t_samples, step, batch_size, seed, params, mesh, progress: as
+      `evaluate_checkpoint`.
+
+  Returns:
+    {'step', 'params', 'num_t_samples', 'seed', 'seq_len', 'sets': [one
+    `evaluate_checkpoint` report per set, plus blocks, tokens, protocol and
+    title]}.
+
+  Raises:
+    FileNotFoundError: a set not prepared under root (naming the command).
+    ValueError: an unknown set, or a run that does not model GPT-2 tokens.
+  """
+  names = zero_shot.check_names(names)
+  root = os.path.expanduser(root)
+  targets = [Target(dataset=n, data_dir=os.path.join(root, n), split=zero_shot.SPLIT)
+             for n in names]
+  _check_same_tokenizer(workdir, targets)
+  reports = _evaluate(workdir, targets, num_t_samples=num_t_samples, step=step,
+                      batch_size=batch_size, seed=seed, params=params, mesh=mesh,
+                      progress=progress)
+  for name, target, report in zip(names, targets, reports):
+    summary_path = os.path.join(target.data_dir, "summary.json")
+    protocol = "unknown"
+    if os.path.exists(summary_path):
+      with open(summary_path) as f:
+        protocol = json.load(f).get("protocol", protocol)
+    report.update(title=zero_shot.SETS[name].title, blocks=report["examples"],
+                  tokens=report["examples"] * report["positions"], protocol=protocol,
+                  data_dir=target.data_dir)
+  first = reports[0]
+  return {"workdir": first["workdir"], "step": first["step"], "params": params,
+          "num_t_samples": int(num_t_samples), "seed": first["seed"],
+          "seq_len": first["positions"], "sets": reports}
+
+
+def _check_same_tokenizer(workdir: str, targets: Sequence["Target"]) -> None:
+  """Warns when a set was tokenised with another tokenizer.json than the run's data."""
+  config = workdir_lib.load_config(workdir)
+  run_tokenizer = tokenized.tokenizer_path(
+      data_lib.get_info(config.dataset).data_dir(config.data_dir))
+  if not os.path.exists(run_tokenizer):
+    return  # The training data is not on this machine: nothing to compare with.
+  with open(run_tokenizer, "rb") as f:
+    want = f.read()
+  for target in targets:
+    path = tokenized.tokenizer_path(target.data_dir)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        if f.read() != want:
+          logging.warning("%s was tokenised with %s, which differs from the run's %s: the "
+                          "perplexities compare different token streams.", target.dataset, path,
+                          run_tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One split to score: the run's own dataset (dataset None) or another one."""
+
+  split: str = ""
+  dataset: Optional[str] = None
+  data_dir: Optional[str] = None
+
+
+def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
+              step: Optional[int], batch_size: Optional[int], seed: Optional[int], params: str,
+              mesh: Optional[Mesh], progress: bool) -> list[dict[str, Any]]:
+  """Restores the checkpoint once and scores every target (see `evaluate_checkpoint`)."""
   if params not in PARAMS:
     raise ValueError(f"--params must be one of {PARAMS}, got {params!r}.")
   if num_t_samples < 1:
     raise ValueError(f"--num_t_samples must be >= 1, got {num_t_samples}.")
-  config = workdir_lib.load_config(workdir)
+  run_cfg = workdir_lib.load_config(workdir)
   workdir_lib.checkpoint_step(workdir, step)  # No checkpoint or no such step: fail early.
   root = workdir if "://" in workdir else os.path.abspath(workdir)
-  config.eval_split = split or config.eval_split
   if batch_size is not None:
-    config.eval_batch_size = batch_size
-  config.grain_worker_count = 0  # The eval pipeline reads in this process.
-  seed = config.seed if seed is None else seed
-  mesh = mesh or workdir_lib.run_mesh(config)
-  parallel.check_batch_size(config.eval_batch_size, mesh, "the evaluation batch (--batch_size)")
+    run_cfg.eval_batch_size = batch_size
+  run_cfg.grain_worker_count = 0  # The eval pipeline reads in this process.
+  seed = run_cfg.seed if seed is None else seed
+  mesh = mesh or workdir_lib.run_mesh(run_cfg)
+  parallel.check_batch_size(run_cfg.eval_batch_size, mesh, "the evaluation batch (--batch_size)")
   # Missing data or a bad split fails here, before the (slow) restore.
-  datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
+  configs, all_datasets = [], []
+  for target in targets:
+    config = copy.deepcopy(run_cfg)
+    config.eval_split = target.split or config.eval_split
+    if target.dataset is not None:
+      config.dataset, config.data_dir = target.dataset, target.data_dir
+    configs.append(config)
+    all_datasets.append(data_lib.create_datasets(config, *parallel.data_shards(mesh)))
 
   start = time.time()
   # The newest checkpoint that verifies (or exactly `step`).
@@ -97,38 +207,69 @@ def evaluate_checkpoint(
   step = int(parallel.fetch(state.step))
   weights = state.ema_params if params == "ema" else state.params
   del state  # The optimiser state is not needed.
-  progress_fn = evaluation.Progress(datasets.num_eval_batches,
-                                    f"eval {datasets.eval_split}", bar=progress)
-  result = evaluation.evaluate(experiment.eval_step(num_t_samples), weights, datasets, mesh,
-                               experiment.model.num_positions, seed, progress=progress_fn)
-  metric = result["eval_metric"]
-  report = {
-      "workdir": root,
-      "step": int(step),
-      "checkpoint": os.path.join(checkpoint_lib.checkpoint_dir(root), str(step)),
-      "dataset": config.dataset,
-      "split": datasets.eval_split,
-      "params": params,
-      "num_t_samples": int(num_t_samples),
-      "seed": int(seed),
-      "batch_size": int(config.eval_batch_size),
-      "examples": result["eval_examples"],
-      "positions": int(experiment.model.num_positions),
-      "metric": metric,
-      "nelbo": result["eval_loss"],
-      "nelbo_stderr": result["eval_loss_stderr"],
-      "nelbo_diff": result["eval_loss_diff"],
-      "nelbo_recon": result["eval_loss_recon"],
-      "nelbo_prior": result["eval_loss_prior"],
-      **evaluation.headline(result["eval_loss"], result["eval_loss_stderr"],
-                            experiment.model.num_positions, metric),
-      # A synthetic source: its exact entropy and the NELBO's gap to it.
-      **{k.removeprefix("eval_"): v for k, v in result.items()
-         if k in ("eval_source_entropy_bits_per_token", "eval_gap_bits_per_token")},
-  }
-  report.update(seconds=time.time() - start, devices=jax.device_count(),
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  return report
+  restore_seconds = time.time() - start
+  reports = []
+  for config, datasets in zip(configs, all_datasets):
+    start = time.time()
+    progress_fn = evaluation.Progress(datasets.num_eval_batches,
+                                      f"eval {config.dataset}/{datasets.eval_split}",
+                                      bar=progress)
+    result = evaluation.evaluate(experiment.eval_step(num_t_samples), weights, datasets, mesh,
+                                 experiment.model.num_positions, seed, progress=progress_fn)
+    metric = result["eval_metric"]
+    report = {
+        "workdir": root,
+        "step": int(step),
+        "checkpoint": os.path.join(checkpoint_lib.checkpoint_dir(root), str(step)),
+        "dataset": config.dataset,
+        "split": datasets.eval_split,
+        "params": params,
+        "num_t_samples": int(num_t_samples),
+        "seed": int(seed),
+        "batch_size": int(config.eval_batch_size),
+        "examples": result["eval_examples"],
+        "positions": int(experiment.model.num_positions),
+        "metric": metric,
+        "nelbo": result["eval_loss"],
+        "nelbo_stderr": result["eval_loss_stderr"],
+        "nelbo_diff": result["eval_loss_diff"],
+        "nelbo_recon": result["eval_loss_recon"],
+        "nelbo_prior": result["eval_loss_prior"],
+        **evaluation.headline(result["eval_loss"], result["eval_loss_stderr"],
+                              experiment.model.num_positions, metric),
+        # A synthetic source: its exact entropy and the NELBO's gap to it.
+        **{k.removeprefix("eval_"): v for k, v in result.items()
+           if k in ("eval_source_entropy_bits_per_token", "eval_gap_bits_per_token",
+                    "eval_gap_bits_per_token_stderr")},
+    }
+    # The first report carries the restore time.
+    report.update(seconds=time.time() - start + (restore_seconds if not reports else 0.0),
+                  devices=jax.device_count(),
+                  created=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"))
+    reports.append(report)
+  return reports
+
+
+def zero_shot_path(table: dict[str, Any]) -> str:
+  """<workdir>/eval/step_<step:08d>_zero_shot_<params>_k<K>.json."""
+  name = f"step_{table['step']:08d}_zero_shot_{table['params']}_k{table['num_t_samples']}.json"
+  return os.path.join(table["workdir"], "eval", name)
+
+
+def zero_shot_table(table: dict[str, Any]) -> str:
+  """The paper's layout: one row per set, perplexity bound ± its standard error."""
+  protocols = sorted({r["protocol"] for r in table["sets"]})
+  lines = [f"Zero-shot perplexity bounds, step {table['step']} ({table['params']} params, "
+           f"K={table['num_t_samples']}, blocks of {table['seq_len']} tokens, "
+           f"{'/'.join(protocols)} protocol):",
+           f"{'dataset':<12} {'blocks':>8} {'tokens':>12} {'perplexity <=':>22} "
+           f"{'bits/token':>18}"]
+  for r in table["sets"]:
+    ppl = f"{r['perplexity']:.2f} ± {r['perplexity_stderr']:.2f}"
+    bits = f"{r['bits_per_token']:.4f} ± {r['bits_per_token_stderr']:.4f}"
+    lines.append(f"{r['title']:<12} {r['blocks']:>8,} {r['tokens']:>12,} {ppl:>22} {bits:>18}")
+  return "\n".join(lines)
 
 
 def report_path(report: dict[str, Any]) -> str:
@@ -160,17 +301,34 @@ _SPLIT = flags.DEFINE_string(
 _NUM_T_SAMPLES = flags.DEFINE_integer(
     "num_t_samples", 1, "K: time samples per example, on a stratified grid, averaged. The "
     "estimator's variance falls as 1/K; the cost grows as K.")
+_ZERO_SHOT = flags.DEFINE_list(
+    "zero_shot", None, "Score a GPT-2-token run on these prepared zero-shot sets (any of "
+    f"{','.join(zero_shot.SETS)}) and print the perplexity table; --split is then ignored.")
+_ZERO_SHOT_DIR = flags.DEFINE_string(
+    "zero_shot_dir", zero_shot.DEFAULT_ROOT,
+    "Directory holding one prepared directory per zero-shot set (md4_jax.data.prepare).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "Global evaluation batch (default: the run's eval_batch_size).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the times and masks (default: the run's).")
 _PARAMS = flags.DEFINE_enum("params", "ema", PARAMS, "Evaluate the EMA or the raw parameters.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: "
-                              "<workdir>/eval/step_<step>_<split>_<params>_k<K>.json).")
+                              "<workdir>/eval/step_<step>_<split>_<params>_k<K>.json, or "
+                              "step_<step>_zero_shot_<params>_k<K>.json for --zero_shot).")
 flags.mark_flags_as_required(["workdir"])
 
 
 def _main() -> None:
+  if _ZERO_SHOT.value:
+    table = evaluate_zero_shot(
+        _WORKDIR.value, _ZERO_SHOT.value, root=_ZERO_SHOT_DIR.value,
+        num_t_samples=_NUM_T_SAMPLES.value, step=_STEP.value, batch_size=_BATCH_SIZE.value,
+        seed=_SEED.value, params=_PARAMS.value, progress=True)
+    if jax.process_index() == 0:
+      path = _OUTPUT.value or zero_shot_path(table)
+      write_report(table, path)
+      print(f"{zero_shot_table(table)}\n-> {path}", flush=True)
+    return
   report = evaluate_checkpoint(
       _WORKDIR.value, split=_SPLIT.value, num_t_samples=_NUM_T_SAMPLES.value, step=_STEP.value,
       batch_size=_BATCH_SIZE.value, seed=_SEED.value, params=_PARAMS.value, progress=True)

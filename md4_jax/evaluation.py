@@ -63,8 +63,11 @@ def describe(values: dict[str, float], metric: str, prefix: str = "") -> str:
   if prefix + "perplexity" in values:
     parts.insert(0, "perplexity " + one("perplexity", "", 3))
   if prefix + "gap_bits_per_token" in values:  # A synthetic source with exact entropy.
+    gap = f"gap {values[prefix + 'gap_bits_per_token']:+.4f}"
+    if prefix + "gap_bits_per_token_stderr" in values:
+      gap += f" ± {values[prefix + 'gap_bits_per_token_stderr']:.4f}"
     parts.append(f"source entropy {values[prefix + 'source_entropy_bits_per_token']:.4f} "
-                 f"bits/token, gap {values[prefix + 'gap_bits_per_token']:+.4f}")
+                 f"bits/token, {gap}")
   return ", ".join(parts)
 
 
@@ -125,9 +128,12 @@ def evaluate(eval_step, params, datasets, mesh: Mesh, num_positions: int, seed: 
   batches = datasets.eval_batches()
   if progress is not None:
     batches = progress(batches)
-  chunks, pending = [], None
+  source = datasets.exact_source
+  chunks, exact_nll, pending = [], [], None
   for i, batch in enumerate(batches):
     out = eval_step(params, parallel.to_global(batch, mesh), jax.random.fold_in(base, i))
+    if source is not None:  # −log p_source(x) of the global batch, in its order.
+      exact_nll.append(parallel.gather(-source.log_prob(batch["x"]).astype(np.float32)))
     if pending is not None:
       chunks.append(parallel.fetch(pending))
     pending = out
@@ -144,20 +150,39 @@ def evaluate(eval_step, params, datasets, mesh: Mesh, num_positions: int, seed: 
   result.update(eval_loss_stderr=stderr, eval_examples=n, eval_metric=metric)
   result.update({f"eval_{k}": v for k, v in
                  headline(result["eval_loss"], stderr, num_positions, metric).items()})
-  if datasets.exact_source is not None:
+  if source is not None:
+    paired = values["loss"] - np.concatenate(exact_nll).astype(np.float64)[real]
     result.update({f"eval_{k}": v for k, v in
-                   source_gap(result["eval_loss"], datasets.exact_source, num_positions).items()})
+                   source_gap(result["eval_loss"], source, num_positions, paired).items()})
   return result
 
 
-def source_gap(nelbo: float, source, num_positions: int) -> dict[str, float]:
+def source_gap(nelbo: float, source, num_positions: int,
+               paired: Optional[np.ndarray] = None) -> dict[str, float]:
   """The NELBO next to the exact entropy of a synthetic source, bits per token.
+
+  Args:
+    nelbo: mean NELBO, nats per example.
+    source: the exact source (`entropy(L)`).
+    num_positions: L.
+    paired: optional per-example NELBO_i − (−log p_source(x_i)) in nats: the
+      gap estimated example by example, whose spread excludes the data's own
+      variance (the NELBO and the exact NLL of a sequence move together), so
+      its standard error is much smaller.
 
   Returns:
     source_entropy_bits_per_token (H_L / (L ln 2)) and gap_bits_per_token
-    (NELBO / (L ln 2) minus it: the model's excess bits; ≥ 0 up to noise,
-    since the NELBO bounds the model's NLL, which is ≥ the entropy on average).
+    (the model's excess bits; ≥ 0 up to noise, since the NELBO bounds the
+    model's NLL, which is ≥ the entropy on average): the mean of `paired`
+    when given, with gap_bits_per_token_stderr, else NELBO / (L ln 2) minus
+    the entropy.
   """
-  entropy = source.entropy(num_positions) / (num_positions * math.log(2))
+  bits = num_positions * math.log(2)
+  entropy = source.entropy(num_positions) / bits
+  if paired is None:
+    return {"source_entropy_bits_per_token": entropy, "gap_bits_per_token": nelbo / bits - entropy}
+  n = len(paired)
+  stderr = float(np.std(paired, ddof=1) / math.sqrt(n)) / bits if n > 1 else float("nan")
   return {"source_entropy_bits_per_token": entropy,
-          "gap_bits_per_token": nelbo / (num_positions * math.log(2)) - entropy}
+          "gap_bits_per_token": float(np.mean(paired)) / bits,
+          "gap_bits_per_token_stderr": stderr}

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import ml_collections
 from etils import epath
 
+from md4_jax import data as data_lib
 from md4_jax.diffusion import genmd4
 
 CONFIG_FILE = "config.json"
@@ -155,3 +156,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model not in ("md4", "genmd4"):
     raise ValueError(f"Unknown model {config.model!r}; valid: 'md4', 'genmd4'.")
   genmd4.check_config(config)
+  info = data_lib.get_info(config.dataset)
+  if info.eval_only:
+    raise ValueError(
+        f"Dataset {config.dataset!r} is an evaluation set: train on openwebtext (or "
+        f"fineweb_edu) and score it with `python -m md4_jax.evaluate --workdir=RUN "
+        f"--zero_shot={config.dataset}`.")

@@ -10,8 +10,10 @@ Loads the config saved in the workdir and the latest checkpoint (or --step),
 samples with the EMA parameters (--params=raw for the raw ones), and writes a
 PNG grid (images, the first 256) or a text file (text), all tokens as .npy,
 the trajectory (PNG grid + GIF, or text) with --trajectory, and a JSON file
-with the settings, NFE and timings. Many samples are drawn in batches of
---batch_size (batch i uses fold_in(key(seed), i)), with a progress line each.
+with the settings, NFE and timings (and, with --judge=MODEL, the samples'
+generative perplexity under that autoregressive judge; see judge.py). Many
+samples are drawn in batches of --batch_size (batch i uses fold_in(key(seed),
+i)), with a progress line each.
 """
 
 import json
@@ -28,6 +30,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from md4_jax import cli  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
+from md4_jax import judge as judge_lib  # noqa: E402
 from md4_jax import parallel  # noqa: E402
 from md4_jax import sample_metrics  # noqa: E402
 from md4_jax import visualize  # noqa: E402
@@ -56,6 +59,11 @@ _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"], "Which parameters t
 _TRAJECTORY = flags.DEFINE_bool("trajectory", False, "Also save the trajectory of the samples.")
 _FRAMES = flags.DEFINE_integer("frames", 11, "Trajectory frames (all-mask → clean).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory (default: <workdir>/samples).")
+_JUDGE = flags.DEFINE_string(
+    "judge", None, "Text runs: score the decoded samples' generative perplexity under this "
+    "autoregressive model (a Hugging Face name such as openai-community/gpt2-large, or a local "
+    "directory; needs the `judge` extra). See md4_jax/judge.py for the protocol.")
+_JUDGE_BATCH_SIZE = flags.DEFINE_integer("judge_batch_size", 8, "Rows per judge call.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -92,7 +100,13 @@ def run(workdir: str) -> dict:
   mesh = parallel.make_mesh({"data": -1})
   config, experiment, state = workdir_lib.restore_run(workdir, step=_STEP.value, mesh=mesh)
   model = experiment.model
-  codec = data_lib.get_info(config.dataset).text_codec(config.data_dir)
+  info_record = data_lib.get_info(config.dataset)
+  codec = info_record.text_codec(config.data_dir)
+  judge = None
+  if _JUDGE.value is not None:  # Loaded before sampling: a bad judge fails in seconds.
+    if codec is None:
+      raise ValueError("--judge scores text; this run models images.")
+    judge = judge_lib.Judge(_JUDGE.value, batch_size=_JUDGE_BATCH_SIZE.value)
   step = int(jax.device_get(state.step))
   params = state.ema_params if _PARAMS.value == "ema" else state.params
   sampler = _SAMPLER.value
@@ -129,7 +143,6 @@ def run(workdir: str) -> dict:
   sample_seconds = time.time() - start
   tokens = np.concatenate(outputs)[:num]
   entropy = sample_metrics.unigram_entropy(tokens)
-  info_record = data_lib.get_info(config.dataset)
   # A synthetic source scores samples exactly: mean −log p_source(x) per token vs its entropy.
   exact = ({} if info_record.exact_source is None
            else info_record.exact_source(config).score(tokens))
@@ -159,6 +172,10 @@ def run(workdir: str) -> dict:
       "samples_per_second": num_batches * batch / sample_seconds,
       "devices": [str(d) for d in jax.devices()], "files": files, **exact,
   }
+  if judge is not None:
+    start = time.time()
+    info.update(judge.score([codec.decode(t) for t in tokens]))
+    info["judge_seconds"] = time.time() - start
   with open(base + ".json", "w") as f:
     json.dump(info, f, indent=2)
   return info
@@ -171,6 +188,10 @@ def main(argv):
     print(f"Exact sample NLL under the source: {info['source_nll_bits_per_token']:.4f} ± "
           f"{info['source_nll_per_token_stderr'] / math.log(2):.4f} bits/token (source entropy "
           f"{info['source_entropy_bits_per_token']:.4f} bits/token).", flush=True)
+  if "gen_ppl" in info:
+    print(f"Generative perplexity under {info['judge']}: {info['gen_ppl']:.2f} ± "
+          f"{info['gen_ppl_stderr']:.2f} ({info['judge_tokens']} judge tokens); unigram entropy "
+          f"{info['unigram_entropy']:.3f} nats per sample.", flush=True)
   print(f"Wrote {info['num_samples']} samples ({info['sampler']}, NFE {info['nfe']:.1f}, "
         f"unigram entropy {info['unigram_entropy']:.3f} nats, "
         f"{info['sample_seconds']:.2f} s + {info['compile_seconds']:.1f} s compile): "

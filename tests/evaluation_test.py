@@ -12,7 +12,8 @@ def test_every_dataset_has_a_known_headline_metric():
   assert {name: info.metric for name, info in data.DATASETS.items()} == {
       "digits": "bits_per_dim", "cifar10": "bits_per_dim", "imagenet64": "bits_per_dim",
       "text8": "bits_per_char", "openwebtext": "bits_per_token", "fineweb_edu": "bits_per_token",
-      "synthetic_text": "bits_per_token"}
+      "synthetic_text": "bits_per_token",
+      **{name: "bits_per_token" for name in ("lambada", "wikitext2", "wikitext103", "ptb", "lm1b")}}
 
 
 def test_headline_bits_and_perplexity():

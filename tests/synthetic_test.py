@@ -4,6 +4,8 @@ import itertools
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -12,6 +14,7 @@ import helpers
 from configs import synthetic_text
 from md4_jax import data as data_lib
 from md4_jax import evaluation
+from md4_jax import parallel
 from md4_jax.data import synthetic
 
 
@@ -84,6 +87,34 @@ def test_gap_to_the_entropy_is_reported():
   assert "gap +0.2500" in evaluation.describe(values, "bits_per_token", "eval_")
 
 
+def test_paired_gap_matches_each_loss_to_its_own_sequence():
+  """A stand-in eval step whose NELBO is each sequence's exact NLL + 1 nat: the paired gap
+  is exactly 1 nat / (L ln 2) with zero spread — only if losses and sequences stay aligned
+  (padding rows and batch order included)."""
+  config = synthetic_text.get_config("tiny")
+  config.eval_batch_size = 48  # 2000 = 41 × 48 + 32: the last batch has padding rows.
+  datasets = data_lib.create_datasets(config, 0, 1)
+  source = datasets.exact_source
+  mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
+
+  def eval_step(params, batch, rng):
+    del params, rng
+    x = np.asarray(batch["x"])
+    loss = -source.log_prob(x) + 1.0
+    zero = np.zeros_like(loss)
+    return {"loss": jnp.asarray(loss, jnp.float32), "loss_diff": jnp.asarray(loss, jnp.float32),
+            "loss_recon": jnp.asarray(zero), "loss_prior": jnp.asarray(zero),
+            "weight": jnp.asarray(batch["weight"])}
+
+  result = evaluation.evaluate(eval_step, None, datasets, mesh, 32, seed=0)
+  assert result["eval_examples"] == 2000
+  np.testing.assert_allclose(result["eval_gap_bits_per_token"], 1 / (32 * math.log(2)), rtol=1e-4)
+  assert result["eval_gap_bits_per_token_stderr"] < 1e-5
+  # Unpaired, the same numbers carry the data's spread: a far wider error bar.
+  assert result["eval_bits_per_token_stderr"] > 100 * result["eval_gap_bits_per_token_stderr"]
+  assert "gap +0.0451 ± 0.0000" in evaluation.describe(result, "bits_per_token", "eval_")
+
+
 @pytest.mark.slow
 def test_trained_model_beats_the_unigram_bound_and_samples_are_scored(tmp_path):
   """configs/synthetic_text.py, a few hundred steps: the held-out NELBO is below the
@@ -92,11 +123,11 @@ def test_trained_model_beats_the_unigram_bound_and_samples_are_scored(tmp_path):
   workdir = tmp_path / "run"
   result = helpers.run_module(
       "md4_jax.main", "--config=configs/synthetic_text.py", f"--workdir={workdir}",
-      "--config.num_train_steps=300", "--config.eval_every_steps=0",
+      "--config.num_train_steps=300", "--config.ema_rate=0.98", "--config.eval_every_steps=0",
       "--config.checkpoint_every_steps=300", "--config.num_samples=0")
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((workdir / "final_metrics.json").read_text())
-  source = synthetic.MarkovSource()
+  source = synthetic.source_from_config(synthetic_text.get_config())
   x = source.sample(50_000, 32, seed=1)
   freq = np.bincount(x.ravel(), minlength=8) / x.size
   unigram_bits = float(-(freq * np.log2(freq)).sum())

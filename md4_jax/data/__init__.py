@@ -8,6 +8,8 @@ headline metric, text codec, data dir, splits, how to prepare it):
 * cifar10, imagenet64: TFDS ArrayRecord via `tfds.data_source` (images.py).
 * text8: characters of the text8 file (text8.py).
 * openwebtext, fineweb_edu: GPT-2 token shards from `prepare` (tokenized.py).
+* lambada, wikitext2, wikitext103, ptb, lm1b: GPT-2's zero-shot evaluation
+  sets, packed GPT-2 blocks from `prepare` (zero_shot.py; evaluation only).
 * synthetic_text: sequences of a seeded Markov source with exact
   probabilities (synthetic.py; generated, no download).
 
@@ -20,6 +22,7 @@ from md4_jax.data import images
 from md4_jax.data import synthetic
 from md4_jax.data import text8
 from md4_jax.data import tokenized
+from md4_jax.data import zero_shot
 
 Datasets = common.Datasets
 DatasetInfo = common.DatasetInfo
@@ -29,6 +32,7 @@ DATASETS: dict[str, DatasetInfo] = {
     **images.INFOS,
     text8.NAME: text8.INFO,
     **tokenized.INFOS,
+    **zero_shot.INFOS,
     synthetic.NAME: synthetic.INFO,
 }
 

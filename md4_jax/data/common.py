@@ -76,6 +76,8 @@ class DatasetInfo:
     exact_source: config -> a source whose probabilities are exact (with
       `score(tokens)` and `entropy(length)`, e.g. synthetic.MarkovSource), for
       generated benchmarks; None for real data.
+    eval_only: an evaluation set (the zero-shot sets): `md4_jax.evaluate`
+      scores it, training on it is refused.
   """
 
   name: str
@@ -91,6 +93,7 @@ class DatasetInfo:
   open_sources: Callable[[Any, str], Sources]
   codec: Callable[[str], TextCodec] | None = None
   exact_source: Callable[[Any], Any] | None = None
+  eval_only: bool = False
 
   def data_dir(self, config_data_dir: str) -> str:
     """config.data_dir, or this dataset's default ('' stays '' for TFDS's own)."""

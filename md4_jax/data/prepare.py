@@ -1,7 +1,12 @@
-r"""Tokenises a web-text corpus into the ArrayRecord shards tokenized.py reads.
+r"""Tokenises a text corpus into the ArrayRecord shards tokenized.py reads.
 
   python -m md4_jax.data.prepare --dataset=openwebtext --data_dir=DIR \
       --tokenizer=/path/to/gpt2/tokenizer.json
+  python -m md4_jax.data.prepare --dataset=ptb --tokenizer=/path/to/gpt2/tokenizer.json \
+      [--raw=ptb.test.txt] [--data_dir=~/md4_data/zero_shot/ptb] [--seq_len=1024] \
+      [--protocol=join|bos_eos]
+
+Training corpora (openwebtext, fineweb_edu):
 
 Documents come from the Hugging Face `datasets` hub entry in `SOURCES`
 (streamed, so the corpus needs no local copy), are tokenised with a GPT-2
@@ -16,10 +21,22 @@ sequence: little-endian uint16 ids), a copy of `tokenizer.json`, and
 rerunning the same command resumes after the last finished shard.
 
 Needs the `datasets` and `tokenizers` packages (not needed for training).
+
+Zero-shot evaluation sets (lambada, wikitext2, wikitext103, ptb, lm1b; see
+zero_shot.py): the test file is read from --raw (the file itself or the
+archive it ships in), or downloaded from its canonical URL into
+DIR/raw/ when --raw is not given; each document is detokenized with the
+set's rules, GPT-2 BPE-encoded and packed into blocks of --seq_len by
+--protocol ('join': documents joined by EOS, cut into full blocks, as in the
+MD4 / SEDD table; 'bos_eos': BOS … EOS around each block, as in MDLM). The
+blocks go to DIR/test-00000-of-00001.array_record, with tokenizer.json and
+summary.json (documents, tokens, blocks, protocol, source, sha256). Score
+them with `python -m md4_jax.evaluate --workdir=RUN --zero_shot=NAME,...`.
 """
 
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -33,6 +50,7 @@ import numpy as np
 import tqdm
 
 from md4_jax.data import tokenized
+from md4_jax.data import zero_shot
 
 EncodeBatch = Callable[[list[str]], list[list[int]]]
 Documents = Callable[[int, int | None], Iterable[str]]
@@ -280,14 +298,87 @@ def prepare(
   return summary
 
 
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def prepare_zero_shot(
+    name: str,
+    raw_path: str,
+    encode_batch: EncodeBatch,
+    *,
+    data_dir: str,
+    eos_id: int,
+    seq_len: int = tokenized.SEQ_LEN,
+    protocol: str = "join",
+    bos_id: int | None = None,
+) -> dict:
+  """Writes zero-shot set `name`'s blocks under `data_dir` (one shard, split 'test').
+
+  Args:
+    name: a key of `zero_shot.SETS`.
+    raw_path: the set's test file, or the archive holding it.
+    encode_batch: texts → token ids (no special tokens).
+    data_dir: output directory (created).
+    eos_id: the EOS id (GPT-2: 50256).
+    seq_len: L, tokens per block (the model's length).
+    protocol: `zero_shot.PROTOCOLS`.
+    bos_id: BOS for 'bos_eos' (default: eos_id, as GPT-2 has no other).
+
+  Returns:
+    The summary, also written to summary.json: dataset, protocol, seq_len,
+    documents, tokens (EOS included), blocks, dropped_tokens, source, sha256.
+
+  Raises:
+    ValueError: a split too short for one block, or a file without the set's member.
+  """
+  spec = zero_shot.SETS[name]
+  raw_docs = zero_shot.documents(spec, zero_shot.read_text(spec, raw_path))
+  docs = zero_shot.encode_documents(spec, raw_docs, encode_batch)
+  blocks = zero_shot.pack(docs, seq_len, eos_id, protocol, bos=bos_id,
+                          name=f"{name} (from {raw_path})")
+  if blocks.max() > np.iinfo(tokenized.TOKEN_DTYPE).max:
+    raise ValueError("Token ids must fit in uint16 (GPT-2's do).")
+  os.makedirs(data_dir, exist_ok=True)
+  final = tokenized.shard_path(data_dir, zero_shot.SPLIT, 0, 1)
+  writer = array_record_module.ArrayRecordWriter(final + ".partial", "group_size:1")
+  for block in blocks:
+    writer.write(block.astype(tokenized.TOKEN_DTYPE).tobytes())
+  writer.close()
+  os.replace(final + ".partial", final)
+  tokens = sum(len(d) + 1 for d in docs)
+  piece = seq_len - 2 if protocol == "bos_eos" else seq_len
+  summary = {"dataset": name, "protocol": protocol, "seq_len": seq_len,
+             "documents": len(docs), "tokens": tokens, "blocks": len(blocks),
+             "dropped_tokens": tokens - len(blocks) * piece,
+             "source": os.path.abspath(raw_path), "sha256": _sha256(raw_path)}
+  with open(os.path.join(data_dir, SUMMARY_FILE), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
 # ------------------------------------------------------------------ CLI ---
 
 def _define_flags() -> None:
   """Defines the CLI flags (only when run as a script, not on import)."""
-  flags.DEFINE_enum("dataset", None, sorted(SOURCES), "Corpus to tokenise.")
+  flags.DEFINE_enum("dataset", None, sorted(SOURCES) + list(zero_shot.SETS),
+                    "Corpus to tokenise: a training corpus or a zero-shot evaluation set.")
   flags.DEFINE_string(
-      "data_dir", None, "Output directory (config.data_dir for training)."
+      "data_dir", None, "Output directory (config.data_dir for training; default for a "
+      f"zero-shot set: {zero_shot.DEFAULT_ROOT}/NAME, where md4_jax.evaluate looks)."
   )
+  flags.DEFINE_string(
+      "raw", None, "Zero-shot sets: the local test file or its archive (default: download "
+      "the canonical file into DATA_DIR/raw/)."
+  )
+  flags.DEFINE_string("url", None, "Zero-shot sets: download from this URL instead of the "
+                      "canonical one (a mirror).")
+  flags.DEFINE_enum("protocol", "join", list(zero_shot.PROTOCOLS),
+                    "Zero-shot sets: 'join' (MD4/SEDD table) or 'bos_eos' (MDLM) blocks.")
   flags.DEFINE_string(
       "tokenizer", None, "Local GPT-2 tokenizer.json (Hugging Face format)."
   )
@@ -302,7 +393,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer(
       "sequences_per_shard", 100_000, "Sequences per ArrayRecord file."
   )
-  flags.mark_flags_as_required(["dataset", "data_dir", "tokenizer"])
+  flags.mark_flags_as_required(["dataset", "tokenizer"])
 
 
 def _hf_documents(source: HFSource) -> Documents:
@@ -337,6 +428,23 @@ def main(argv):
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [e.ids for e in encodings]
 
+  if f.dataset in zero_shot.SETS:
+    data_dir = os.path.expanduser(f.data_dir or zero_shot.DATASETS[f.dataset].default_data_dir)
+    spec = zero_shot.SETS[f.dataset]
+    raw = f.raw or zero_shot.fetch(spec, os.path.join(data_dir, "raw"), f.url)
+    summary = prepare_zero_shot(f.dataset, raw, encode_batch, data_dir=data_dir, eos_id=eos_id,
+                                seq_len=f.seq_len, protocol=f.protocol)
+    shutil.copyfile(f.tokenizer, tokenized.tokenizer_path(data_dir))
+    print(" ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
+                   for k, v in summary.items()))
+    if os.path.basename(os.path.normpath(data_dir)) == f.dataset:
+      print(f"Score it: python -m md4_jax.evaluate --workdir=RUN --zero_shot={f.dataset} "
+            f"--zero_shot_dir={os.path.dirname(os.path.normpath(data_dir))}")
+    else:
+      print(f"md4_jax.evaluate --zero_shot reads ROOT/{f.dataset}: move {data_dir} there.")
+    return
+  if f.data_dir is None:
+    raise ValueError("--data_dir is required for a training corpus.")
   os.makedirs(f.data_dir, exist_ok=True)
   shutil.copyfile(
       f.tokenizer, tokenized.tokenizer_path(f.data_dir)

