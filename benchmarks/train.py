@@ -58,6 +58,7 @@ from configs import cifar10  # noqa: E402
 from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
 from md4_jax import parallel  # noqa: E402
+from md4_jax.diffusion import losses  # noqa: E402
 from md4_jax.train import build  # noqa: E402
 
 
@@ -214,7 +215,7 @@ def run_variant(name: str) -> dict:
   x = batch["x"]
   t = jnp.full((x.shape[0],), 0.5)
   masks = model.masks_per_example  # GenMD4: K masked copies per example.
-  noise = jnp.full(x.shape if masks == 1 else (x.shape[0], masks) + x.shape[1:], 0.5)
+  noise = jnp.full(losses.noise_shape(x.shape, masks), 0.5)
   fwd = lambda p: model.apply({"params": p}, x, None, train=True, t=t, noise=noise,
                               rngs={"dropout": jax.random.key(0)})["loss"]
   fwd_flops = matmul_flops(jax.make_jaxpr(fwd)(state.params))

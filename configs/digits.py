@@ -22,8 +22,9 @@ VARIANTS = ("", "cond", "tiny", "tiny_cond", "genmd4", "tiny_genmd4")
 
 
 def get_config(arg=None):
-  """arg: '' (unconditional), 'cond' (class-conditional on the digit label),
-  'genmd4' (GenMD4 from the linear schedule), 'tiny' / 'tiny_cond' /
+  """arg: '' (unconditional), 'cond' (class-conditional on the digit label, with 10%
+  label dropout for classifier-free guidance), 'genmd4' (GenMD4 from the linear
+  schedule), 'tiny' / 'tiny_cond' /
   'tiny_genmd4' (the same with a tiny network and batch, for smoke runs)."""
   arg = base.check_variant(arg, "configs/digits.py", VARIANTS)
   config = base.get_config()
@@ -31,6 +32,9 @@ def get_config(arg=None):
   config.data_shape = (8, 8, 1)
   config.vocab_size = 17
   config.classes = 10 if arg.endswith("cond") else 0
+  # Class-conditional runs also learn p(x) on 10% null labels: classifier-free guidance
+  # (`md4_jax.sample --guidance=w`) then applies.
+  config.label_dropout = 0.1 if arg.endswith("cond") else 0.0
   config.batch_size = 64
   config.eval_batch_size = 100
 
@@ -54,11 +58,7 @@ def get_config(arg=None):
   config.sampling_steps = 64
 
   if arg.endswith("genmd4"):
-    config.model = "genmd4"
-    config.noise_schedule = "linear"  # = poly1, the schedule every token starts from.
-    config.power_init = 1.0
-    config.genmd4_t1 = 1e-3
-    config.genmd4_num_masks = 2  # The network runs on 2 masked copies: ~2x MD4's step.
+    base.genmd4(config)
 
   if arg.startswith("tiny"):
     config.unet.channels = 8

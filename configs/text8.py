@@ -38,15 +38,9 @@ def get_config(arg=None):
   config.sampling_steps = 256
 
   if arg == "genmd4":  # The paper's GenMD4 settings (Sec. 7 / App.): 12 layers as above.
-    config.model = "genmd4"
-    config.noise_schedule = "linear"  # = poly1: every token starts at power_init = 1.
-    config.power_init = 1.0
-    config.genmd4_t1 = 1e-3
-    config.genmd4_num_masks = 2
-    config.dropout_rate = 0.05
-    config.weight_decay = 0.03  # Not applied to the schedule exponents (optim.NO_DECAY).
-    config.learning_rate = 3e-4
-    config.batch_size = 512
+    # Weight decay is not applied to the schedule exponents (optim.NO_DECAY).
+    base.genmd4(config, dropout_rate=0.05, weight_decay=0.03, learning_rate=3e-4,
+                batch_size=512)
 
   if arg == "tiny":
     config.data_shape = (64,)

@@ -15,7 +15,7 @@ import ml_collections
 from etils import epath
 
 from md4_jax import data as data_lib
-from md4_jax.diffusion import genmd4
+from md4_jax.train import build
 
 CONFIG_FILE = "config.json"
 
@@ -56,7 +56,8 @@ def _tuples(value):
 
 # Keys added after runs were already saved, with the value that reproduces what
 # those runs did (a run saved without 'model' is an MD4 run).
-ADDED_KEYS = {"model": "md4", "power_init": 1.0, "genmd4_t1": 1e-3, "genmd4_num_masks": 2}
+ADDED_KEYS = {"model": "md4", "power_init": 1.0, "genmd4_t1": 1e-3, "genmd4_num_masks": 2,
+              "label_dropout": 0.0}
 
 
 def config_from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -142,6 +143,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(len(config.data_shape) >= 1 and all(int(d) >= 1 for d in config.data_shape),
          "data_shape", tuple(config.data_shape), "a non-empty tuple of sizes >= 1")
   _check(config.classes >= 0, "classes", config.classes, ">= 0")
+  _check(0 <= config.label_dropout < 1, "label_dropout", config.label_dropout, "in [0, 1)")
+  if config.label_dropout > 0 and config.classes == 0:
+    raise ValueError("config.label_dropout drops class labels: it needs config.classes > 0.")
   _check(config.loss_chunk_size >= 0, "loss_chunk_size", config.loss_chunk_size,
          ">= 0 (0 = plain)")
   for group in ("transformer", "unet"):
@@ -153,9 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                "> 0")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")
-  if config.model not in ("md4", "genmd4"):
-    raise ValueError(f"Unknown model {config.model!r}; valid: 'md4', 'genmd4'.")
-  genmd4.check_config(config)
+  build.check_model(config)
   info = data_lib.get_info(config.dataset)
   if info.eval_only:
     raise ValueError(

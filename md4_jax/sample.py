@@ -5,6 +5,8 @@ r"""Draws samples from a trained run's checkpoint into <workdir>/samples/.
   python -m md4_jax.sample --workdir=/tmp/t8 --sampler=first_hitting \
       --prompt="the history of the "          # continue a prompt
   python -m md4_jax.sample --workdir=/tmp/t8 --prompt="in the ______ of paris"  # fill the '_'s
+  python -m md4_jax.sample --workdir=/tmp/t8 --sampler=remdm --eta=0.02 --remask=cap
+  python -m md4_jax.sample --workdir=/tmp/t8 --sampler=ordered --order=margin --temperature=0
 
 Loads the config saved in the workdir and the latest checkpoint (or --step),
 samples with the EMA parameters (--params=raw for the raw ones), and writes a
@@ -48,7 +50,17 @@ _GRID = flags.DEFINE_enum("grid", "uniform", list(samplers.GRIDS), "Time grid.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Logits are divided by this.")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus mass of the topp sampler.")
 _EXACT = flags.DEFINE_bool("exact", True, "Exact draws (False: the reference float32 step).")
-_CACHE = flags.DEFINE_bool("cache", True, "Call the network only at steps that reveal tokens.")
+_CACHE = flags.DEFINE_bool("cache", None, "Call the network only at steps that reveal tokens "
+                           "(default: on where it applies; remdm and ordered run every step).")
+_GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w (class-"
+                                "conditional runs trained with config.label_dropout > 0).")
+_ETA = flags.DEFINE_float("eta", 0.0, "remdm: remasking strength η (0 = the ancestral chain).")
+_REMASK = flags.DEFINE_enum("remask", "cap", list(samplers.REMASK_STRATEGIES),
+                            "remdm: σ strategy (cap, rescale, loop).")
+_LOOP = flags.DEFINE_list("loop", ["0.55", "0.05", "0.9"],
+                          "remdm --remask=loop: t_on,t_off,alpha_on.")
+_ORDER = flags.DEFINE_enum("order", "confidence", list(samplers.ORDERS),
+                           "ordered: which positions to reveal first.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text: tokens to keep fixed at the start; for text8, "
                               "'_' marks characters to generate (infilling).")
 _LABEL = flags.DEFINE_integer("label", None, "Class label for every sample (class-conditional "
@@ -118,8 +130,15 @@ def run(workdir: str) -> dict:
   if _PROMPT.value is not None:
     prompt = encode_prompt(codec, _PROMPT.value, model.num_positions, model.mask_id)
     z_init = jnp.broadcast_to(jnp.asarray(prompt), z_init.shape)
+  cache = _CACHE.value
+  if cache is None:
+    cache = samplers.get_sampler(sampler).chain is None
   options = samplers.SamplerOptions(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                                    exact=_EXACT.value, cache=_CACHE.value)
+                                    exact=_EXACT.value, cache=cache, eta=_ETA.value,
+                                    guidance=_GUIDANCE.value,
+                                    remask=_REMASK.value,
+                                    loop=tuple(float(v) for v in _LOOP.value),
+                                    order=_ORDER.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
   fn = experiment.sampler(steps=steps, sampler=sampler, grid=_GRID.value, options=options,
                           frames=frames)
@@ -148,7 +167,9 @@ def run(workdir: str) -> dict:
            else info_record.exact_source(config).score(tokens))
 
   out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
-  name = f"ckpt{step:08d}_{sampler}_" + ("" if sampler == "first_hitting" else f"{steps}steps_")
+  variant = {"remdm": f"{options.remask}{options.eta:g}_", "ordered": f"{options.order}_"}
+  name = (f"ckpt{step:08d}_{sampler}_" + variant.get(sampler, "")
+          + ("" if sampler == "first_hitting" else f"{steps}steps_"))
   name += f"seed{_SEED.value}" + (f"_label{_LABEL.value}" if _LABEL.value is not None else "")
   base = os.path.join(out_dir, name)
   files = [visualize.save_samples(tokens, base, model.vocab_size, codec)[0]]
@@ -160,6 +181,10 @@ def run(workdir: str) -> dict:
       "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
       "grid": _GRID.value, "steps": None if sampler == "first_hitting" else steps,
       "temperature": options.temperature, "top_p": options.top_p, "exact": options.exact,
+      **({"eta": options.eta, "remask": options.remask} if sampler == "remdm" else {}),
+      **({"loop": list(options.loop)} if sampler == "remdm" and options.remask == "loop" else {}),
+      **({"order": options.order} if sampler == "ordered" else {}),
+      "guidance": options.guidance,
       # GenMD4 calls the network at every step: idle-step skipping does not apply.
       "cache": options.cache and not model.per_token_schedule,
       "seed": _SEED.value, "num_samples": num, "batch": batch,

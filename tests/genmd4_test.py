@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats as scipy_stats
 
 import helpers
 from md4_jax import evaluate
@@ -197,11 +196,6 @@ _PI = np.array([0.4, 0.3, 0.2, 0.1])
 _POWERS = np.array([3.0, 0.4, 1.0, 2.0])
 
 
-def _chi_square_pvalue(counts, probs):
-  expected = counts.sum() * probs
-  return scipy_stats.chi2.sf(float(np.sum((counts - expected) ** 2 / expected)), len(probs) - 1)
-
-
 def _draw(model, variables, steps, sampler="ancestral", batch=512,
           options=samplers.SamplerOptions()):
   fn = jax.jit(lambda v, r: samplers.sample(model, v, r, batch_size=batch, steps=steps,
@@ -239,8 +233,8 @@ def test_constant_prediction_follows_the_per_token_reveal_law(sampler, options):
   assert int(stats["nfe"]) == steps  # Every step calls the network: no idle-step skipping.
   counts = np.bincount(tokens.ravel(), minlength=len(_PI))
   law = _grid_chain_law(_PI, _POWERS, steps)
-  assert _chi_square_pvalue(counts, law) > 1e-3, (counts / counts.sum(), law)
-  assert _chi_square_pvalue(counts, _PI) < 1e-6  # A shared reveal probability would give π.
+  assert helpers.chi_square_pvalue(counts, law) > 1e-3, (counts / counts.sum(), law)
+  assert helpers.chi_square_pvalue(counts, _PI) < 1e-6  # A shared reveal probability would give π.
 
 
 @pytest.mark.parametrize("steps", [4, pytest.param(32, marks=pytest.mark.slow)])
@@ -253,7 +247,7 @@ def test_exact_time_dependent_posterior_recovers_the_source(steps):
   tokens, _ = _draw(model, variables, steps)
   counts = np.bincount(np.asarray(tokens).ravel(), minlength=len(_PI))
   assert counts.sum() == 512 * length
-  assert _chi_square_pvalue(counts, _PI) > 1e-3, counts / counts.sum()
+  assert helpers.chi_square_pvalue(counts, _PI) > 1e-3, counts / counts.sum()
 
 
 def test_first_hitting_is_refused_and_reconstruction_masks_per_token():
@@ -409,11 +403,6 @@ def test_training_step_learns_the_schedule():
 # ------------------------------------------------------------------- runs ---
 
 
-def _steps_done(workdir):
-  ckpt = os.path.join(workdir, "checkpoints")
-  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
-
-
 @pytest.mark.slow
 def test_sigterm_resume_is_bit_identical_and_the_clis_work_unchanged(tmp_path):
   """A SIGTERM'd GenMD4 run, resumed, ends with the parameters (w included) and EMA of an
@@ -433,7 +422,7 @@ def test_sigterm_resume_is_bit_identical_and_the_clis_work_unchanged(tmp_path):
                           cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 400
-  while not (_steps_done(part) and _steps_done(part)[-1] >= 4):
+  while not (helpers.checkpoint_steps(part) and helpers.checkpoint_steps(part)[-1] >= 4):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)

@@ -11,6 +11,8 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from scipy import stats as scipy_stats
 
 from configs import digits
 from md4_jax.diffusion import model as model_lib
@@ -25,6 +27,41 @@ def digits_tiny(variant: str = "tiny", **overrides):
   config = digits.get_config(variant)
   config.update(overrides)
   return config
+
+
+def untrained_workdir(workdir, config, step: int = 5, mesh=None) -> str:
+  """A run directory written in-process: config.json and one checkpoint (at `step`) of a
+  freshly initialised state — what the CLIs read, without a training subprocess."""
+  from md4_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from md4_jax import run_config  # pylint: disable=g-import-not-at-top
+  from md4_jax.train import build  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  run_config.save_config(config, str(workdir))
+  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(workdir)))
+  checkpointer.save(step, build.setup(config, mesh).init_state().replace(step=step))
+  checkpointer.close()
+  return str(workdir)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  """The steps of the complete checkpoints in a workdir (sorted; [] before the first)."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def chi_square_pvalue(counts_LxV, probs_LxV) -> float:
+  """Pooled chi-square p-value over rows; cells with zero probability must be empty.
+
+  counts_LxV, probs_LxV: [L, V] (or [V] for one row) draws and their law.
+  """
+  counts_LxV, probs_LxV = np.atleast_2d(counts_LxV), np.atleast_2d(probs_LxV)
+  n = counts_LxV.sum(axis=1, keepdims=True)
+  support = probs_LxV > 0
+  assert np.all(counts_LxV[~support] == 0), "a token outside the support was drawn"
+  expected = n * probs_LxV
+  stat = float(np.sum((counts_LxV[support] - expected[support]) ** 2 / expected[support]))
+  dof = int(support.sum() - support.shape[0])
+  return scipy_stats.chi2.sf(stat, dof)
 
 
 def run_module(module: str, *args, devices: int = 1, timeout: int = 600,

@@ -18,9 +18,6 @@ import pytest
 import helpers
 from configs import synthetic_text
 from md4_jax import judge as judge_lib
-from md4_jax import run_config
-from md4_jax import checkpoint as checkpoint_lib
-from md4_jax.train import build
 
 import transformers  # noqa: E402  (the `judge` extra, in `test`)
 
@@ -144,11 +141,7 @@ def test_no_tokens_is_a_clear_error(judge):
 def test_sample_cli_reports_gen_ppl_next_to_the_entropy(tmp_path, judge_dir):
   config = synthetic_text.get_config("tiny")
   workdir = tmp_path / "run"
-  workdir.mkdir()
-  run_config.save_config(config, str(workdir))
-  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(workdir)))
-  checkpointer.save(3, build.setup(config).init_state().replace(step=3))
-  checkpointer.close()
+  helpers.untrained_workdir(workdir, config, step=3)
   result = helpers.run_module("md4_jax.sample", f"--workdir={workdir}", "--num_samples=4",
                               "--steps=4", f"--judge={judge_dir}", "--judge_batch_size=2")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -43,17 +43,10 @@ def _start(workdir):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _complete_steps(workdir):
-  ckpt = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt):
-    return []
-  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
-
-
 def _wait_for_step(workdir, step, proc, timeout=300):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    steps = _complete_steps(workdir)
+    steps = helpers.checkpoint_steps(workdir)
     if steps and steps[-1] >= step:
       return steps[-1]
     assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -90,7 +83,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, reference)
   assert "Preempted at step" in out
   stopped_at = int(out.split("Preempted at step ")[1].split(":")[0])
   assert stopped_at < TOTAL_STEPS
-  assert _complete_steps(workdir)[-1] == stopped_at  # Saved at exactly that step.
+  assert helpers.checkpoint_steps(workdir)[-1] == stopped_at  # Saved at exactly that step.
   resumed = _run(workdir)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resuming from step {stopped_at}" in resumed.stderr
@@ -107,7 +100,7 @@ def test_kill_9_at_several_moments_then_resume_is_bit_identical(tmp_path, refere
     time.sleep(delay)
     proc.kill()
     proc.communicate()
-    steps = _complete_steps(workdir)
+    steps = helpers.checkpoint_steps(workdir)
     assert steps, "no complete checkpoint survived"
   final = _run(workdir)
   assert final.returncode == 0, final.stderr[-3000:]
@@ -125,7 +118,7 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path):
   config = _tiny_config(debug_nan_at_step=3, nan_policy="stop", num_train_steps=6)
   with pytest.raises(loop.NonFiniteError, match="step 4"):  # Step index 3 is the 4th step.
     loop.run(config, str(tmp_path))
-  steps = _complete_steps(tmp_path)
+  steps = helpers.checkpoint_steps(tmp_path)
   assert steps == [2]  # Nothing written at or after the bad step.
   _, _, state = workdir_lib.restore_run(str(tmp_path))
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params)))

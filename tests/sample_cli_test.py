@@ -17,22 +17,14 @@ from PIL import Image
 import helpers
 from configs import digits
 from configs import text8 as text8_config
-from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import run_config
-from md4_jax.train import build
 
 # Each CLI run is a fresh process (~10 s of start-up and compiles): marked slow.
 
 
 def _make_workdir(path, config):
   """config.json and one checkpoint of a freshly initialised state (8-device mesh)."""
-  os.makedirs(path)
-  state = build.setup(config).init_state()
-  run_config.save_config(config, str(path))
-  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(path)))
-  checkpointer.save(5, state)
-  checkpointer.close()
-  return str(path)
+  return helpers.untrained_workdir(path, config, step=0)
 
 
 def _sample_cli(workdir, *flags):
@@ -44,13 +36,14 @@ def test_class_conditional_images_with_trajectory(tmp_path):
   config = helpers.digits_tiny("tiny_cond")
   workdir = _make_workdir(tmp_path / "digits", config)
   result = _sample_cli(workdir, "--num_samples=3", "--steps=8", "--label=3", "--trajectory",
-                       "--frames=4", "--sampler=topp", "--grid=cosine")
+                       "--frames=4", "--sampler=topp", "--grid=cosine", "--guidance=0.5")
   assert result.returncode == 0, result.stderr[-3000:]
   base = os.path.join(workdir, "samples", "ckpt00000000_topp_8steps_seed0_label3")
   info = json.loads(open(base + ".json").read())
   assert info["files"] == [base + ".png", base + ".npy", base + "_trajectory.png",
                            base + "_trajectory.gif"]
   assert 1 <= info["nfe"] <= 8 and info["label"] == 3 and info["params"] == "ema"
+  assert info["guidance"] == 0.5
   tokens = np.load(base + ".npy")
   assert tokens.shape == (3, 8, 8, 1) and tokens.min() >= 0 and tokens.max() < config.vocab_size
   assert info["sample_seconds"] > 0 and info["samples_per_second"] > 0
@@ -101,3 +94,21 @@ def test_workdir_without_checkpoint_is_a_clean_error(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "md4_jax.sample: error: --steps must be >= 1 (or unset for the run's sampling_steps), got 0.")
 
+
+
+@pytest.mark.slow
+def test_remdm_and_ordered_samplers_from_the_cli(tmp_path):
+  from configs import synthetic_text  # pylint: disable=g-import-not-at-top
+  workdir = _make_workdir(tmp_path / "synth", synthetic_text.get_config("tiny"))
+  for flags, stem in ((["--sampler=remdm", "--eta=0.3", "--remask=rescale"],
+                       "ckpt00000000_remdm_rescale0.3_6steps_seed0"),
+                      (["--sampler=ordered", "--order=entropy", "--temperature=0"],
+                       "ckpt00000000_ordered_entropy_6steps_seed0")):
+    result = _sample_cli(workdir, "--num_samples=4", "--steps=6", *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads(open(os.path.join(workdir, "samples", stem + ".json")).read())
+    assert info["nfe"] == 6 and info["cache"] is False and "Exact sample NLL" in result.stdout
+    assert info.get("eta", info.get("order")) in (0.3, "entropy")
+  result = _sample_cli(workdir, "--sampler=remdm", "--cache")
+  assert result.returncode == 2
+  assert "caching does not apply to 'remdm'" in result.stderr.strip().splitlines()[-1]

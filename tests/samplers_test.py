@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats as scipy_stats
 
 import helpers
 from helpers import CopyLeft
@@ -93,17 +92,6 @@ def _counts(tokens_BxL, vocab):
   return np.stack([np.bincount(col, minlength=vocab) for col in np.asarray(tokens_BxL).T])
 
 
-def _chi_square_pvalue(counts_LxV, probs_LxV):
-  """Pooled chi-square over positions; cells with zero probability must be empty."""
-  n = counts_LxV.sum(axis=1, keepdims=True)
-  support = probs_LxV > 0
-  assert np.all(counts_LxV[~support] == 0), "a token outside the support was drawn"
-  expected = n * probs_LxV
-  stat = float(np.sum((counts_LxV[support] - expected[support]) ** 2 / expected[support]))
-  dof = int(support.sum() - support.shape[0])
-  return scipy_stats.chi2.sf(stat, dof)
-
-
 # A permuted copy of one distribution per position; top-p 0.85 keeps 3 tokens.
 _BASE_PROBS = np.array([0.5, 0.3, 0.1, 0.06, 0.04])
 _PROBS = np.stack([np.random.default_rng(i).permutation(_BASE_PROBS) for i in range(L)])
@@ -128,7 +116,7 @@ def test_final_marginals_equal_the_prediction(sampler, options):
   probs = probs / probs.sum(axis=1, keepdims=True)
   counts = _counts(tokens, V)
   assert counts.sum() == batch * L  # No mask id left.
-  assert _chi_square_pvalue(counts, probs) > 1e-3
+  assert helpers.chi_square_pvalue(counts, probs) > 1e-3
   if sampler == "first_hitting":
     assert int(stats["nfe"]) == L
   elif options.exact and options.cache:

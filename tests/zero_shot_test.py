@@ -89,13 +89,11 @@ import zipfile  # noqa: E402
 
 import helpers  # noqa: E402
 from configs import openwebtext  # noqa: E402
-from md4_jax import checkpoint as checkpoint_lib  # noqa: E402
 from md4_jax import data  # noqa: E402
 from md4_jax import evaluate  # noqa: E402
 from md4_jax import run_config  # noqa: E402
 from md4_jax.data import prepare  # noqa: E402
 from md4_jax.data import tokenized  # noqa: E402
-from md4_jax.train import build  # noqa: E402
 
 WIKI = " = Robert = \n\n Robert is a 1 @,@ 000 @-@ year old actor . \n\n = = Career = = \n"
 PTB = " the company 's shares did n't rise \n a N % gain \n"
@@ -238,11 +236,7 @@ def test_prepare_and_evaluate_cli_print_the_table(tmp_path):
   config.update(data_shape=(8,), eval_batch_size=4)
   config.transformer.update(width=16, depth=1, num_heads=2)
   workdir = tmp_path / "run"
-  workdir.mkdir()
-  run_config.save_config(config, str(workdir))
-  checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(workdir)))
-  checkpointer.save(7, build.setup(config).init_state().replace(step=7))
-  checkpointer.close()
+  helpers.untrained_workdir(workdir, config, step=7)
 
   result = helpers.run_module("md4_jax.evaluate", f"--workdir={workdir}", "--num_t_samples=2",
                               "--zero_shot=wikitext2,ptb", f"--zero_shot_dir={root}", devices=2)

@@ -91,17 +91,13 @@ class MarkovSource:
   @property
   def entropy_rate(self) -> float:
     """h = Σ_c π(c)·H(P(·|c)) in nats per token."""
-    p = self.transitions
-    row_entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
-    return float(self.stationary @ row_entropy)
+    return float(self.stationary @ _entropy(self.transitions))
 
   def entropy(self, length: int) -> float:
     """H_L, the exact entropy of a length-L sequence, in nats."""
     if length < self.order:
       raise ValueError(f"Sequences must have at least order={self.order} tokens, got {length}.")
-    pi = self.stationary
-    start = -float(np.sum(np.where(pi > 0, pi * np.log(np.where(pi > 0, pi, 1.0)), 0.0)))
-    return start + (length - self.order) * self.entropy_rate
+    return float(_entropy(self.stationary)) + (length - self.order) * self.entropy_rate
 
   def _contexts(self, x: np.ndarray, start: int) -> np.ndarray:
     """Context index of x[:, start − k : start]."""
@@ -156,6 +152,11 @@ class MarkovSource:
             "source_entropy_per_token": entropy,
             "source_nll_bits_per_token": float(nll.mean()) / math.log(2),
             "source_entropy_bits_per_token": entropy / math.log(2)}
+
+
+def _entropy(p: np.ndarray) -> np.ndarray:
+  """−Σ p log p over the last axis, in nats (0 log 0 = 0)."""
+  return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
 
 
 def source_from_config(config) -> MarkovSource:

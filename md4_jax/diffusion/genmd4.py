@@ -148,16 +148,8 @@ class GenMD4(model_lib.MD4):
       the RLOO surrogate (zero value in the gradient's sense: add it to the
       objective, never to the reported loss).
     """
-    model_lib.check_tokens(x, self.vocab_size)
-    if x.shape[1:] != tuple(self.data_shape):
-      raise ValueError(f"Batch has example shape {x.shape[1:]}, the model expects data_shape "
-                       f"{tuple(self.data_shape)}.")
+    t, noise = self._checked_draw(x, t, noise)
     batch = x.shape[0]
-    if t is None or noise is None:
-      drawn_t, drawn_noise = losses.draw_times_and_noise(
-          self.make_rng("sample"), x.shape, self.antithetic_time_sampling, self.num_masks)
-      t = drawn_t if t is None else t
-      noise = drawn_noise if noise is None else noise
     several = noise.ndim == x.ndim + 1
     noise_BxK = noise if several else noise[:, None]
     num_masks = noise_BxK.shape[1]
@@ -167,8 +159,7 @@ class GenMD4(model_lib.MD4):
     w_x = w[x_BxK]
     t_b = t.reshape((batch, 1) + (1,) * (x.ndim - 1))
     alpha_x = keep_probability(w_x, t_b, self.eps)
-    masked = noise_BxK >= alpha_x
-    z = jnp.where(masked, self.mask_id, x_BxK)
+    z, masked = losses.forward_mask(x_BxK, alpha_x, noise_BxK, self.mask_id)
 
     def terms(logits, targets):  # −log μ_x and Σ_v w_v μ_v per position.
       expected_w = jnp.einsum("...v,v->...", jax.nn.softmax(logits.astype(jnp.float32), -1), w)
@@ -181,10 +172,8 @@ class GenMD4(model_lib.MD4):
     nll, expected_w = nll.reshape(z.shape), expected_w.reshape(z.shape)
     integrand = w_x * nll - w_x + expected_w
     per_mask = lambda a: jnp.sum(a.reshape(batch, num_masks, -1), axis=-1)
-    # Out-of-range tokens must poison the loss even at unmasked positions.
-    masked_sum = per_mask(jnp.where(masked, integrand, 0.0))
-    masked_sum += per_mask(jnp.where(jnp.isnan(nll), jnp.nan, 0.0))
-    loss_k = (1.0 - self.t1) * masked_sum / t[:, None]  # [B, K]
+    masked_sum = losses.masked_sum(integrand, masked, nll, batch * num_masks)
+    loss_k = (1.0 - self.t1) * masked_sum.reshape(batch, num_masks) / t[:, None]  # [B, K]
     loss_diff = jnp.mean(loss_k, axis=1)
     loss_recon = self.recon_terms(x)
     loss_prior = jnp.full((batch,), losses.prior_loss(self.schedule, self.num_positions,

@@ -74,25 +74,44 @@ def draw_times_and_noise(rng: jax.Array, x_shape: tuple[int, ...], antithetic: b
     is masked iff noise_n >= its keep probability α).
   """
   k_t, k_noise = jax.random.split(rng)
-  noise_shape = x_shape if num_masks == 1 else (x_shape[0], num_masks) + tuple(x_shape[1:])
-  return sample_times(k_t, x_shape[0], antithetic), jax.random.uniform(k_noise, noise_shape)
+  return (sample_times(k_t, x_shape[0], antithetic),
+          jax.random.uniform(k_noise, noise_shape(x_shape, num_masks)))
 
 
-def forward_mask(x: jax.Array, alpha_t: jax.Array, noise: jax.Array, mask_id: int):
-  """Samples z_t ~ q(z_t | x): each token is kept with probability α(t).
+def noise_shape(x_shape: tuple[int, ...], num_masks: int = 1) -> tuple[int, ...]:
+  """Shape of the mask uniforms: x's for one mask, [B, K, *data_shape] for K > 1."""
+  return tuple(x_shape) if num_masks == 1 else (x_shape[0], num_masks) + tuple(x_shape[1:])
+
+
+def forward_mask(x: jax.Array, alpha: jax.Array, noise: jax.Array, mask_id: int):
+  """Samples z_t ~ q(z_t | x): each token is kept with its probability α.
 
   Args:
     x: int [B, ...] clean tokens.
-    alpha_t: float [B] keep probability per example.
+    alpha: float keep probabilities: [B] (one per example, MD4's α(t)) or
+      broadcastable to x (one per position, GenMD4's α_t^{x_n}).
     noise: float [B, ...] uniforms in [0, 1), same shape as x.
     mask_id: the mask token id (V).
 
   Returns:
     (z_t, masked): int [B, ...] corrupted tokens and bool [B, ...] mask indicator.
   """
-  alpha = alpha_t.reshape(alpha_t.shape + (1,) * (x.ndim - 1))
+  if alpha.ndim == 1 and x.ndim > 1:
+    alpha = alpha.reshape(alpha.shape + (1,) * (x.ndim - 1))
   masked = noise >= alpha
   return jnp.where(masked, mask_id, x), masked
+
+
+def masked_sum(values: jax.Array, masked: jax.Array, nll: jax.Array, rows: int) -> jax.Array:
+  """Σ values over the masked positions of each of `rows` rows: float32 [rows].
+
+  A NaN anywhere in `nll` (an out-of-range token, see token_nll) poisons its
+  row's sum even at an unmasked position, so a bad batch is never silently
+  scored.
+  """
+  per_row = lambda a: jnp.sum(a.reshape(rows, -1), axis=-1)
+  return (per_row(jnp.where(masked, values, 0.0))
+          + per_row(jnp.where(jnp.isnan(nll), jnp.nan, 0.0)))
 
 
 def token_nll(logits: jax.Array, x: jax.Array) -> jax.Array:

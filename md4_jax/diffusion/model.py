@@ -105,26 +105,13 @@ class MD4(nn.Module):
       dict of float32 [B]: loss_diff, loss_recon, loss_prior, loss (nats; the
       sum is an upper bound on −log p(x), see losses.prior_loss).
     """
-    check_tokens(x, self.vocab_size)
-    if x.shape[1:] != tuple(self.data_shape):
-      raise ValueError(
-          f"Batch has example shape {x.shape[1:]}, the model expects data_shape "
-          f"{tuple(self.data_shape)}."
-      )
+    t, noise = self._checked_draw(x, t, noise)
     schedule = self.schedule
     batch = x.shape[0]
-    if t is None or noise is None:
-      drawn_t, drawn_noise = losses.draw_times_and_noise(
-          self.make_rng("sample"), x.shape, self.antithetic_time_sampling)
-      t = drawn_t if t is None else t
-      noise = drawn_noise if noise is None else noise
     t, weight_B = losses.diffusion_weight(schedule, t, self.cont_time, self.timesteps)
     z_t, masked = losses.forward_mask(x, schedule.alpha(t), noise, self.mask_id)
     nll = self._token_nll(z_t, t, cond, train, x)
-    masked_nll_B = jnp.sum(jnp.where(masked, nll, 0.0).reshape(batch, -1), axis=-1)
-    # Out-of-range tokens must poison the loss even at unmasked positions.
-    masked_nll_B += jnp.sum(jnp.where(jnp.isnan(nll), jnp.nan, 0.0).reshape(batch, -1), -1)
-    loss_diff = weight_B * masked_nll_B
+    loss_diff = weight_B * losses.masked_sum(nll, masked, nll, batch)
     loss_recon = jnp.full((batch,), losses.recon_loss(schedule, self.num_positions, self.vocab_size))
     loss_prior = jnp.full((batch,), losses.prior_loss(schedule, self.num_positions, self.vocab_size))
     return {
@@ -133,6 +120,23 @@ class MD4(nn.Module):
         "loss_prior": loss_prior,
         "loss": loss_diff + loss_recon + loss_prior,
     }
+
+  def _checked_draw(self, x, t, noise):
+    """Checks x (tokens in range, example shape) and fills in t and the mask
+    uniforms that were not given (`masks_per_example` masks, one draw)."""
+    check_tokens(x, self.vocab_size)
+    if x.shape[1:] != tuple(self.data_shape):
+      raise ValueError(
+          f"Batch has example shape {x.shape[1:]}, the model expects data_shape "
+          f"{tuple(self.data_shape)}."
+      )
+    if t is None or noise is None:
+      drawn_t, drawn_noise = losses.draw_times_and_noise(
+          self.make_rng("sample"), x.shape, self.antithetic_time_sampling,
+          self.masks_per_example)
+      t = drawn_t if t is None else t
+      noise = drawn_noise if noise is None else noise
+    return t, noise
 
   def _token_nll(self, z_t, t, cond, train, x):
     """−log p_θ(x | z_t) per position, float32 [B, *data_shape]."""

@@ -16,6 +16,21 @@ Samplers (registry `SAMPLERS`, name → `Sampler`):
                  positions is revealed, (1 − α_s) = (1 − α_t)·u^(1/n), reveal one
                  uniformly chosen masked position with a token ~ p_θ(·|z, s):
                  exactly one network call per revealed token, no grid.
+  remdm          ReMDM (Wang et al. 2025): the ancestral step plus remasking —
+                 a revealed token is masked again with probability σ_t and a
+                 masked one is revealed with probability
+                 (α_s − (1 − σ_t)α_t)/(1 − α_t), so the marginals of the chain
+                 stay those of the schedule; σ by `SamplerOptions.remask`
+                 ('cap', 'rescale', 'loop') and `eta`; η = 0 is ancestral.
+  (any)          `SamplerOptions.guidance` = w: classifier-free guidance for
+                 class-conditional models, (1 + w)·log p(x|c) − w·log p(x|∅),
+                 both halves in one batched network call.
+  ordered        confidence-ordered unmasking (MaskGIT-style): each step reveals
+                 the schedule's expected count of positions, those with the
+                 highest `SamplerOptions.order` score ('confidence', 'margin',
+                 'entropy'); tokens from the prediction (argmax at temperature 0).
+                 remdm and ordered call the network at every step (NFE = N) and
+                 are refused for GenMD4.
 
 Exact draws (`SamplerOptions.exact`, on by default). A float32 Gumbel
 −log(−log u) built from a 23-bit uniform caps near 16 and under-samples rare
@@ -71,10 +86,13 @@ import jax
 import jax.numpy as jnp
 
 from md4_jax.diffusion import genmd4
+from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
 
 # Random stream ids folded into each example's key.
-_REVEAL, _TOKEN, _TIME, _POSITION, _REFERENCE = range(5)
+_REVEAL, _TOKEN, _TIME, _POSITION, _REFERENCE, _REMASK, _EXTRA_REVEAL, _CLOCK = range(8)
+REMASK_STRATEGIES = ("cap", "rescale", "loop")
+ORDERS = ("confidence", "margin", "entropy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +107,29 @@ class SamplerOptions:
       every step calls the network, `cache` does not apply).
     cache: grid samplers call the network only at steps where an example
       reveals a token (same samples as False for the same rng; fewer calls).
+      Not applicable to 'remdm' and 'ordered' (pass False).
+    guidance: classifier-free guidance weight w for class-conditional
+      models trained with label dropout: the prediction becomes
+      (1 + w)·log p(x | c) − w·log p(x | null label), both from one batched
+      network call (`guided_logits`); 0 = the conditional model.
+    eta: 'remdm': the remasking strength η (η = 0: the ancestral chain).
+    remask: 'remdm': the σ strategy, 'cap' σ = min(η, σ_max), 'rescale'
+      σ = η·σ_max, or 'loop' (see `remdm_path`).
+    loop: 'remdm' with remask='loop': (t_on, t_off, α_on).
+    order: 'ordered': the score that picks the positions to reveal,
+      'confidence' (probability of the drawn token), 'margin' (top-1 − top-2
+      probability) or 'entropy' (−entropy of the prediction).
   """
 
   temperature: float = 1.0
   top_p: float = 0.9
   exact: bool = True
   cache: bool = True
+  guidance: float = 0.0
+  eta: float = 0.0
+  remask: str = "cap"
+  loop: tuple[float, float, float] = (0.55, 0.05, 0.9)
+  order: str = "confidence"
 
 
 # ------------------------------------------------------------ exact draws ---
@@ -402,9 +437,7 @@ def _per_token_chain(chain: _Chain, z, ts, frames, powers_V, two_stage: bool):
     s_B = jnp.full((batch,), s)
     frames = chain.record(frames, z, s_B, last, jnp.ones((batch,), bool))
     masked = z == chain.mask_id
-    # The last step decodes whatever is left (its stay probability is 0 anyway).
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    draw = jnp.where((draw == chain.mask_id) & (i == steps - 1), greedy, draw)
+    # The last step (s = 0) decodes everything: its stay log-probability is −inf.
     return jnp.where(masked, draw, z), s_B, frames
 
   inf_B = jnp.full((batch,), jnp.inf, jnp.float32)
@@ -452,6 +485,172 @@ def _first_hitting_chain(chain: _Chain, z, t_start, frames):
   return z, nfe, chain.finish_frames(frames, z, last)
 
 
+# ---------------------------------------------------- classifier-free guidance ---
+
+
+def guided_logits(cond_logits: jax.Array, uncond_logits: jax.Array, weight: float) -> jax.Array:
+  """(1 + w)·log p(x | c) − w·log p(x): log-probabilities sharpened towards the class.
+
+  The draws then follow p(x | c)^{1+w} / p(x)^w, renormalised; w = 0 is the
+  conditional model.
+  """
+  cond_logp = jax.nn.log_softmax(cond_logits.astype(jnp.float32), axis=-1)
+  uncond_logp = jax.nn.log_softmax(uncond_logits.astype(jnp.float32), axis=-1)
+  return (1.0 + weight) * cond_logp - weight * uncond_logp
+
+
+# --------------------------------------------------------------- remasking ---
+
+
+def remdm_path(schedule, ts: jax.Array, options: SamplerOptions):
+  """The path of a ReMDM chain: network times, α's and the remasking σ per step.
+
+  Args:
+    schedule: the model's schedule.
+    ts: the sampler's grid τ_0 = 0 < … < τ_N (the chain walks it backwards).
+    options: eta, remask, loop.
+
+  Returns:
+    (t_net [N+1], alpha [N+1], sigma [N]): step i (chain order) goes from
+    index N − i to N − i − 1 of the first two, with σ = sigma[i]. With
+    σ_max = min(1, (1 − α_s)/α_t): 'cap' σ = min(η, σ_max), 'rescale'
+    σ = η·σ_max, on the schedule's own α(τ). 'loop' (t_on, t_off, α_on):
+    α rises linearly in τ from α(1) to α_on over τ ∈ [t_on, 1], stays at α_on
+    over [t_off, t_on] — the loop, where σ = min(η, σ_max) remasks while
+    nothing else changes — and rises to α(0) over [0, t_off]; σ = 0 outside
+    the loop; the network sees t = α⁻¹(α). The last step never remasks.
+  """
+  steps = ts.shape[0] - 1
+  if options.remask == "loop":
+    t_on, t_off, alpha_on = options.loop
+    a1, a0 = schedule.alpha(jnp.float32(1.0)), schedule.alpha(jnp.float32(0.0))
+    alpha = jnp.where(ts > t_on, alpha_on + (a1 - alpha_on) * (ts - t_on) / (1.0 - t_on),
+                      jnp.where(ts < t_off, alpha_on + (a0 - alpha_on) * (t_off - ts) / t_off,
+                                alpha_on))
+    t_net = schedule.inverse(alpha)
+  else:
+    alpha = schedule.alpha(ts)
+    t_net = ts
+  a_t, a_s = alpha[::-1][:-1], alpha[::-1][1:]  # Step i: α_t = α[N−i], α_s = α[N−i−1].
+  sigma_max = jnp.minimum(1.0, (1.0 - a_s) / a_t)
+  if options.remask == "cap":
+    sigma = jnp.minimum(options.eta, sigma_max)
+  elif options.remask == "rescale":
+    sigma = options.eta * sigma_max
+  else:
+    tau_t, tau_s = ts[::-1][:-1], ts[::-1][1:]
+    in_loop = (tau_s >= options.loop[1]) & (tau_t <= options.loop[0])
+    sigma = jnp.where(in_loop, jnp.minimum(options.eta, sigma_max), 0.0)
+  sigma = sigma.at[steps - 1].set(0.0)
+  return t_net, alpha, sigma
+
+
+def _remdm_chain(chain: _Chain, z, ts, frames, t_net, alpha, sigma):
+  """ReMDM (Wang et al. 2025): from t to s, a masked position becomes x̂ ~ p_θ with
+  probability (α_s − (1 − σ)·α_t)/(1 − α_t); a position the chain revealed is
+  re-masked with probability σ (prompt positions never change).
+
+  The reveal is drawn as the ancestral chain draws it — one uniform u per
+  position, revealed from t to s iff u ≥ r_s, r_j = (1 − α_j)/(1 − α_N) —
+  plus a second coin of probability σ·α_t/(1 − α_s) for the extra mass σ adds
+  (together: the ReMDM probability); a re-masked position restarts its clock
+  with u ~ U[0, r_s). So σ = 0 reproduces the ancestral chain's samples for
+  the same key (the same u, the same token draws).
+  """
+  steps = ts.shape[0] - 1
+  batch = z.shape[0]
+  free = z == chain.mask_id  # Generated positions; the others are the prompt.
+  r = jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[steps]))
+  u0 = chain.uniforms(_REVEAL, jnp.zeros((batch,), jnp.int32), z.shape[1:])
+
+  def body(i, carry):
+    z, u, last, frames = carry
+    step_B = jnp.full((batch,), i, jnp.int32)
+    a_t, a_s, r_s = alpha[steps - i], alpha[steps - i - 1], r[steps - i - 1]
+    logits = chain.predict(z, jnp.full((batch,), t_net[steps - i]))
+    tokens = chain.draw_tokens(logits, _TOKEN, step_B)
+    masked = z == chain.mask_id
+    extra = chain.uniforms(_EXTRA_REVEAL, step_B, z.shape[1:]) < sigma[i] * a_t / (1.0 - a_s)
+    reveal = masked & ((u >= r_s) | extra)
+    leftover = masked & ~reveal & (i == steps - 1)  # Probability ~eps: take the argmax.
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    remask = free & ~masked & (chain.uniforms(_REMASK, step_B, z.shape[1:]) < sigma[i])
+    s_B = jnp.full((batch,), ts[steps - i - 1])
+    frames = chain.record(frames, z, s_B, last, jnp.ones((batch,), bool))
+    z = jnp.where(reveal, tokens, jnp.where(leftover, greedy,
+                                            jnp.where(remask, chain.mask_id, z)))
+    u = jnp.where(remask, chain.uniforms(_CLOCK, step_B, z.shape[1:]) * r_s, u)
+    return z, u, s_B, frames
+
+  inf_B = jnp.full((batch,), jnp.inf, jnp.float32)
+  z, _, last, frames = jax.lax.fori_loop(0, steps, body, (z, u0, inf_B, frames))
+  return z, jnp.int32(steps), chain.finish_frames(frames, z, last)
+
+
+# ------------------------------------------------------ ordered unmasking ---
+
+
+def reveal_counts(alpha: jax.Array, masked_B: jax.Array) -> jax.Array:
+  """int32 [N+1, B]: how many positions stay masked at each grid time.
+
+  m_b·(1 − α_j)/(1 − α_N), rounded (m_b masked at the start; 0 at j = 0), so a
+  step from j + 1 to j reveals the schedule's expected count, the same grids apply
+  and the counts add up to m_b exactly.
+  """
+  steps = alpha.shape[0] - 1
+  r = jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[steps])).at[0].set(0.0)
+  return jnp.round(r[:, None] * masked_B[None].astype(jnp.float32)).astype(jnp.int32)
+
+
+def order_scores(probs: jax.Array, tokens: jax.Array, order: str) -> jax.Array:
+  """How sure the prediction is at each position (higher = revealed first)."""
+  if order == "confidence":
+    return jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+  if order == "margin":
+    top2 = jax.lax.top_k(probs, 2)[0]
+    return top2[..., 0] - top2[..., 1]
+  if order == "entropy":
+    return jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0),
+                   axis=-1)
+  raise ValueError(f"Unknown order {order!r}; valid: {ORDERS}.")
+
+
+def _ordered_chain(chain: _Chain, z, ts, frames, alpha):
+  """Confidence-ordered unmasking (MaskGIT-style): at each step reveal the k masked
+  positions the prediction is surest of, k from the schedule (`reveal_counts`); the
+  tokens are drawn from the prediction (argmax at temperature 0). Revealed tokens
+  never change; ties go to the lower position."""
+  steps = ts.shape[0] - 1
+  batch = z.shape[0]
+  options = chain.options
+  keep_masked = reveal_counts(alpha, jnp.sum(z == chain.mask_id, axis=-1))
+
+  def body(i, carry):
+    z, last, frames = carry
+    step_B = jnp.full((batch,), i, jnp.int32)
+    logits = chain.predict(z, jnp.full((batch,), ts[steps - i])).astype(jnp.float32)
+    if options.temperature == 0:
+      logits = chain.token_logits(logits, options)
+      tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      logits = chain.token_logits(logits / options.temperature, options)
+      keys = _stream_keys(chain.keys_B, _TOKEN, step_B)
+      tokens = jax.vmap(lambda k, l: categorical(k, l, options.exact))(keys, logits)
+    masked = z == chain.mask_id
+    score = jnp.where(masked, order_scores(jax.nn.softmax(logits, -1), tokens, options.order),
+                      -jnp.inf)
+    rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1)
+    count_B = jnp.sum(masked, axis=-1) - keep_masked[steps - i - 1]
+    reveal = masked & (rank < count_B[:, None])
+    s_B = jnp.full((batch,), ts[steps - i - 1])
+    frames = chain.record(frames, z, s_B, last, jnp.ones((batch,), bool))
+    return jnp.where(reveal, tokens, z), s_B, frames
+
+  inf_B = jnp.full((batch,), jnp.inf, jnp.float32)
+  z, last, frames = jax.lax.fori_loop(0, steps, body, (z, inf_B, frames))
+  return z, jnp.int32(steps), chain.finish_frames(frames, z, last)
+
+
 # ---------------------------------------------------------- the registry ---
 
 
@@ -473,18 +672,25 @@ class Sampler:
     grid: True for the time-grid chains (steps, grid, cache apply).
     reference_step: the float32 per-step update used when exact=False
       (grid samplers), `(chain, keys_B, logits, z, p_u) -> z`.
+    chain: None (the shared grid chains) or 'remdm' / 'ordered' (their own
+      chains: network at every step, no idle-step caching).
+    per_token: runs on GenMD4's per-token schedules.
   """
 
   token_logits: Callable[[jax.Array, SamplerOptions], jax.Array]
   grid: bool = True
   reference_step: Optional[Callable] = None
+  chain: Optional[str] = None
+  per_token: bool = True
 
 
 SAMPLERS: dict[str, Sampler] = {
     "ancestral": Sampler(_identity, reference_step=_reference_joint_step),
     "topp": Sampler(_nucleus, reference_step=_reference_joint_step),
     "mean": Sampler(_identity, reference_step=_reference_two_stage_step),
-    "first_hitting": Sampler(_identity, grid=False),
+    "first_hitting": Sampler(_identity, grid=False, per_token=False),
+    "remdm": Sampler(_identity, chain="remdm", per_token=False),
+    "ordered": Sampler(_identity, chain="ordered", per_token=False),
 }
 
 
@@ -497,14 +703,35 @@ def get_sampler(name: str) -> Sampler:
 def check_arguments(sampler: str, steps: Optional[int], grid: str, options: SamplerOptions,
                     t_start: float = 1.0, frames: int = 0) -> None:
   """Raises ValueError for arguments `sample` cannot run with (before any tracing)."""
-  sampler = get_sampler(sampler)
+  name, sampler = sampler, get_sampler(sampler)
   if sampler.grid:
     if steps is None or int(steps) < 1:
       raise ValueError(f"steps must be a positive integer, got {steps!r}.")
     if grid not in GRIDS:
       raise ValueError(f"Unknown time grid {grid!r}; valid: {GRIDS}.")
-  if not options.temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {options.temperature}.")
+  if sampler.chain is not None and options.cache:
+    raise ValueError(f"Idle-step caching does not apply to {name!r} (the network runs at every "
+                     "step): pass SamplerOptions(cache=False) (CLI: leave --cache unset).")
+  if name == "ordered" and options.order not in ORDERS:
+    raise ValueError(f"Unknown order {options.order!r}; valid: {', '.join(ORDERS)}.")
+  if name == "remdm":
+    if options.remask not in REMASK_STRATEGIES:
+      raise ValueError(f"Unknown remasking strategy {options.remask!r}; valid: "
+                       f"{', '.join(REMASK_STRATEGIES)}.")
+    if not 0 <= options.eta <= 1:
+      raise ValueError(f"eta must lie in [0, 1], got {options.eta}.")
+    t_on, t_off, alpha_on = options.loop
+    if options.remask == "loop" and not (0 < t_off < t_on < 1 and 0 < alpha_on < 1
+                                         and t_start == 1):
+      raise ValueError(f"The loop strategy needs 0 < t_off < t_on < 1, 0 < α_on < 1 and "
+                       f"t_start = 1; got loop={options.loop}, t_start={t_start}.")
+  if options.temperature == 0 and name != "ordered":
+    raise ValueError("temperature 0 (argmax tokens) is for the 'ordered' sampler; others need "
+                     "temperature > 0.")
+  if not options.temperature >= 0:
+    raise ValueError(f"temperature must be > 0 (or 0 for 'ordered'), got {options.temperature}.")
+  if not options.guidance >= 0:
+    raise ValueError(f"guidance must be >= 0, got {options.guidance}.")
   if not 0 < options.top_p <= 1:
     raise ValueError(f"top_p must lie in (0, 1], got {options.top_p}.")
   if not 0 < t_start <= 1:
@@ -515,8 +742,8 @@ def check_arguments(sampler: str, steps: Optional[int], grid: str, options: Samp
 
 def check_model(model: model_lib.MD4, sampler: str) -> None:
   """Raises ValueError for a sampler the model's schedule does not support."""
-  if model.per_token_schedule and not get_sampler(sampler).grid:
-    working = sorted(name for name, spec in SAMPLERS.items() if spec.grid)
+  if model.per_token_schedule and not get_sampler(sampler).per_token:
+    working = sorted(name for name, spec in SAMPLERS.items() if spec.per_token)
     raise ValueError(f"Sampler {sampler!r} is not exact for GenMD4 (a schedule per token: the "
                      f"time of the next reveal depends on the predictions); use one of "
                      f"{working}.")
@@ -599,6 +826,10 @@ def sample(
   """
   check_arguments(sampler, steps, grid, options, t_start, frames)
   check_model(model, sampler)
+  null_label = getattr(model.network, "num_classes", 0)
+  if options.guidance and (cond is None or null_label == 0):
+    raise ValueError("guidance needs a class-conditional model (trained with "
+                     "config.label_dropout > 0) and class labels (cond).")
   spec = get_sampler(sampler)
   if z_init is None:
     if batch_size is None:
@@ -615,8 +846,14 @@ def sample(
   z = z_init.reshape(batch, -1)
 
   def predict(z_BxD, t_B):
-    logits = model.apply(variables, z_BxD.reshape((batch,) + data_shape), t_B, cond,
+    z_in = z_BxD.reshape((batch,) + data_shape)
+    if options.guidance:  # Conditional and unconditional halves in one call.
+      both = model.apply(variables, jnp.concatenate([z_in, z_in]), jnp.concatenate([t_B, t_B]),
+                         jnp.concatenate([cond, jnp.full_like(cond, null_label)]),
                          method="predict")
+      logits = guided_logits(both[:batch], both[batch:], options.guidance)
+    else:
+      logits = model.apply(variables, z_in, t_B, cond, method="predict")
     return logits.reshape(batch, z_BxD.shape[1], -1)
 
   frame_times = None
@@ -629,14 +866,18 @@ def sample(
                  token_logits=spec.token_logits, frame_times_K=frame_times)
   if not spec.grid:
     z, nfe, trajectory = _first_hitting_chain(chain, z, t_start, trajectory)
-  elif model.per_token_schedule:
-    powers = model.apply(variables, method="powers")
-    ts = time_grid(grid, int(steps)) * t_start
-    z, nfe, trajectory = _per_token_chain(chain, z, ts, trajectory, powers,
-                                          two_stage=sampler == "mean")
   else:
     ts = time_grid(grid, int(steps)) * t_start
-    if options.exact:
+    if spec.chain == "remdm":
+      t_net, alpha, sigma = remdm_path(model.schedule, ts, options)
+      z, nfe, trajectory = _remdm_chain(chain, z, ts, trajectory, t_net, alpha, sigma)
+    elif spec.chain == "ordered":
+      z, nfe, trajectory = _ordered_chain(chain, z, ts, trajectory, model.schedule.alpha(ts))
+    elif model.per_token_schedule:
+      powers = model.apply(variables, method="powers")
+      z, nfe, trajectory = _per_token_chain(chain, z, ts, trajectory, powers,
+                                            two_stage=sampler == "mean")
+    elif options.exact:
       z, nfe, trajectory = _grid_chain(chain, z, ts, trajectory)
     else:
       z, nfe, trajectory = _reference_chain(chain, z, ts, trajectory, spec.reference_step,
@@ -667,7 +908,7 @@ def reconstruct(
   x = jnp.asarray(x, jnp.int32)
   keep = model.apply(variables, x, jnp.full((x.shape[0],), t, jnp.float32),
                      method="keep_probability")  # Per token for GenMD4.
-  z_t = jnp.where(jax.random.uniform(k_mask, x.shape) >= keep, model.mask_id, x)
+  z_t, _ = losses.forward_mask(x, keep, jax.random.uniform(k_mask, x.shape), model.mask_id)
   tokens, stats = sample(model, variables, k_chain, z_init=z_t, cond=cond, steps=steps,
                          sampler=sampler, grid=grid, options=options, t_start=t, frames=frames)
   return z_t, tokens, stats

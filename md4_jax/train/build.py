@@ -47,10 +47,16 @@ def sharding_rules(config: ml_collections.ConfigDict) -> parallel.Rules:
 MODELS = {"md4": model_lib.build_model, "genmd4": genmd4.build_model}
 
 
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """config.model is a known model and its settings are valid (one-line errors, no compile)."""
+  if config.model not in MODELS:
+    raise ValueError(f"Unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}.")
+  genmd4.check_config(config)
+
+
 def build_model(config: ml_collections.ConfigDict) -> model_lib.MD4:
   """The diffusion model (MD4 or GenMD4, network from the registry) of the config."""
-  if config.model not in MODELS:
-    raise ValueError(f"Unknown model {config.model!r}; valid: {sorted(MODELS)}.")
+  check_model(config)
   return MODELS[config.model](config, networks.build_network(config))
 
 
@@ -118,7 +124,8 @@ class Experiment:
     fn = functools.partial(step_lib.train_step, model=self.model, optimizer=self.optimizer,
                            lr_schedule=self.lr_schedule, ema_rate=config.ema_rate,
                            accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
-                           debug_nan_at_step=config.debug_nan_at_step)
+                           debug_nan_at_step=config.debug_nan_at_step,
+                           label_dropout=config.label_dropout)
     shardings = self.state_shardings
     return self.jit(fn, in_shardings=(shardings, parallel.batch_sharding(self.mesh)),
                     out_shardings=(shardings, parallel.replicated(self.mesh)), donate_argnums=0)

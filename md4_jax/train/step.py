@@ -54,15 +54,30 @@ def _loss_and_grads(model, params, x, cond, t, noise, dropout_key):
   return grads, metrics
 
 
-def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, accum_steps: int = 1):
+LABEL_DROPOUT_SALT = 7  # The label-dropout coins: fold_in(step key, salt).
+
+
+def drop_labels(cond: jax.Array, rate: float, null_label: int, rng: jax.Array) -> jax.Array:
+  """Each label replaced by `null_label` with probability `rate` (classifier-free guidance)."""
+  return jnp.where(jax.random.uniform(rng, cond.shape) < rate, null_label, cond)
+
+
+def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, accum_steps: int = 1,
+                  label_dropout: float = 0.0):
   """Mean gradient and metrics of the NELBO over the batch.
 
   Times and mask noise are drawn for the whole batch first (antithetic across
   the full batch), so splitting into `accum_steps` microbatches gives the same
-  gradient as one big batch (up to float summation order).
+  gradient as one big batch (up to float summation order). With
+  `label_dropout` > 0 each label becomes the null label (the network's
+  "no label" row, id = classes) with that probability, so one network learns
+  both p(x | c) and p(x) for classifier-free guidance.
   """
   x = batch["x"]
   cond = batch.get("label")
+  if cond is not None and label_dropout > 0:
+    cond = drop_labels(cond, label_dropout, model.network.num_classes,
+                       jax.random.fold_in(rng, LABEL_DROPOUT_SALT))
   batch_size = x.shape[0]
   k_draw, k_drop = jax.random.split(rng)
   t, noise = losses.draw_times_and_noise(k_draw, x.shape, model.antithetic_time_sampling,
@@ -93,7 +108,7 @@ def train_step(
     state: TrainState, batch: Batch, *, model: model_lib.MD4,
     optimizer: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
     ema_rate: float, accum_steps: int = 1, skip_nonfinite: bool = False,
-    debug_nan_at_step: int = -1,
+    debug_nan_at_step: int = -1, label_dropout: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step with EMA update. Returns the new state and metrics.
 
@@ -104,8 +119,11 @@ def train_step(
       reports it either way.
     debug_nan_at_step: poison the loss and gradients with NaN at this step
       (for testing the guard; -1 = never).
+    label_dropout: probability of training on the null label instead of the
+      example's (classifier-free guidance; see compute_grads).
   """
-  grads, metrics = compute_grads(model, state.params, batch, state.step_key(), accum_steps)
+  grads, metrics = compute_grads(model, state.params, batch, state.step_key(), accum_steps,
+                                 label_dropout)
   if debug_nan_at_step >= 0:
     poison = jnp.where(state.step == debug_nan_at_step, jnp.nan, 1.0)
     grads = jax.tree.map(lambda g: g * poison, grads)
