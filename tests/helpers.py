@@ -29,16 +29,21 @@ def digits_tiny(variant: str = "tiny", **overrides):
   return config
 
 
-def untrained_workdir(workdir, config, step: int = 5, mesh=None) -> str:
+def saved_workdir(workdir, config, step: int = 5, mesh=None, batches=()) -> str:
   """A run directory written in-process: config.json and one checkpoint (at `step`) of a
-  freshly initialised state — what the CLIs read, without a training subprocess."""
+  freshly initialised state, after one train step per batch of `batches` (dicts with 'x') —
+  what the CLIs read, without a training subprocess."""
   from md4_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from md4_jax import run_config  # pylint: disable=g-import-not-at-top
   from md4_jax.train import build  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   run_config.save_config(config, str(workdir))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(workdir)))
-  checkpointer.save(step, build.setup(config, mesh).init_state().replace(step=step))
+  experiment = build.setup(config, mesh)
+  state = experiment.init_state()
+  for batch in batches:
+    state, _ = experiment.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+  checkpointer.save(step, state.replace(step=step))
   checkpointer.close()
   return str(workdir)
 

@@ -141,7 +141,7 @@ def test_no_tokens_is_a_clear_error(judge):
 def test_sample_cli_reports_gen_ppl_next_to_the_entropy(tmp_path, judge_dir):
   config = synthetic_text.get_config("tiny")
   workdir = tmp_path / "run"
-  helpers.untrained_workdir(workdir, config, step=3)
+  helpers.saved_workdir(workdir, config, step=3)
   result = helpers.run_module("md4_jax.sample", f"--workdir={workdir}", "--num_samples=4",
                               "--steps=4", f"--judge={judge_dir}", "--judge_batch_size=2")
   assert result.returncode == 0, result.stderr[-3000:]

@@ -205,6 +205,12 @@ def test_guided_samples_follow_the_sharpened_law():
       options=samplers.SamplerOptions(guidance=w)))
   tokens, stats = fn(variables, jax.random.key(4), cond)
   assert int(stats["nfe"]) == 1  # One batched call for both halves.
+  # w = 0 is the conditional model: the same samples as without guidance, same key.
+  draw = lambda options: jax.jit(lambda v, r, c: samplers.sample(
+      model, v, r, batch_size=64, cond=c, steps=2, sampler="ancestral", options=options))(
+          variables, jax.random.key(6), cond[:64])[0]
+  np.testing.assert_array_equal(draw(samplers.SamplerOptions(guidance=0.0)),
+                                draw(samplers.SamplerOptions()))
   logp = lambda row: row - np.log(np.exp(row).sum())
   law = np.exp((1 + w) * logp(table[1]) - w * logp(table[3]))
   law /= law.sum()
@@ -217,22 +223,21 @@ def test_guided_samples_follow_the_sharpened_law():
                     options=samplers.SamplerOptions(guidance=1.0))
 
 
-@pytest.mark.slow
 def test_label_dropout_trains_on_the_null_label():
-  config = helpers.digits_tiny("tiny_cond")
-  from md4_jax.train import build  # pylint: disable=g-import-not-at-top
-  experiment = build.setup(config)
-  state = experiment.init_state()
-  x = jnp.zeros((8, 8, 8, 1), jnp.int32)
-  labels = jnp.arange(8, dtype=jnp.int32) % 10
-  grads = lambda batch, rate: step_lib.compute_grads(experiment.model, state.params, batch,
-                                                     jax.random.key(1), label_dropout=rate)[0]
-  null_batch = {"x": x, "label": jnp.full((8,), 10, jnp.int32)}
-  jax.tree.map(np.testing.assert_allclose,
-               grads({"x": x, "label": labels}, 0.999999), grads(null_batch, 0.0))
+  """Every label dropped = training on the null label (id = classes); the drop rate is p."""
+  model = helpers.md4(ClassTable(V, 3), "linear", V, (L,))
+  x = jnp.asarray(np.random.default_rng(0).integers(0, V, (8, L)), jnp.int32)
+  params = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, x,
+                      jnp.zeros((8,), jnp.int32))["params"]
+  grads = lambda labels, rate: step_lib.compute_grads(model, params, {"x": x, "label": labels},
+                                                      jax.random.key(1), label_dropout=rate)[0]
+  dropped_all = grads(jnp.arange(8, dtype=jnp.int32) % 3, 0.999999)
+  on_null = grads(jnp.full((8,), 3, jnp.int32), 0.0)
+  jax.tree.map(np.testing.assert_allclose, dropped_all, on_null)
+  kept = grads(jnp.arange(8, dtype=jnp.int32) % 3, 0.0)
+  assert not np.allclose(kept["network"]["table"], on_null["network"]["table"])
   dropped = step_lib.drop_labels(jnp.zeros((20000,), jnp.int32), 0.2, 10, jax.random.key(0))
   assert abs(float(jnp.mean(dropped == 10)) - 0.2) < 0.015
-  config.label_dropout = 0.1
-  config.classes = 0
+  config = helpers.digits_tiny(label_dropout=0.1, classes=0)
   with pytest.raises(ValueError, match="needs config.classes > 0"):
     run_config.validate(config)

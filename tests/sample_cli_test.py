@@ -24,7 +24,7 @@ from md4_jax import run_config
 
 def _make_workdir(path, config):
   """config.json and one checkpoint of a freshly initialised state (8-device mesh)."""
-  return helpers.untrained_workdir(path, config, step=0)
+  return helpers.saved_workdir(path, config, step=0)
 
 
 def _sample_cli(workdir, *flags):

@@ -297,8 +297,11 @@ def test_class_labels_and_reconstruction():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
-def test_sharded_sampling_equals_one_device(sampler):
+@pytest.mark.parametrize("sampler, options", [
+    ("ancestral", samplers.SamplerOptions()), ("first_hitting", samplers.SamplerOptions()),
+    ("remdm", samplers.SamplerOptions(cache=False, eta=0.3, remask="rescale")),
+    ("ordered", samplers.SamplerOptions(cache=False, order="margin"))])
+def test_sharded_sampling_equals_one_device(sampler, options):
   mesh = parallel.make_mesh({"data": -1})
   assert parallel.batch_size_per_shard(mesh) == 8
   model = helpers.md4(CopyLeft(V, time_weight=0.5), "cosine", V, (12,))
@@ -308,7 +311,7 @@ def test_sharded_sampling_equals_one_device(sampler):
   batch = 16
   z = np.full((batch, 12), V, np.int32)
   z[:, :3] = np.arange(3)  # A prefix.
-  kwargs = dict(steps=64, sampler=sampler, frames=4)
+  kwargs = dict(steps=64, sampler=sampler, frames=4, options=options)
   one = jax.jit(lambda v, r, z: samplers.sample(model, v, r, z_init=z, **kwargs))(
       variables, jax.random.key(14), z)
   fn = experiment.sampler(**kwargs)

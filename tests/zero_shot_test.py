@@ -219,7 +219,8 @@ def bpe_tokenizer(path):
 
 @pytest.mark.slow
 def test_prepare_and_evaluate_cli_print_the_table(tmp_path):
-  """prepare (two sets, from a local file and from a URL) -> evaluate --zero_shot -> table + JSON."""
+  """prepare (two sets, from a local file and from a URL) -> a model trained 3 steps ->
+  evaluate --zero_shot -> table + JSON."""
   paths = write_raw(tmp_path)
   bpe_tokenizer(tmp_path / "tokenizer.json")
   root = tmp_path / "zero_shot"
@@ -236,7 +237,9 @@ def test_prepare_and_evaluate_cli_print_the_table(tmp_path):
   config.update(data_shape=(8,), eval_batch_size=4)
   config.transformer.update(width=16, depth=1, num_heads=2)
   workdir = tmp_path / "run"
-  helpers.untrained_workdir(workdir, config, step=7)
+  blocks = read_blocks(root / "wikitext2").astype(np.int32)  # A few train steps on its blocks.
+  batches = [{"x": np.resize(blocks, (config.batch_size, 8))} for _ in range(3)]
+  helpers.saved_workdir(workdir, config, step=7, batches=batches)
 
   result = helpers.run_module("md4_jax.evaluate", f"--workdir={workdir}", "--num_t_samples=2",
                               "--zero_shot=wikitext2,ptb", f"--zero_shot_dir={root}", devices=2)
