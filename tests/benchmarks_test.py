@@ -123,3 +123,18 @@ def test_sample_quality_benchmark(tmp_path):
   assert all(0 <= r["accuracy"] <= 1 and r["fd"] >= 0 for r in image_rows)
   assert os.path.getsize(f"{out}.png") > 1000
   assert len(_table(stdout, "sampler")) == 2
+
+
+def test_frechet_distance_is_zero_on_equal_sets_and_the_squared_shift_for_a_moved_one():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "sample_quality", os.path.join(REPO, "benchmarks", "sample_quality.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  rng = np.random.default_rng(0)
+  a = np.maximum(rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)), 0.0)
+  a[:, 2] = 0.0  # A dead feature: singular covariance.
+  assert abs(module.frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
+  shift = np.array([1.0, -2.0, 0.0, 0.5, 0.0, 0.0])
+  assert module.frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
