@@ -114,6 +114,7 @@ def test_every_token_is_scored_once_in_bos_led_chunks(judge):
   assert judge.score([long_text])["judge_tokens"] == len(ids)
 
 
+@pytest.mark.slow
 def test_padded_batches_match_a_direct_unpadded_computation(judge):
   """Padding and batching do not change any row's NLL: compare with one row at a time."""
   texts = ["the cat sees the ball.", " ".join(fixture_text(2, seed=3)), "a dog likes"]

@@ -114,6 +114,7 @@ def _tiny_config(**overrides):
                                        num_train_steps=8, checkpoint_every_steps=2), **overrides})
 
 
+@pytest.mark.slow  # An in-process training run (~35 s): the full suite only.
 def test_nan_stop_keeps_last_good_checkpoint(tmp_path):
   config = _tiny_config(debug_nan_at_step=3, nan_policy="stop", num_train_steps=6)
   with pytest.raises(loop.NonFiniteError, match="step 4"):  # Step index 3 is the 4th step.
