@@ -78,6 +78,47 @@ def digest(tree: Any) -> dict[str, list[int]]:
           for (path, _), h in zip(values, host)}
 
 
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint holds a differently shaped state than the code and config build
+  (another network, size or md4_jax version): not corrupt, never moved aside (CLI exit 2)."""
+
+  def __init__(self, step: int, path: str, what: str):
+    super().__init__(f"Checkpoint step {step} ({path}) {what}.")
+    self.step = step
+    self.path = path
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def array_shapes(tree: Any) -> dict[str, tuple]:
+  """{'a/b/c': shape} of every array-like leaf, whatever container types hold them
+  (a TrainState dataclass and orbax's dict metadata of it give the same keys)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def structure_difference(saved: dict[str, tuple], expected: dict[str, tuple]) -> Optional[str]:
+  """A one-line description of how two `array_shapes` maps differ (None if equal)."""
+  only_saved = sorted(set(saved) - set(expected))
+  only_expected = sorted(set(expected) - set(saved))
+  reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+  parts = []
+  if reshaped:
+    k = reshaped[0]
+    parts.append(f"{len(reshaped)} arrays have other shapes (first: {k} is {saved[k]} in the "
+                 f"checkpoint, {expected[k]} in the model)")
+  if only_saved:
+    parts.append(f"{len(only_saved)} arrays exist only in the checkpoint (first: {only_saved[0]})")
+  if only_expected:
+    parts.append(f"{len(only_expected)} only in the model (first: {only_expected[0]})")
+  return "; ".join(parts) or None
+
+
 class Checkpointer:
   """Saves and restores (TrainState, data iterator, config) with checksums in a directory."""
 
@@ -134,6 +175,8 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no checkpoint at all.
       CorruptCheckpointError: the checkpoint cannot be read or fails its checksums.
+      CheckpointMismatchError: it is readable but holds another state structure (arrays
+        missing, extra or of other shapes than `state_like`).
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -141,6 +184,7 @@ class Checkpointer:
     path = self.step_path(step)
     abstract = jax.tree.map(
         lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else abstract_like(a), state_like)
+    self.check_structure(step, abstract)
     items = {STATE: ocp.args.StandardRestore(abstract)}
     verify = self._has(step, DIGEST)
     if verify:
@@ -167,6 +211,30 @@ class Checkpointer:
                       "restored unverified.", step, path)
     logging.info("Restored checkpoint at step %d from %s", step, self.directory)
     return state
+
+  def saved_shapes(self, step: int) -> Optional[dict[str, tuple]]:
+    """`array_shapes` of the state saved at `step` from its metadata (None if unreadable:
+    the restore then reports the checkpoint as corrupt)."""
+    try:
+      metadata = self._manager.item_metadata(step)[STATE]
+    except Exception:  # pylint: disable=broad-except
+      return None
+    tree = getattr(metadata, "tree", metadata)
+    if not tree:
+      return None
+    return array_shapes(tree)
+
+  def check_structure(self, step: int, state_like: Any) -> None:
+    """Raises CheckpointMismatchError if step's saved arrays differ from `state_like`'s."""
+    saved = self.saved_shapes(step)
+    if saved is None:
+      return
+    what = structure_difference(saved, array_shapes(state_like))
+    if what:
+      raise CheckpointMismatchError(
+          step, self.step_path(step),
+          f"holds a different state than this code and config build: {what}. It was written "
+          "by another network, size or md4_jax version; it is not corrupt and was left in place")
 
   def restore_latest_good(self, state_like: Any, data_iter: Any = None) -> Any:
     """The newest checkpoint that verifies; bad ones are logged and moved aside (left in

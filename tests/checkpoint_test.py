@@ -168,3 +168,24 @@ def test_disk_full_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
     loop.run(config, str(tmp_path))
   _, _, state = workdir_lib.restore_run(str(tmp_path))
   assert int(state.step) == 2
+
+
+def test_a_checkpoint_of_another_network_is_a_mismatch_not_corruption(tmp_path):
+  mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  config = helpers.digits_tiny()
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(1, build.setup(config, mesh).init_state(), config={"step": 1})
+  wider = helpers.digits_tiny()
+  wider.unet.channels *= 2
+  other = build.setup(wider, mesh)
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"step 1 .*different state.*other shapes \(first: \w+/network/"):
+    other.restore(ckpt)
+  assert ckpt.all_steps() == [1]  # Left in place, not moved aside as corrupt.
+  assert not (tmp_path / checkpoint_lib.CORRUPT_DIR).exists()
+  # A network with other parameter names: arrays only on one side.
+  wider.network = "transformer"
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="only in the checkpoint"):
+    build.setup(wider, mesh).restore(ckpt, step=1)
+  restored = build.setup(config, mesh).restore(ckpt)  # The same structure still restores.
+  assert int(restored.step) == 0
