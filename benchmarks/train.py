@@ -9,7 +9,8 @@ with the matmul FLOP/s the same devices reach in the same run.
 * model FLOPs per step = 3 x the matmul and convolution FLOPs of the
   forward pass (the backward pass costs about twice the forward), counted
   exactly from the forward's jaxpr (dot_general and conv_general_dilated,
-  scan bodies times their length). Rematerialised recomputation is not
+  scan bodies times their length, the cheaper branch of a lax.cond: the
+  masked head's packed path, taken unless a batch overflows its buffer). Rematerialised recomputation is not
   counted: this is model FLOPs, not hardware FLOPs.
 * XLA's cost_analysis() FLOPs of the compiled training step are printed
   alongside (they include elementwise work and count a loop body once).
@@ -27,13 +28,21 @@ with the matmul FLOP/s the same devices reach in the same run.
 * memory: compiled.memory_analysis() of the step (args + out - aliased +
   temp) and, where the backend reports it, the device's peak_bytes_in_use.
 
-Variants are the config plus overrides (see VARIANTS), e.g. the memory knobs;
+Variants are the config plus overrides (see VARIANTS), e.g. the memory knobs.
+The default rows are the issue's shapes at the paper architectures and at
+md4_jax's wide_cond design: `text_paper` / `text_wide` (text8's transformer,
+4 x 768, 12 heads, L = 256, batch 16) and `unet_paper` / `unet_wide` (the
+CIFAR-10 UNet, 128 channels, 4 + 5 residual blocks, batch 8);
+`md4s_remat_f32` / `md4s_remat_f32_masked` measure the masked-only head at
+MD4-S (16 sequences of 1024, every block rematerialised so it fits a CPU host);
 `md4s` is MD4-S (configs/openwebtext.py: 12 x 768, L = 1024, V = 50257) in
 bf16 with attention_impl=auto (cuDNN flash attention on GPU), for
 accelerators. `--batch_per_device` sets the global batch to that times the
 device count (default: the variant's own batch; md4s: 16 per device).
 
   .venv/bin/python benchmarks/train.py
+  .venv/bin/python benchmarks/train.py --variants=md4s_remat_f32,md4s_remat_f32_masked \
+      --batch_per_device=16 --warmup=1 --repeats=2 --steps=1
   .venv/bin/python benchmarks/train.py --variants=text,text_chunked --repeats=3
   .venv/bin/python benchmarks/train.py --variants=text,text_genmd4,image,image_genmd4
   python benchmarks/train.py --variants=md4s,md4s_remat --batch_per_device=32   # accelerator
@@ -54,6 +63,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import base as configs_base  # noqa: E402
 from configs import cifar10  # noqa: E402
 from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
@@ -67,7 +77,7 @@ def text_config():
 
   Width 512, 4 blocks, 8 heads, L = 256, batch 16: 4,096 tokens per step.
   """
-  config = text8.get_config()
+  config = configs_base.wide_cond_transformer(text8.get_config())  # As first measured.
   config.transformer.width = 512
   config.transformer.depth = 4
   config.transformer.num_heads = 8
@@ -84,6 +94,10 @@ def image_config():
   and in the middle, batch 8: 24,576 channel values per step.
   """
   config = cifar10.get_config("tiny")
+  config.time_embedding = "dit"  # The wide_cond conditioning, as first measured.
+  config.unet.cond_dim = 0
+  config.unet.film = "scale_shift"
+  config.unet.zero_init_output = False
   config.unet.channels = 64
   config.unet.channel_mult = (1, 2)
   config.unet.num_res_blocks = 2
@@ -91,6 +105,41 @@ def image_config():
   config.unet.embed_dim = 16
   config.batch_size = 8
   config.dropout_rate = 0.0
+  return config
+
+
+def text_paper_config():
+  """The issue's text shape at the paper's architecture: text8's network (RoPE, sigmoid GLU,
+  64-wide conditioning) with 4 blocks of width 768, 12 heads, L = 256, batch 16."""
+  config = text8.get_config()
+  config.transformer.depth = 4
+  config.batch_size = 16
+  config.dropout_rate = 0.0
+  return config
+
+
+def text_wide_config():
+  """text_paper_config with md4_jax's wide_cond design (768-wide adaLN, SwiGLU)."""
+  return configs_base.wide_cond_transformer(text_paper_config())
+
+
+def unet_paper_config():
+  """The issue's UNet shape at the paper's architecture: the CIFAR-10 UNet (128 channels,
+  one level, shift conditioning) with 4 residual blocks down and 5 up, batch 8."""
+  config = cifar10.get_config()
+  config.unet.num_res_blocks = 4
+  config.batch_size = 8
+  config.dropout_rate = 0.0
+  return config
+
+
+def unet_wide_config():
+  """unet_paper_config with md4_jax's wide_cond conditioning (scale + shift from 512 wide)."""
+  config = unet_paper_config()
+  config.time_embedding = "dit"
+  config.unet.cond_dim = 0
+  config.unet.film = "scale_shift"
+  config.unet.zero_init_output = False
   return config
 
 
@@ -130,16 +179,28 @@ VARIANTS = {
     "text_scan_remat": (text_config, dict(scan_layers=True, remat_policy="full")),
     "text_bf16": (text_config, dict(dtype="bfloat16")),
     "image": (image_config, {}),
+    # The paper architectures at the issue's shapes (and md4_jax's wide_cond design).
+    "text_paper": (text_paper_config, {}),
+    "text_wide": (text_wide_config, {}),
+    "unet_paper": (unet_paper_config, {}),
+    "unet_wide": (unet_wide_config, {}),
     # GenMD4 (K = 2 masks per example: the network runs on 2x the batch).
     "text_genmd4": (text_config, dict(model="genmd4", noise_schedule="linear")),
     "image_genmd4": (image_config, dict(model="genmd4", noise_schedule="linear")),
     "md4s": (md4s_config, dict(dtype="bfloat16", attention_impl="auto")),
+    # The head and cross-entropy at masked positions only (packed, exact).
+    "md4s_masked": (md4s_config, dict(dtype="bfloat16", attention_impl="auto", masked_head=True)),
+    # MD4-S in float32 with every block rematerialised: per-device batch 16 fits a 23 GiB
+    # CPU host (the masked head's capacity, 0.546 of the positions, assumes 16 per group).
+    "md4s_remat_f32": (md4s_config, dict(scan_layers=True, remat_policy="full")),
+    "md4s_remat_f32_masked": (md4s_config, dict(scan_layers=True, remat_policy="full",
+                                                masked_head=True)),
     "md4s_remat": (md4s_config, dict(dtype="bfloat16", attention_impl="auto", scan_layers=True,
                                      remat_policy="dots_with_no_batch_dims_saveable")),
 }
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("variants", ["text", "text_chunked", "text_scan_remat", "image"],
+flags.DEFINE_list("variants", ["text_paper", "text_wide", "unet_paper", "unet_wide"],
                   f"Rows, from {list(VARIANTS)}.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps first (the first one compiles).")
 flags.DEFINE_integer("steps", 3, "Steps per timing window.")
@@ -172,6 +233,10 @@ def matmul_flops(jaxpr) -> float:
       spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
       per_output = rhs[spec[1]] * _prod(rhs[i] for i in spec[2:])
       total += 2.0 * _prod(eqn.outvars[0].aval.shape) * per_output
+    if name == "cond":  # The masked head's overflow fallback: count the branch taken unless a
+      # batch overflows its buffer (the cheaper one).
+      total += min(matmul_flops(branch) for branch in eqn.params["branches"])
+      continue
     times = eqn.params.get("length", 1) if name == "scan" else 1
     for param in eqn.params.values():
       for sub in param if isinstance(param, (list, tuple)) else (param,):

@@ -20,9 +20,12 @@ import ml_collections
 from configs import base
 
 
+VARIANTS = ("", "order2", "tiny")
+
+
 def get_config(arg=None):
   """arg: '' (a few minutes on 2 CPU cores), 'order2' (a harder source) or 'tiny' (seconds)."""
-  arg = base.check_variant(arg, "configs/synthetic_text.py", ("", "order2", "tiny"))
+  arg = base.check_variant(arg, "configs/synthetic_text.py", VARIANTS)
   config = base.get_config()
   config.dataset = "synthetic_text"
   config.data_shape = (32,)

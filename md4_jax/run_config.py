@@ -15,6 +15,8 @@ import ml_collections
 from etils import epath
 
 from md4_jax import data as data_lib
+from md4_jax import networks
+from md4_jax.diffusion import samplers
 from md4_jax.train import build
 
 CONFIG_FILE = "config.json"
@@ -23,10 +25,14 @@ CONFIG_FILE = "config.json"
 SAFE_KEYS = frozenset({
     "num_train_steps", "log_loss_every_steps", "eval_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "sample_every_steps", "num_samples", "sampling_steps",
+    "sampling_grid",
     "eval_batch_size", "eval_split", "grain_worker_count", "grain_prefetch", "data_dir", "check_nans",
     "nan_policy", "debug_nan_at_step", "mesh.data", "mesh.fsdp", "mesh.tensor", "sharding_rules",
     # Same loss and gradients, same parameter layout (scan_layers changes the layout).
     "remat_policy", "attention_impl", "loss_chunk_size", "grad_accum_steps",
+    # Same loss and gradients given the times; over several batch shards or microbatches it
+    # hands the batch's antithetic times to the examples in another order (the same law).
+    "masked_head",
 })
 
 
@@ -56,13 +62,37 @@ def _tuples(value):
 
 # Keys added after runs were already saved, with the value that reproduces what
 # those runs did (a run saved without 'model' is an MD4 run).
-ADDED_KEYS = {"model": "md4", "power_init": 1.0, "genmd4_t1": 1e-3, "genmd4_num_masks": 2,
-              "label_dropout": 0.0}
+ADDED_KEYS = {
+    "model": "md4", "power_init": 1.0, "genmd4_t1": 1e-3, "genmd4_num_masks": 2,
+    "label_dropout": 0.0, "time_embedding": "dit", "sampling_grid": "uniform",
+    "masked_head": False,
+    "transformer": {"cond_dim": 0, "cond_act": "swish", "mlp": "swiglu", "mlp_multiple_of": 8,
+                    "positions": "learned", "embed_dim": 0, "head_bias": True,
+                    "zero_init_head": False},
+    "unet": {"cond_dim": 0, "film": "scale_shift", "zero_init_output": False},
+    "uvit": {"channels": 32, "num_res_blocks": 1, "embed_dim": 16, "patch_size": 2, "width": 64,
+             "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "cond_dim": 0},
+}
+
+
+# Network sizes where 0 means "the default width".
+OPTIONAL_SIZES = frozenset({"cond_dim", "embed_dim"})
+
+
+def _with_defaults(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+  """`tree` with every key of `defaults` it lacks filled in (nested dicts merged)."""
+  out = dict(tree)
+  for key, value in defaults.items():
+    if key not in out:
+      out[key] = value
+    elif isinstance(value, dict) and isinstance(out[key], dict):
+      out[key] = _with_defaults(out[key], value)
+  return out
 
 
 def config_from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
   """A ConfigDict from `plain`'s output (lists back to tuples; ADDED_KEYS filled in)."""
-  return ml_collections.ConfigDict(_tuples({**ADDED_KEYS, **tree}))
+  return ml_collections.ConfigDict(_tuples(_with_defaults(tree, ADDED_KEYS)))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -148,13 +178,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.label_dropout drops class labels: it needs config.classes > 0.")
   _check(config.loss_chunk_size >= 0, "loss_chunk_size", config.loss_chunk_size,
          ">= 0 (0 = plain)")
-  for group in ("transformer", "unet"):
+  for group in ("transformer", "unet", "uvit"):
     for field, value in config[group].items():
       sizes = value if isinstance(value, (tuple, list)) else (value,)
-      # attn_resolutions may be empty; every other size is positive.
-      if field != "attn_resolutions":
+      if any(isinstance(v, (bool, str)) for v in sizes):
+        continue  # Choices: networks.check_config.
+      if field in OPTIONAL_SIZES:  # 0 = the default width.
+        _check(all(v >= 0 for v in sizes), f"{group}.{field}", value, ">= 0 (0 = default)")
+      elif field != "attn_resolutions":  # attn_resolutions may be empty.
         _check(len(sizes) >= 1 and all(v > 0 for v in sizes), f"{group}.{field}", value,
                "> 0")
+  networks.check_config(config)
+  if config.sampling_grid not in samplers.GRIDS:
+    raise ValueError(f"Unknown sampling_grid {config.sampling_grid!r}; valid: "
+                     f"{sorted(samplers.GRIDS)}.")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")
   build.check_model(config)

@@ -46,7 +46,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Samples per jitted call (
 _STEPS = flags.DEFINE_integer("steps", None, "Grid steps (default: the config's sampling_steps; "
                               "first_hitting makes one call per token instead).")
 _SAMPLER = flags.DEFINE_enum("sampler", "ancestral", sorted(samplers.SAMPLERS), "Sampler.")
-_GRID = flags.DEFINE_enum("grid", "uniform", list(samplers.GRIDS), "Time grid.")
+_GRID = flags.DEFINE_enum("grid", None, list(samplers.GRIDS),
+                          "Time grid (default: the config's sampling_grid).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Logits are divided by this.")
 _TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus mass of the topp sampler.")
 _EXACT = flags.DEFINE_bool("exact", True, "Exact draws (False: the reference float32 step).")
@@ -140,7 +141,8 @@ def run(workdir: str) -> dict:
                                     loop=tuple(float(v) for v in _LOOP.value),
                                     order=_ORDER.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
-  fn = experiment.sampler(steps=steps, sampler=sampler, grid=_GRID.value, options=options,
+  grid = _GRID.value or config.sampling_grid
+  fn = experiment.sampler(steps=steps, sampler=sampler, grid=grid, options=options,
                           frames=frames)
   labels = lambda offset: samplers.class_labels(config.classes, batch, _LABEL.value, offset)
   rng = jax.random.key(_SEED.value)
@@ -179,7 +181,7 @@ def run(workdir: str) -> dict:
     files += visualize.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
   info = {
       "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
-      "grid": _GRID.value, "steps": None if sampler == "first_hitting" else steps,
+      "grid": grid, "steps": None if sampler == "first_hitting" else steps,
       "temperature": options.temperature, "top_p": options.top_p, "exact": options.exact,
       **({"eta": options.eta, "remask": options.remask} if sampler == "remdm" else {}),
       **({"loop": list(options.loop)} if sampler == "remdm" and options.remask == "loop" else {}),

@@ -138,3 +138,13 @@ def test_frechet_distance_is_zero_on_equal_sets_and_the_squared_shift_for_a_move
   assert abs(module.frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
   shift = np.array([1.0, -2.0, 0.0, 0.5, 0.0, 0.0])
   assert module.frechet_distance(a, a + shift) == pytest.approx(float(shift @ shift), rel=1e-6)
+
+
+def test_paper_configs_benchmark():
+  stdout = _run("paper_configs.py", "--configs=text8", "--batch=1", without=NO_TF)
+  (row,) = _table(stdout, "config")
+  assert row["config"] == "`text8`" and row["params"] == "88.7M", row
+  # 3 x 2 x (matmul parameters per token) + attention: 12 blocks of 7.08M -> ~0.55 GFLOP.
+  assert 0.5 < float(row["model GFLOP / position"]) < 0.6, row
+  assert 0 < float(row["GiB at batch 1"]) < float(row["GiB at batch 2"]), row
+  assert int(row["largest batch in 80 GiB"]) < int(row["largest batch in 141 GiB"]), row

@@ -23,7 +23,7 @@ from md4_jax.diffusion import model as model_lib
 from md4_jax.networks import layers
 
 B = 2
-NETWORKS = ("transformer", "unet")
+NETWORKS = ("transformer", "unet", "uvit")
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,8 @@ def _get_setup(network):
   return _Setup(network)
 
 
-@pytest.fixture(params=["transformer", pytest.param("unet", marks=pytest.mark.slow)])
+@pytest.fixture(params=["transformer", pytest.param("unet", marks=pytest.mark.slow),
+                        pytest.param("uvit", marks=pytest.mark.slow)])
 def setup(request):  # The UNet's compiles make its cases slow-tier; the fast tier builds it below.
   return _get_setup(request.param)
 

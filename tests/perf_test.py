@@ -227,3 +227,63 @@ def test_paper_scale_memory_target():
   shipped, naive = ast.literal_eval(out.stdout.strip().splitlines()[-1])
   assert shipped <= 13.0, shipped
   assert naive >= 2 * shipped, (naive, shipped)
+
+
+def _value_and_grads(fn, *args):
+  rng = np.random.default_rng(7)
+  out_shape = jax.eval_shape(fn, *args).shape
+  ct = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+  return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * ct),
+                                    argnums=tuple(range(len(args)))))(*args)
+
+
+def _assert_same_function(fast, plain, *args):
+  """Same value and same gradients w.r.t. every argument (float32 summation order only)."""
+  v_fast, g_fast = _value_and_grads(fast, *args)
+  v_ref, g_ref = _value_and_grads(plain, *args)
+  np.testing.assert_allclose(v_fast, v_ref, rtol=LOSS_RTOL, atol=1e-4)
+  for a, b in zip(g_fast, g_ref):
+    _assert_close(a, b, float(np.abs(b).max()))
+
+
+def test_flat_dot_general_is_lax_dot_general():
+  rng = np.random.default_rng(0)
+  arr = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  dims = lambda lc, rc, lb=(), rb=(): ((lc, rc), (lb, rb))
+  cases = [(arr(2, 5, 8), arr(8, 6), dims((2,), (0,))),  # A dense layer.
+           (arr(2, 5, 3, 4), arr(3, 4, 8), dims((2, 3), (0, 1))),  # Heads -> width.
+           (arr(2, 5, 8), arr(8, 3, 4), dims((2,), (0,))),  # Width -> heads.
+           (arr(4, 5, 8), arr(4, 8, 6), dims((2,), (1,), (0,), (0,)))]  # Batched: lax itself.
+  for lhs, rhs, numbers in cases:
+    _assert_same_function(lambda a, b: layers.flat_dot_general(a, b, numbers),
+                          lambda a, b: jax.lax.dot_general(a, b, numbers), lhs, rhs)
+  # The projections reach the matmul as 2-D operands (what makes the gradient fast).
+  jaxpr = jax.make_jaxpr(lambda a, b: layers.flat_dot_general(a, b, cases[1][2]))(*cases[1][:2])
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert [tuple(e.invars[0].aval.shape) for e in dots] == [(10, 12)]
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (2, 2)])  # (2, 2): uneven SAME padding.
+def test_same_conv_is_xla_conv(kernel):
+  from md4_jax.networks import unet  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal(kernel + (4, 3)), jnp.float32)
+  plain = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  numbers = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  fast = lambda x, w: unet.conv_general_dilated(x, w, (1, 1), "SAME", (1, 1), (1, 1), numbers)
+  _assert_same_function(fast, plain, x, w)
+  # On this (CPU) backend nn.Conv layers built by unet.conv take the custom gradient.
+  layer = unet.conv(3, kernel[0], dtype=jnp.float32, param_dtype=jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params))
+
+
+def test_xla_attention_is_dot_product_attention():
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((2, 16, 3, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((2, 12, 3, 8)), jnp.float32) for _ in range(2))
+  _assert_same_function(layers.xla_attention,
+                        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+                        q, k, v)

@@ -54,6 +54,20 @@ class MD4(nn.Module):
       positions at a time (losses.chunked_nll), so the full [B, D, V] logits
       never exist in the loss-and-gradient step. Equal to the plain loss up
       to float summation order. 0 = plain.
+    masked_head: evaluate the fused head and the cross-entropy only at the
+      masked positions (network: a layers.FusedHeadNetwork). Only they enter
+      the NELBO, and there are N·(1 − α(t)) of them: half on average under the
+      linear schedule. Each group of B/head_groups consecutive examples packs
+      its masked positions into a buffer of static size C
+      (losses.masked_capacity, or head_capacity); if any group has more, the
+      step runs the full computation instead (jax.lax.cond), so the result
+      is always the plain loss up to float summation order. Composes with
+      loss_chunk_size (the packed buffer is what gets chunked).
+    head_groups: G, the packed groups: the number of batch shards (set by
+      train.build.setup), so the gather and the sums stay on each device. With
+      masked_head the antithetic times are interleaved across the G groups
+      (losses.antithetic_times), so each group sees a stratified sweep of t.
+    head_capacity: C override for one group (0 = losses.masked_capacity).
   """
 
   network: nn.Module
@@ -64,6 +78,9 @@ class MD4(nn.Module):
   timesteps: int = 1000
   antithetic_time_sampling: bool = True
   loss_chunk_size: int = 0
+  masked_head: bool = False
+  head_groups: int = 1
+  head_capacity: int = 0
 
   @property
   def mask_id(self) -> int:
@@ -81,6 +98,20 @@ class MD4(nn.Module):
   def masks_per_example(self) -> int:
     """Masks drawn per example and training step (losses.draw_times_and_noise)."""
     return 1
+
+  def time_groups(self, microbatches: int = 1) -> int:
+    """Blocks of consecutive examples that each get a stratified share of the
+    antithetic times (losses.draw_times_and_noise): with masked_head every
+    packed group of every microbatch (microbatches·head_groups), else 1 (the
+    contiguous strata, bit for bit)."""
+    return microbatches * self.head_groups if self.masked_head else 1
+
+  def head_buffer_size(self, examples: int) -> int:
+    """C: masked positions one packed group of `examples` examples holds."""
+    if self.head_capacity > 0:
+      return min(self.head_capacity, examples * self.num_positions)
+    return losses.masked_capacity(self.schedule, examples, self.num_positions,
+                                  self.antithetic_time_sampling, self.cont_time, self.timesteps)
 
   def keep_probability(self, x, t):
     """α(t) of every position of x [B, *data_shape] at times t [B] (float32)."""
@@ -105,13 +136,24 @@ class MD4(nn.Module):
       dict of float32 [B]: loss_diff, loss_recon, loss_prior, loss (nats; the
       sum is an upper bound on −log p(x), see losses.prior_loss).
     """
+    return self._nelbo(x, cond, train, t, noise)[0]
+
+  def _nelbo(self, x, cond, train, t, noise):
+    """(nelbo's per-example terms, step statistics: masked_head_overflow, a
+    float32 scalar, 1 when the masked head fell back to the full computation)."""
     t, noise = self._checked_draw(x, t, noise)
     schedule = self.schedule
     batch = x.shape[0]
     t, weight_B = losses.diffusion_weight(schedule, t, self.cont_time, self.timesteps)
     z_t, masked = losses.forward_mask(x, schedule.alpha(t), noise, self.mask_id)
-    nll = self._token_nll(z_t, t, cond, train, x)
-    loss_diff = weight_B * losses.masked_sum(nll, masked, nll, batch)
+    stats = {}
+    if self.masked_head:
+      nll_sum_B, overflow = self._masked_nll_sum(z_t, t, cond, train, x, masked)
+      stats["masked_head_overflow"] = overflow.astype(jnp.float32)
+    else:
+      nll = self._token_nll(z_t, t, cond, train, x)
+      nll_sum_B = losses.masked_sum(nll, masked, nll, batch)
+    loss_diff = weight_B * nll_sum_B
     loss_recon = jnp.full((batch,), losses.recon_loss(schedule, self.num_positions, self.vocab_size))
     loss_prior = jnp.full((batch,), losses.prior_loss(schedule, self.num_positions, self.vocab_size))
     return {
@@ -119,7 +161,7 @@ class MD4(nn.Module):
         "loss_recon": loss_recon,
         "loss_prior": loss_prior,
         "loss": loss_diff + loss_recon + loss_prior,
-    }
+    }, stats
 
   def _checked_draw(self, x, t, noise):
     """Checks x (tokens in range, example shape) and fills in t and the mask
@@ -133,7 +175,7 @@ class MD4(nn.Module):
     if t is None or noise is None:
       drawn_t, drawn_noise = losses.draw_times_and_noise(
           self.make_rng("sample"), x.shape, self.antithetic_time_sampling,
-          self.masks_per_example)
+          self.masks_per_example, self.time_groups())
       t = drawn_t if t is None else t
       noise = drawn_noise if noise is None else noise
     return t, noise
@@ -149,36 +191,124 @@ class MD4(nn.Module):
     positions at a time (losses.chunked_nll); otherwise on the full logits.
     """
     if self.loss_chunk_size > 0:
-      if not isinstance(self.network, layers.FusedHeadNetwork):
-        raise ValueError(f"loss_chunk_size={self.loss_chunk_size} needs a network with a fused "
-                         f"head (layers.FusedHeadNetwork); {type(self.network).__name__} is not.")
-      feats = self.network.features(z_t, t, cond=cond, train=train)
+      feats = self._features(z_t, t, cond, train, f"loss_chunk_size={self.loss_chunk_size}")
       batch = x.shape[0]
       h_BxNxD = feats.h.reshape(batch, self.num_positions, feats.h.shape[-1])
-      out = losses.chunked_nll(h_BxNxD, x.reshape(batch, -1), feats.logits,
-                               self.loss_chunk_size, terms)
+      out = self._head_terms(feats, h_BxNxD, x.reshape(batch, -1), terms)
       return jax.tree.map(lambda a: a.reshape(x.shape), out)
     return terms(self.predict(z_t, t, cond=cond, train=train), x)
 
+  def _features(self, z_t, t, cond, train, knob: str) -> layers.HeadInputs:
+    """The network's features and head (layers.FusedHeadNetwork); `knob` names
+    the setting that needs them, for the error."""
+    if not isinstance(self.network, layers.FusedHeadNetwork):
+      raise ValueError(f"{knob} needs a network with a fused head "
+                       f"(layers.FusedHeadNetwork); {type(self.network).__name__} is not.")
+    return self.network.features(z_t, t, cond=cond, train=train)
+
+  def _head_terms(self, feats: layers.HeadInputs, h_RxLxD, x_RxL, terms,
+                  packed: bool = False):
+    """terms(head(h), x) over rows of positions: [R, L, D], [R, L] -> [R, L] leaves
+    (a chunk of positions at a time with loss_chunk_size > 0).
+
+    packed: h is a masked-head buffer [G, C, D]. It is cut into as many chunks as
+    the unpacked sequence would be (ceil(N / loss_chunk_size)), each of about C /
+    that many slots (a multiple of 8): the loop keeps its length and each chunk's
+    matmul shrinks with the buffer. (Chunks of loss_chunk_size slots would make
+    B times as many small matmuls, which on CPU cost what the packing saved.)
+    """
+    if self.loss_chunk_size > 0:
+      chunk = self.loss_chunk_size
+      if packed:
+        num_chunks = -(-self.num_positions // chunk)
+        chunk = 8 * -(-h_RxLxD.shape[1] // (8 * num_chunks))
+      return losses.chunked_nll(h_RxLxD, x_RxL, feats.logits, chunk, terms)
+    return terms(feats.logits(h_RxLxD), x_RxL)
+
+  def _masked_nll_sum(self, z_t, t, cond, train, x, masked):
+    """Σ over each example's masked positions of −log p_θ(x_n | z_t), with the
+    head and the cross-entropy evaluated at masked positions only.
+
+    The B examples form G = head_groups groups of n = B/G consecutive ones; a
+    group's n·N positions are flattened and its masked ones packed in order
+    into C = head_buffer_size(n) slots (losses.pack_positions). The features
+    of those slots, [G, C, D] (gathered within the group, so under data
+    parallelism on its device), go through the head and token_nll (chunked
+    with loss_chunk_size); the per-example sums are segment sums of the
+    packed values by example id (losses.packed_sum), where empty slots add
+    exactly 0 to the loss and the gradients. Out-of-range tokens give a NaN
+    row as in the plain path (losses.out_of_range_rows; unmasked positions
+    are never scored).
+
+    When some group has more than C masked positions, jax.lax.cond takes the
+    full path instead (head on every position, losses.masked_sum), so no
+    position is ever dropped. That branch is rematerialised, so a step that
+    packs stores none of its [B, N, V] residuals (the compiled peak still
+    covers the fallback's own temporaries: chunk-sized with loss_chunk_size).
+
+    Returns:
+      (float32 [B] sums, bool scalar: the full path ran).
+    """
+    feats = self._features(z_t, t, cond, train, "masked_head")
+    batch, length, groups = x.shape[0], self.num_positions, self.head_groups
+    if batch % groups:
+      raise ValueError(f"masked_head packs head_groups={groups} groups of examples; the batch of "
+                       f"{batch} is not divisible by it.")
+    per_group = batch // groups
+    span = per_group * length
+    width = feats.h.shape[-1]
+    h_BxNxD = feats.h.reshape(batch, length, width)
+    x_BxN = x.reshape(batch, length)
+    masked_BxN = masked.reshape(batch, length)
+
+    def full(h_BxNxD):
+      nll_BxN = self._head_terms(feats, h_BxNxD, x_BxN, losses.token_nll)
+      return losses.masked_sum(nll_BxN, masked_BxN, nll_BxN, batch)
+
+    capacity = self.head_buffer_size(per_group)
+    if capacity >= span:  # Packing would save nothing.
+      return full(h_BxNxD), jnp.bool_(False)
+    pos_GxC, valid_GxC, count_G, slot_GxM = losses.pack_positions(
+        masked_BxN.reshape(groups, span), capacity)
+    overflow = jnp.any(count_G > capacity)
+
+    def packed(h_BxNxD):
+      h_GxMxD = h_BxNxD.reshape(groups, span, width)
+      h_GxCxD = losses.gather_packed(h_GxMxD, pos_GxC, slot_GxM)
+      h_GxCxD = layers.constrain(h_GxCxD, layers.ACTIVATION_BxLxD)
+      x_GxC = jnp.take_along_axis(x_BxN.reshape(groups, span), pos_GxC, axis=1)
+      nll_GxC = self._head_terms(feats, h_GxCxD, x_GxC, losses.token_nll, packed=True)
+      sums_B = losses.packed_sum(nll_GxC, pos_GxC, valid_GxC, length, per_group).reshape(batch)
+      return sums_B + losses.out_of_range_rows(x_BxN, self.vocab_size, batch)
+
+    return jax.lax.cond(overflow, jax.checkpoint(full), packed, h_BxNxD), overflow
+
   def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
-    """Batch-mean NELBO terms, nats per example (see `nelbo`)."""
-    return jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
+    """Batch-mean NELBO terms, nats per example (see `nelbo`), and with
+    masked_head masked_head_overflow (1 if the step ran the full head)."""
+    terms, stats = self._nelbo(x, cond, train, t, noise)
+    return dict(jax.tree.map(jnp.mean, terms), **stats)
 
 
 def check_fused_head(config, network: nn.Module) -> None:
-  """Raises ValueError if loss_chunk_size > 0 and `network` has no fused head."""
-  if config.loss_chunk_size > 0 and not isinstance(network, layers.FusedHeadNetwork):
-    raise ValueError(
-        f"config.loss_chunk_size={config.loss_chunk_size} fuses the head with the loss, which "
-        f"network {config.network!r} ({type(network).__name__}) cannot do; set it to 0.")
+  """Raises ValueError if loss_chunk_size > 0 or masked_head is on and `network`
+  has no fused head."""
+  if isinstance(network, layers.FusedHeadNetwork):
+    return
+  for knob, value, off in (("loss_chunk_size", config.loss_chunk_size, 0),
+                           ("masked_head", config.masked_head, False)):
+    if value:
+      raise ValueError(
+          f"config.{knob}={value!r} fuses the head with the loss, which network "
+          f"{config.network!r} ({type(network).__name__}) cannot do; set it to {off}.")
 
 
 def build_model(config, network: nn.Module) -> MD4:
   """The MD4 module described by `config` around `network`.
 
   Raises:
-    ValueError: a bad schedule name, or loss_chunk_size > 0 with a network
-      that is not a layers.FusedHeadNetwork.
+    ValueError: a bad schedule name, or loss_chunk_size > 0 or masked_head
+      with a network that is not a layers.FusedHeadNetwork.
   """
   check_fused_head(config, network)
   return MD4(
@@ -190,4 +320,5 @@ def build_model(config, network: nn.Module) -> MD4:
       timesteps=config.timesteps,
       antithetic_time_sampling=config.antithetic_time_sampling,
       loss_chunk_size=config.loss_chunk_size,
+      masked_head=bool(config.masked_head),
   )

@@ -32,6 +32,7 @@ import ml_collections
 from md4_jax.networks import layers
 from md4_jax.networks.transformer import Transformer
 from md4_jax.networks.unet import UNet
+from md4_jax.networks.uvit import UViT
 
 
 def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
@@ -61,16 +62,29 @@ def build_transformer(config: ml_collections.ConfigDict) -> Transformer:
       num_heads=tc.num_heads,
       mlp_ratio=tc.mlp_ratio,
       scan_layers=config.scan_layers,
+      cond_dim=tc.cond_dim,
+      cond_act=tc.cond_act,
+      time_embedding=config.time_embedding,
+      mlp=tc.mlp,
+      mlp_multiple_of=tc.mlp_multiple_of,
+      positions=tc.positions,
+      embed_dim=tc.embed_dim,
+      head_bias=tc.head_bias,
+      zero_init_head=tc.zero_init_head,
       **_common_kwargs(config),
   )
 
 
-def build_unet(config: ml_collections.ConfigDict) -> UNet:
-  """UNet for data_shape (H, W, C)."""
+def _image_shape(config: ml_collections.ConfigDict) -> None:
   if len(config.data_shape) != 3:
     raise ValueError(
-        f"unet needs data_shape (H, W, C), got {tuple(config.data_shape)}."
+        f"{config.network} needs data_shape (H, W, C), got {tuple(config.data_shape)}."
     )
+
+
+def build_unet(config: ml_collections.ConfigDict) -> UNet:
+  """UNet for data_shape (H, W, C)."""
+  _image_shape(config)
   uc = config.unet
   return UNet(
       channels=uc.channels,
@@ -78,13 +92,48 @@ def build_unet(config: ml_collections.ConfigDict) -> UNet:
       num_res_blocks=uc.num_res_blocks,
       attn_resolutions=tuple(uc.attn_resolutions),
       embed_dim=uc.embed_dim,
+      cond_dim=uc.cond_dim,
+      film=uc.film,
+      zero_init_output=uc.zero_init_output,
+      time_embedding=config.time_embedding,
       **_common_kwargs(config),
   )
+
+
+def build_uvit(config: ml_collections.ConfigDict) -> UViT:
+  """UViT (residual blocks around a DiT) for data_shape (H, W, C)."""
+  _image_shape(config)
+  vc = config.uvit
+  return UViT(
+      channels=vc.channels,
+      num_res_blocks=vc.num_res_blocks,
+      embed_dim=vc.embed_dim,
+      patch_size=vc.patch_size,
+      width=vc.width,
+      depth=vc.depth,
+      num_heads=vc.num_heads,
+      mlp_ratio=vc.mlp_ratio,
+      cond_dim=vc.cond_dim,
+      time_embedding=config.time_embedding,
+      **_common_kwargs(config),
+  )
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The networks' named choices in `config` are known (one-line ValueErrors, no trace)."""
+  from md4_jax.networks import transformer, unet  # pylint: disable=g-import-not-at-top
+  layers.time_embedding_widths(config.time_embedding, 1)
+  tc = config.transformer
+  transformer.check_choice(tc.mlp, transformer.MLPS, "transformer.mlp")
+  transformer.check_choice(tc.cond_act, transformer.COND_ACTS, "transformer.cond_act")
+  transformer.check_choice(tc.positions, transformer.POSITIONS, "transformer.positions")
+  transformer.check_choice(config.unet.film, unet.FILMS, "unet.film")
 
 
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "transformer": build_transformer,
     "unet": build_unet,
+    "uvit": build_uvit,
 }
 
 
@@ -101,7 +150,9 @@ __all__ = [
     "NETWORKS",
     "Transformer",
     "UNet",
+    "UViT",
     "build_network",
     "build_transformer",
     "build_unet",
+    "build_uvit",
 ]

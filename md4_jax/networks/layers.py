@@ -120,6 +120,33 @@ ACTIVATION_BxLxV = ("activation_batch", "activation_length", "activation_vocab")
 ACTIVATION_BxHxWxC = ("activation_batch", None, None, "activation_embed")
 
 
+def xla_attention(q: Array, k: Array, v: Array) -> Array:
+  """Full (bidirectional) softmax attention in plain XLA ops, heads folded into the batch.
+
+  softmax(q k^T / sqrt(K)) v computed as [B*H, L, K] batched matmuls with a
+  float32 softmax (max-subtracted): the same values as
+  jax.nn.dot_product_attention(implementation='xla'), whose [B, L, H, K]
+  einsums make XLA:CPU transpose inside both matmuls and their gradients
+  (benchmarks: 1.8x slower forward and backward at L = 256, 12 heads of 64).
+
+  Args:
+    q, k, v: [B, L, H, K] (k, v may have another length S).
+
+  Returns:
+    [B, L, H, K] in q's dtype.
+  """
+  b, length, h, d = q.shape
+  span = k.shape[1]
+  fold = lambda a, n: jnp.swapaxes(a, 1, 2).reshape(b * h, n, d)
+  q_NxLxK = fold(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), length)
+  k_NxSxK, v_NxSxK = fold(k, span), fold(v, span)
+  s_NxLxS = jax.lax.dot_general(q_NxLxK, k_NxSxK, (((2,), (2,)), ((0,), (0,))),
+                                preferred_element_type=jnp.float32)
+  p_NxLxS = jax.nn.softmax(s_NxLxS, axis=-1).astype(v.dtype)
+  o_NxLxK = jax.lax.dot_general(p_NxLxS, v_NxSxK, (((2,), (1,)), ((0,), (0,))))
+  return jnp.swapaxes(o_NxLxK.reshape(b, h, length, d), 1, 2).astype(q.dtype)
+
+
 def chunked_attention(q: Array, k: Array, v: Array, chunk: int) -> Array:
   """jax.nn.dot_product_attention (XLA) a chunk of queries at a time.
 
@@ -136,12 +163,12 @@ def chunked_attention(q: Array, k: Array, v: Array, chunk: int) -> Array:
   """
   b, length, h, d = q.shape
   if length <= chunk or length % chunk:
-    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return xla_attention(q, k, v)
   q_NxBxCxHxK = q.reshape(b, length // chunk, chunk, h, d).swapaxes(0, 1)
 
   @jax.checkpoint
   def one_chunk(q_BxCxHxK):
-    return jax.nn.dot_product_attention(q_BxCxHxK, k, v, implementation="xla")
+    return xla_attention(q_BxCxHxK, k, v)
 
   o_NxBxCxHxK = jax.lax.map(one_chunk, q_NxBxCxHxK)
   return o_NxBxCxHxK.swapaxes(0, 1).reshape(b, length, h, d)
@@ -187,6 +214,32 @@ def partitioned(init_fn, names):
   return wrapper
 
 
+def flat_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                     preferred_element_type=None) -> Array:
+  """lax.dot_general computed as one 2-D matmul when it is a plain projection.
+
+  A projection contracts the trailing axes of lhs (activations [B, L, ...]) with
+  the leading axes of rhs (a kernel), without batch axes. Reshaping both to
+  matrices makes the forward AND the backward pass 2-D matmuls: differentiated
+  as is, the weight gradient contracts over two axes (B and L) and XLA:CPU
+  lowers it through explicit transposes of the activations and a slower dot
+  (benchmarks/train.py: the MLP backward took 1.46x as long). Same values up to
+  float summation order. Any other dimension numbers go to lax.dot_general.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc = tuple(int(a) for a in lc), tuple(int(a) for a in rc)
+  n = len(lc)
+  if (lb or rb or lc != tuple(range(lhs.ndim - n, lhs.ndim)) or rc != tuple(range(n))
+      or lhs.ndim - n < 1):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  free, contract, out = lhs.shape[:-n], lhs.shape[-n:], rhs.shape[n:]
+  k = math.prod(contract)
+  y = jax.lax.dot_general(lhs.reshape(-1, k), rhs.reshape(k, -1), (((1,), (0,)), ((), ())),
+                          precision=precision, preferred_element_type=preferred_element_type)
+  return y.reshape(free + out)
+
+
 def dense(
     features,
     names,
@@ -223,6 +276,7 @@ def dense(
       param_dtype=param_dtype,
       kernel_init=partitioned(kernel_init, tuple(names)),
       bias_init=partitioned(nn.initializers.zeros, tuple(names[-n_out:])),
+      dot_general=flat_dot_general,
       name=name,
   )
 
@@ -295,16 +349,33 @@ def timestep_embedding(
   return emb_BxD
 
 
+# time_embedding value -> (sinusoid width, hidden width) of the time MLP for a
+# conditioning width E (0 = E).
+TIME_EMBEDDINGS = {
+    "dit": lambda e: (256, 0),  # DiT / DDPM: 256 sinusoid features -> E -> E.
+    "md4": lambda e: (e, 4 * e),  # The MD4 paper's networks: E features -> 4E -> E.
+}
+
+
+def time_embedding_widths(name: str, features: int) -> tuple[int, int]:
+  """(frequency_dim, hidden) of TIME_EMBEDDINGS[name]; ValueError if unknown."""
+  if name not in TIME_EMBEDDINGS:
+    raise ValueError(f"Unknown time_embedding {name!r}; valid: {sorted(TIME_EMBEDDINGS)}.")
+  return TIME_EMBEDDINGS[name](features)
+
+
 class TimeEmbedding(nn.Module):
   """Sinusoid of 1000 t -> Dense -> swish -> Dense.
 
   Attributes:
     features: output width (the conditioning width).
     frequency_dim: width of the sinusoidal features.
+    hidden: width of the hidden layer (0 = features).
   """
 
   features: int
   frequency_dim: int = 256
+  hidden: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -313,7 +384,7 @@ class TimeEmbedding(nn.Module):
     """[B] times -> [B, features] embedding in `dtype`."""
     h = timestep_embedding(t_B, self.frequency_dim).astype(self.dtype)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.features, (None, "mlp"), name="dense_0", **kw)(h)
+    h = dense(self.hidden or self.features, (None, "mlp"), name="dense_0", **kw)(h)
     h = nn.swish(h)
     return dense(self.features, ("mlp", "cond"), name="dense_1", **kw)(h)
 
@@ -364,11 +435,13 @@ class Conditioning(nn.Module):
     features: conditioning width.
     time_features: key of TIME_FEATURES.
     num_classes: number of class labels (0 = unconditional).
+    time_embedding: key of TIME_EMBEDDINGS (the time MLP's widths).
   """
 
   features: int
   time_features: str = "t"
   num_classes: int = 0
+  time_embedding: str = "dit"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -385,7 +458,8 @@ class Conditioning(nn.Module):
     c_BxD = None
     if check_time_features(self.time_features):
       t_B = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch_size,))
-      c_BxD = TimeEmbedding(self.features, name="time", **kw)(t_B)
+      frequency_dim, hidden = time_embedding_widths(self.time_embedding, self.features)
+      c_BxD = TimeEmbedding(self.features, frequency_dim, hidden, name="time", **kw)(t_B)
     if self.num_classes > 0:
       y_BxD = LabelEmbedding(
           self.num_classes, self.features, name="label", **kw
@@ -403,11 +477,16 @@ class SelfAttention(nn.Module):
       that should start as the identity).
     attention_impl: one of ATTENTION_IMPLS ('auto': cuDNN flash attention on
       GPU in half precision, the XLA path elsewhere).
+    rope: rotary position embedding on queries and keys (`apply_rope`).
+    qkv_bias: biases on the query/key/value projections (DiT); the output
+      projection never has one.
   """
 
   num_heads: int
   out_kernel_init: Any = nn.initializers.lecun_normal()
   attention_impl: str = "xla"
+  rope: bool = False
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -421,12 +500,15 @@ class SelfAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
     def project(name):
       return dense(
-          (self.num_heads, head_dim), ("embed", "heads", "kv"), name=name, **kw
+          (self.num_heads, head_dim), ("embed", "heads", "kv"), name=name,
+          **{**kw, "use_bias": self.qkv_bias},
       )(x_BxLxD)
 
     q_BxLxHxK = project("query")
     k_BxLxHxK = project("key")
     v_BxLxHxK = project("value")
+    if self.rope:
+      q_BxLxHxK, k_BxLxHxK = apply_rope(q_BxLxHxK), apply_rope(k_BxLxHxK)
     if self.attention_impl == "chunked":
       o_BxLxHxK = chunked_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, ATTENTION_CHUNK
@@ -435,9 +517,12 @@ class SelfAttention(nn.Module):
       impl = resolve_attention_impl(
           self.attention_impl, q_BxLxHxK.dtype, head_dim
       )
-      o_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation=impl
-      )
+      if impl == "xla":
+        o_BxLxHxK = xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+      else:
+        o_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation=impl
+        )
     return dense(
         width,
         ("heads", "kv", "embed"),
@@ -446,6 +531,34 @@ class SelfAttention(nn.Module):
         name="out",
         **kw,
     )(o_BxLxHxK)
+
+
+ROPE_THETA = 10_000.0
+
+
+def apply_rope(x_BxLxHxK: Array, theta: float = ROPE_THETA) -> Array:
+  """Rotary position embedding: rotates the pairs (x_2i, x_2i+1) of every head
+  by the angle position * theta^(-2i/K) (RoFormer / LLaMA, interleaved pairs).
+
+  Relative by construction: <rope(q)_m, rope(k)_n> depends on m - n only.
+  Computed in float32, returned in x's dtype.
+
+  Args:
+    x_BxLxHxK: [B, L, H, K] queries or keys, K even.
+
+  Returns:
+    [B, L, H, K].
+  """
+  b, length, h, k = x_BxLxHxK.shape
+  if k % 2:
+    raise ValueError(f"RoPE needs an even head width, got {k}.")
+  inv_freq = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
+  angle_LxP = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  cos, sin = jnp.cos(angle_LxP)[:, None, :], jnp.sin(angle_LxP)[:, None, :]
+  pairs = x_BxLxHxK.astype(jnp.float32).reshape(b, length, h, k // 2, 2)
+  real, imag = pairs[..., 0], pairs[..., 1]
+  rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+  return rotated.reshape(b, length, h, k).astype(x_BxLxHxK.dtype)
 
 
 class HeadInputs(NamedTuple):
@@ -458,12 +571,12 @@ class HeadInputs(NamedTuple):
   Attributes:
     h: [B, *data_shape, D] final features, in the activation dtype.
     kernel: [D, V] head weights (parameter dtype).
-    bias: [V] head bias (parameter dtype).
+    bias: [V] head bias (parameter dtype), or None for a head without one.
   """
 
   h: Array
   kernel: Array
-  bias: Array
+  bias: Optional[Array]
 
   def logits(self, h: Array) -> Array:
     """[..., D] features (e.g. a chunk of `self.h`) -> [..., V] logits."""
@@ -492,14 +605,16 @@ def linear_head(h: Array, kernel: Array, bias: Array) -> Array:
   Args:
     h: [..., D] features.
     kernel: [D, V].
-    bias: [V].
+    bias: [V] or None.
 
   Returns:
     [..., V] logits in h.dtype.
   """
-  h, kernel, bias = nn.dtypes.promote_dtype(h, kernel, bias, dtype=h.dtype)
-  out = jax.lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
-  return out + bias.reshape((1,) * (out.ndim - 1) + bias.shape)
+  h, kernel = nn.dtypes.promote_dtype(h, kernel, dtype=h.dtype)
+  out = flat_dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())))
+  if bias is None:
+    return out
+  return out + bias.astype(h.dtype).reshape((1,) * (out.ndim - 1) + bias.shape)
 
 
 class LinearHead(nn.Module):
@@ -510,27 +625,35 @@ class LinearHead(nn.Module):
 
   Attributes:
     features: V.
+    use_bias: whether the head has a bias (the MD4 paper's has none).
+    zero_init: zero-initialised kernel (the paper's; every logit starts at 0,
+      the uniform prediction) instead of lecun_normal.
   """
 
   features: int
+  use_bias: bool = True
+  zero_init: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def inputs(self, h: Array) -> HeadInputs:
     """[..., D] -> HeadInputs (h in `dtype`, the head's parameters)."""
+    init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
     kernel = self.param(
         "kernel",
-        partitioned(nn.initializers.lecun_normal(), ("embed", "vocab")),
+        partitioned(init, ("embed", "vocab")),
         (h.shape[-1], self.features),
         self.param_dtype,
     )
-    bias = self.param(
-        "bias",
-        partitioned(nn.initializers.zeros, ("vocab",)),
-        (self.features,),
-        self.param_dtype,
-    )
+    bias = None
+    if self.use_bias:
+      bias = self.param(
+          "bias",
+          partitioned(nn.initializers.zeros, ("vocab",)),
+          (self.features,),
+          self.param_dtype,
+      )
     return HeadInputs(h.astype(self.dtype), kernel, bias)
 
   def __call__(self, h: Array) -> Array:

@@ -1,12 +1,20 @@
 """Bidirectional DiT-style transformer for token sequences.
 
 (z_t, t, cond) -> logits. Tokens (V real ones plus the mask id V) are embedded,
-a learned absolute positional embedding is added, `depth` pre-norm blocks of
-full (non-causal) self-attention and a SwiGLU MLP follow, each modulated by
-adaLN-zero: per block shift/scale/gate vectors from the conditioning vector
+positions enter as a learned absolute embedding or as rotary embeddings (RoPE)
+in the attention, `depth` pre-norm blocks of full (non-causal) self-attention
+and a gated MLP follow, each modulated by adaLN-zero: per block
+shift/scale/gate vectors from the conditioning vector
 c = TimeEmbedding(t) + LabelEmbedding(cond), projections initialised to zero so
 every block starts as the identity. A final adaLN and a linear head give
 logits over the V real tokens.
+
+Two designs share this code (attributes, see configs/text8.py):
+  MD4 paper: RoPE, sigmoid GLU (hidden 8/3 width rounded to 32), a narrow
+    conditioning vector (64) read through a sigmoid, zero-initialised head
+    without bias (text8 also embeds tokens in 64 dims and projects them).
+  wide_cond: learned positions, SwiGLU, conditioning as wide as the model read
+    through swish, a lecun-initialised head with bias.
 
 Without a conditioning vector (time_features='none' and no classes) the
 modulation comes from a learned constant instead, which keeps one code path and
@@ -21,7 +29,7 @@ Logical axis names on parameters (map them to mesh axes in parallel.py):
   'length'  positions                            (pos_embedding)
   'heads'   attention heads                      (query/key/value/out)
   'kv'      per-head width                       (query/key/value/out)
-  'mlp'     SwiGLU hidden, time-MLP hidden       (wi_gate/wi_up/wo)
+  'mlp'     MLP hidden, time-MLP hidden          (wi_gate/wi_up/wi/wo)
   'cond'    conditioning width                   (time/label embedding, adaLN)
   'norm'    LayerNorm scale/bias (affine norms only)
   'layers'  the stacked block axis with scan_layers=True
@@ -54,26 +62,51 @@ Array = jax.Array
 Dtype = Any
 
 
-def swiglu_hidden(width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
-  """SwiGLU hidden width: mlp_ratio * width * 2/3 rounded up to multiple_of."""
-  hidden = int(mlp_ratio * width * 2 / 3)
+# mlp value -> (activation, gated). Gated MLPs: act(x W_gate) * (x W_up) -> W_out, no biases,
+# hidden = mlp_ratio * width * 2/3 rounded up; 'gelu': the ViT/DiT MLP, with biases,
+# hidden = mlp_ratio * width.
+MLPS = {
+    "swiglu": (nn.swish, True),  # Shazeer (2020); LLaMA.
+    "glu": (nn.sigmoid, True),  # The original sigmoid GLU (Dauphin et al.): the MD4 paper's.
+    "gelu": (nn.gelu, False),  # DiT blocks (UViT).
+}
+
+# cond_act value -> the activation applied to the conditioning vector before each adaLN
+# projection (DiT: swish; the MD4 paper's text transformer: sigmoid).
+COND_ACTS = {"swish": nn.swish, "sigmoid": nn.sigmoid}
+
+POSITIONS = ("learned", "rope")  # Learned absolute embeddings | rotary (layers.apply_rope).
+
+
+def check_choice(value: str, valid, what: str) -> None:
+  if value not in valid:
+    raise ValueError(f"Unknown {what} {value!r}; valid: {sorted(valid)}.")
+
+
+def mlp_hidden(mlp: str, width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
+  """Hidden width of `mlp`: gated ones mlp_ratio * width * 2/3 (same parameters as an
+  ungated mlp_ratio MLP), rounded up to multiple_of; 'gelu' mlp_ratio * width."""
+  check_choice(mlp, MLPS, "mlp")
+  hidden = int(mlp_ratio * width * 2 / 3) if MLPS[mlp][1] else int(mlp_ratio * width)
   return max(multiple_of, -(-hidden // multiple_of) * multiple_of)
 
 
 class AdaLNModulation(nn.Module):
   """c -> `num_chunks` modulation vectors (adaLN-zero).
 
-  With c given: Dense(swish(c)) with zero-initialised kernel and bias. With c
+  With c given: Dense(act(c)) with zero-initialised kernel and bias. With c
   None: a learned constant initialised to zero. Either way every chunk starts at
   zero (shift = scale = gate = 0).
 
   Attributes:
     num_chunks: number of vectors returned.
     features: width of each vector.
+    cond_act: key of COND_ACTS.
   """
 
   num_chunks: int
   features: int
+  cond_act: str = "swish"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -96,50 +129,61 @@ class AdaLNModulation(nn.Module):
           dtype=self.dtype,
           param_dtype=self.param_dtype,
           name="dense",
-      )(nn.swish(c_BxC))
+      )(COND_ACTS[self.cond_act](c_BxC))
     return tuple(mod_BxKxD[:, None, k] for k in range(self.num_chunks))
 
 
-class SwiGLU(nn.Module):
-  """swish(x W_gate) * (x W_up) -> W_out, no biases.
+class MLP(nn.Module):
+  """The block's MLP (see MLPS): gated act(x W_gate) * (x W_up) -> W_out without
+  biases ('wi_gate', 'wi_up', 'wo'), or Dense -> GELU -> Dense with biases ('wi', 'wo').
 
   Attributes:
     hidden: hidden width.
+    mlp: key of MLPS.
   """
 
   hidden: int
+  mlp: str = "swiglu"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxLxD: Array) -> Array:
     """[B, L, D] -> [B, L, D]."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
-    gate_BxLxF = layers.dense(
-        self.hidden, ("embed", "mlp"), name="wi_gate", **kw
-    )(x_BxLxD)
-    up_BxLxF = layers.dense(self.hidden, ("embed", "mlp"), name="wi_up", **kw)(
-        x_BxLxD
-    )
-    return layers.dense(x_BxLxD.shape[-1], ("mlp", "embed"), name="wo", **kw)(
-        nn.swish(gate_BxLxF) * up_BxLxF
-    )
+    act, gated = MLPS[self.mlp]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=not gated)
+    width = x_BxLxD.shape[-1]
+    if gated:
+      gate_BxLxF = layers.dense(self.hidden, ("embed", "mlp"), name="wi_gate", **kw)(x_BxLxD)
+      up_BxLxF = layers.dense(self.hidden, ("embed", "mlp"), name="wi_up", **kw)(x_BxLxD)
+      h_BxLxF = act(gate_BxLxF) * up_BxLxF
+    else:
+      h_BxLxF = act(layers.dense(self.hidden, ("embed", "mlp"), name="wi", **kw)(x_BxLxD))
+    return layers.dense(width, ("mlp", "embed"), name="wo", **kw)(h_BxLxF)
 
 
 class TransformerBlock(nn.Module):
-  """Pre-norm attention + SwiGLU block with adaLN-zero modulation.
+  """Pre-norm attention + MLP block with adaLN-zero modulation.
 
   Attributes:
     num_heads: attention heads.
-    mlp_hidden: SwiGLU hidden width.
+    mlp_hidden: MLP hidden width.
     dropout_rate: dropout after attention and after the MLP.
     attention_impl: see layers.ATTENTION_IMPLS.
+    mlp: key of MLPS.
+    rope: rotary position embedding in the attention.
+    cond_act: key of COND_ACTS.
+    qkv_bias: biases on the query/key/value projections.
   """
 
   num_heads: int
   mlp_hidden: int
   dropout_rate: float = 0.0
   attention_impl: str = "xla"
+  mlp: str = "swiglu"
+  rope: bool = False
+  cond_act: str = "swish"
+  qkv_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -151,20 +195,21 @@ class TransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x_BxLxD.shape[-1]
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
-        6, width, name="modulation", **kw
+        6, width, self.cond_act, name="modulation", **kw
     )(c_BxC)
 
     h_BxLxD = layers.layer_norm(affine=False, name="norm_attn", **kw)(x_BxLxD)
     h_BxLxD = layers.modulate(h_BxLxD, shift_a, scale_a)
     h_BxLxD = layers.SelfAttention(
-        self.num_heads, attention_impl=self.attention_impl, name="attn", **kw
+        self.num_heads, attention_impl=self.attention_impl, rope=self.rope,
+        qkv_bias=self.qkv_bias, name="attn", **kw
     )(h_BxLxD)
     h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD + gate_a * h_BxLxD
 
     h_BxLxD = layers.layer_norm(affine=False, name="norm_mlp", **kw)(x_BxLxD)
     h_BxLxD = layers.modulate(h_BxLxD, shift_m, scale_m)
-    h_BxLxD = SwiGLU(self.mlp_hidden, name="mlp", **kw)(h_BxLxD)
+    h_BxLxD = MLP(self.mlp_hidden, self.mlp, name="mlp", **kw)(h_BxLxD)
     h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
     return layers.constrain(x_BxLxD + gate_m * h_BxLxD, layers.ACTIVATION_BxLxD)
 
@@ -201,7 +246,7 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
     width: residual width.
     depth: number of blocks.
     num_heads: attention heads (width % num_heads == 0).
-    mlp_ratio: SwiGLU hidden = mlp_ratio * width * 2/3 (rounded up to 8).
+    mlp_ratio: MLP hidden = mlp_ratio * width (x 2/3 for gated MLPs, rounded up).
     num_classes: class labels for conditioning (0 = unconditional).
     time_features: 't' or 'none' (see layers.TIME_FEATURES).
     dropout_rate: dropout probability (active with train=True).
@@ -213,6 +258,17 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
       a leading 'layers' axis (params under 'blocks/block' instead of
       'block_0' ... 'block_{depth-1}').
     attention_impl: see layers.ATTENTION_IMPLS.
+    cond_dim: width of the conditioning vector (time + label embedding) that
+      every adaLN projection reads (0 = width; the MD4 paper's: 64).
+    cond_act: activation of c before each adaLN projection (COND_ACTS).
+    time_embedding: widths of the time MLP (layers.TIME_EMBEDDINGS).
+    mlp: the blocks' MLP (MLPS): swiglu | glu (the paper's) | gelu.
+    mlp_multiple_of: the MLP hidden width is rounded up to a multiple of this.
+    positions: POSITIONS: learned absolute embeddings | rope.
+    embed_dim: token embedding width (0 = width); smaller ones are projected to
+      the width by a Dense with bias (the paper's text8 network: 64).
+    head_bias: bias on the output head.
+    zero_init_head: zero-initialised head kernel (uniform first prediction).
   """
 
   vocab_size: int
@@ -229,6 +285,15 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_impl: str = "xla"
+  cond_dim: int = 0
+  cond_act: str = "swish"
+  time_embedding: str = "dit"
+  mlp: str = "swiglu"
+  mlp_multiple_of: int = 8
+  positions: str = "learned"
+  embed_dim: int = 0
+  head_bias: bool = True
+  zero_init_head: bool = False
 
   def __call__(self, z: Array, t: Array, cond: Optional[Array] = None,
                train: bool = False) -> Array:
@@ -265,39 +330,49 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
       raise ValueError(f"{length} positions > max_length {self.max_length}.")
     z_BxL = z.reshape(batch_size, length)
 
+    check_choice(self.positions, POSITIONS, "positions")
+    check_choice(self.cond_act, COND_ACTS, "cond_act")
     c_BxC = layers.Conditioning(
-        self.width,
+        self.cond_dim or self.width,
         self.time_features,
         self.num_classes,
+        self.time_embedding,
         name="conditioning",
         **kw,
     )(t, cond, batch_size)
 
+    embed_dim = self.embed_dim or self.width
     x_BxLxD = nn.Embed(
         self.vocab_size + 1,
-        self.width,
+        embed_dim,
         embedding_init=layers.partitioned(
             nn.initializers.normal(stddev=0.02), ("vocab", "embed")
         ),
         name="token_embedding",
         **kw,
     )(z_BxL)
-    pos_LxD = self.param(
-        "pos_embedding",
-        layers.partitioned(
-            nn.initializers.normal(stddev=0.02), ("length", "embed")
-        ),
-        (self.max_length, self.width),
-        self.param_dtype,
-    )
-    x_BxLxD = x_BxLxD + pos_LxD[None, :length].astype(self.dtype)
+    if embed_dim != self.width:
+      x_BxLxD = layers.dense(self.width, (None, "embed"), name="embed_proj", **kw)(x_BxLxD)
+    if self.positions == "learned":
+      pos_LxD = self.param(
+          "pos_embedding",
+          layers.partitioned(
+              nn.initializers.normal(stddev=0.02), ("length", "embed")
+          ),
+          (self.max_length, self.width),
+          self.param_dtype,
+      )
+      x_BxLxD = x_BxLxD + pos_LxD[None, :length].astype(self.dtype)
     x_BxLxD = layers.constrain(x_BxLxD, layers.ACTIVATION_BxLxD)
 
     block_kwargs = dict(
         num_heads=self.num_heads,
-        mlp_hidden=swiglu_hidden(self.width, self.mlp_ratio),
+        mlp_hidden=mlp_hidden(self.mlp, self.width, self.mlp_ratio, self.mlp_multiple_of),
         dropout_rate=self.dropout_rate,
         attention_impl=self.attention_impl,
+        mlp=self.mlp,
+        rope=self.positions == "rope",
+        cond_act=self.cond_act,
         **kw,
     )
     if self.scan_layers:
@@ -322,9 +397,10 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
         )
 
     shift, scale = AdaLNModulation(
-        2, self.width, name="final_modulation", **kw
+        2, self.width, self.cond_act, name="final_modulation", **kw
     )(c_BxC)
     x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
     x_BxLxD = layers.modulate(x_BxLxD, shift, scale)
-    feats = layers.LinearHead(self.vocab_size, name="head", **kw).inputs(x_BxLxD)
+    feats = layers.LinearHead(self.vocab_size, use_bias=self.head_bias,
+                              zero_init=self.zero_init_head, name="head", **kw).inputs(x_BxLxD)
     return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))

@@ -5,7 +5,8 @@ the mask id V) is embedded on its own with one shared table, the C embeddings
 of a pixel are concatenated and a 3x3 conv stem maps them to `channels`.
 Levels with channel multipliers `channel_mult` hold `num_res_blocks` residual
 blocks each (GroupNorm, swish, conv; the conditioning vector enters by
-scale/shift after the second GroupNorm; dropout; zero-initialised second conv),
+scale/shift after the second GroupNorm, or as the paper's (VDM) shift after the first
+conv, see FILMS; dropout; zero-initialised second conv),
 self-attention where the spatial size is in `attn_resolutions`, a strided conv
 between levels. A middle
 block (res, attention, res) and the mirrored upsampling path with skip
@@ -30,6 +31,7 @@ Feature maps carry the logical constraint ('activation_batch', None, None,
 jax.checkpoint policy (layers.REMAT_POLICIES).
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -40,6 +42,74 @@ from md4_jax.networks import layers
 
 Array = jax.Array
 Dtype = Any
+
+
+def _conv(x: Array, w: Array, pads) -> Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), pads,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def same_conv(x: Array, w: Array, pads) -> Array:
+  """Stride-1 NHWC x HWIO convolution with XLA's forward and a faster weight gradient.
+
+  The input gradient is XLA's forward convolution of the output gradient with
+  the flipped, transposed kernel; the weight gradient is one matmul per kernel
+  tap, Σ_{b,h,w} x_pad[b, h + i, w + j, :]^T g[b, h, w, :], instead of XLA:CPU's
+  weight-gradient convolution (benchmarks: 56 -> 32 ms for 8 x 32 x 32 x 128,
+  3 x 3, where the forward takes 11). Same values up to float summation order.
+
+  Args:
+    x: [B, H, W, C]. w: [kh, kw, C, F]. pads: ((top, bottom), (left, right)) with
+      top + bottom = kh - 1 and left + right = kw - 1 (output as large as the input).
+  """
+  return _conv(x, w, pads)
+
+
+def _same_conv_fwd(x, w, pads):
+  return _conv(x, w, pads), (x, w)
+
+
+def _same_conv_bwd(pads, res, g):
+  x, w = res
+  kh, kw, c, f = w.shape
+  (top, bottom), (left, right) = pads
+  dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3), ((bottom, top), (right, left)))
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  _, h, wd, _ = g.shape
+  g_MxF = g.reshape(-1, f)
+  taps = [jax.lax.dot_general(xp[:, i:i + h, j:j + wd, :].reshape(-1, c), g_MxF,
+                              (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+          for i in range(kh) for j in range(kw)]
+  dw = jnp.stack(taps).reshape(kh, kw, c, f).astype(w.dtype)
+  return dx.astype(x.dtype), dw
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+  """lax.conv_general_dilated with `same_conv` for the case it covers (stride 1, no
+  dilation or groups, NHWC / HWIO) on the CPU backend: what nn.Conv calls. Elsewhere
+  (cuDNN / TPU convolutions have fast weight gradients) XLA's own path runs."""
+  if padding == "SAME" and rhs.ndim == 4:  # Stride 1: k - 1 zeros, the extra one at the end.
+    padding = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in rhs.shape[:2])
+  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
+           and all(s == 1 for s in window_strides)
+           and not any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+           and not isinstance(padding, str) and precision is None and not kwargs
+           # Same-size output (the input gradient's padding below assumes it).
+           and all(lo + hi == k - 1 for (lo, hi), k in zip(padding, rhs.shape[:2]))
+           and dimension_numbers == jax.lax.conv_dimension_numbers(
+               lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+  if not plain:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+        precision=precision, **kwargs)
+  return same_conv(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
 
 
 def conv(
@@ -62,20 +132,32 @@ def conv(
       param_dtype=param_dtype,
       kernel_init=layers.partitioned(kernel_init, (None, None, "embed", "mlp")),
       bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)),
+      conv_general_dilated=conv_general_dilated if strides == 1 else None,
       name=name,
   )
 
 
+# film value -> how a residual block reads the conditioning vector c.
+FILMS = {
+    # h * (1 + scale) + shift after the second GroupNorm, from Dense(swish(c)) with bias.
+    "scale_shift": "wide_cond (DDPM++/ADM-style)",
+    # h + Dense(c) (no bias, zero-initialised) after the first conv: VDM / the MD4 paper.
+    "shift": "the MD4 paper's (VDM)",
+}
+
+
 class ResBlock(nn.Module):
-  """GN -> swish -> conv -> GN -> FiLM(c) -> swish -> dropout -> conv, + skip.
+  """GN -> swish -> conv [+ shift(c)] -> GN [-> FiLM(c)] -> swish -> dropout -> conv, + skip.
 
   Attributes:
     features: output channels.
     dropout_rate: dropout before the second conv.
+    film: key of FILMS (how the conditioning vector enters).
   """
 
   features: int
   dropout_rate: float = 0.0
+  film: str = "scale_shift"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -88,8 +170,14 @@ class ResBlock(nn.Module):
     in_features = x_BxHxWxC.shape[-1]
     h = layers.group_norm(in_features, name="norm_0", **kw)(x_BxHxWxC)
     h = conv(self.features, name="conv_0", **kw)(nn.swish(h))
+    if c_BxE is not None and self.film == "shift":
+      shift_BxF = layers.dense(
+          self.features, ("cond", "mlp"), use_bias=False, kernel_init=nn.initializers.zeros,
+          name="film", **kw
+      )(c_BxE)
+      h = h + shift_BxF[:, None, None, :]
     h = layers.group_norm(self.features, name="norm_1", **kw)(h)
-    if c_BxE is not None:
+    if c_BxE is not None and self.film == "scale_shift":
       film_Bx2xF = layers.dense(
           (2, self.features), ("cond", None, "mlp"), name="film", **kw
       )(nn.swish(c_BxE))
@@ -155,6 +243,10 @@ class UNet(nn.Module):
     remat_policy: what each residual / attention block keeps for the backward
       pass (a key of layers.REMAT_POLICIES; 'none' keeps everything).
     attention_impl: see layers.ATTENTION_IMPLS.
+    cond_dim: conditioning width (0 = 4 * channels; the paper's: channels).
+    film: key of FILMS.
+    time_embedding: widths of the time MLP (layers.TIME_EMBEDDINGS).
+    zero_init_output: zero-initialised output conv (uniform first prediction).
   """
 
   vocab_size: int
@@ -171,6 +263,10 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  cond_dim: int = 0
+  film: str = "scale_shift"
+  time_embedding: str = "dit"
+  zero_init_output: bool = False
 
   @nn.compact
   def __call__(
@@ -203,10 +299,13 @@ class UNet(nn.Module):
       )
     num_levels = len(self.channel_mult)
 
+    if self.film not in FILMS:
+      raise ValueError(f"Unknown film {self.film!r}; valid: {sorted(FILMS)}.")
     c_BxE = layers.Conditioning(
-        4 * self.channels,
+        self.cond_dim or 4 * self.channels,
         self.time_features,
         self.num_classes,
+        self.time_embedding,
         name="conditioning",
         **kw,
     )(t, cond, b)
@@ -218,6 +317,7 @@ class UNet(nn.Module):
       return res_cls(
           self.channels * self.channel_mult[level],
           self.dropout_rate,
+          self.film,
           name=name,
           **kw,
       )(h, c_BxE, train)
@@ -276,5 +376,6 @@ class UNet(nn.Module):
     assert not skips, len(skips)
 
     h = layers.group_norm(h.shape[-1], name="out_norm", **kw)(h)
-    h = conv(c * self.vocab_size, name="out_conv", **kw)(nn.swish(h))
+    out_init = nn.initializers.zeros if self.zero_init_output else nn.initializers.lecun_normal()
+    h = conv(c * self.vocab_size, kernel_init=out_init, name="out_conv", **kw)(nn.swish(h))
     return h.astype(jnp.float32).reshape(b, height, width, c, self.vocab_size)

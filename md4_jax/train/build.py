@@ -51,6 +51,10 @@ def check_model(config: ml_collections.ConfigDict) -> None:
   """config.model is a known model and its settings are valid (one-line errors, no compile)."""
   if config.model not in MODELS:
     raise ValueError(f"Unknown model {config.model!r}; valid: {', '.join(sorted(MODELS))}.")
+  if config.masked_head and config.model != "md4":
+    raise ValueError(f"config.masked_head=True packs MD4's masked positions; model="
+                     f"{config.model!r} scores per-token schedules and K masks, which it does "
+                     "not implement: set it to False.")
   genmd4.check_config(config)
 
 
@@ -198,12 +202,22 @@ def setup(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> Exp
   and the logical rules, so nothing is allocated until `init_state` or
   `restore`.
 
+  With config.masked_head the model packs one group of examples per batch
+  shard of the mesh (MD4.head_groups).
+
   Raises:
     ValueError: a bad mesh, schedule, network or optimiser setting.
   """
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   rules = sharding_rules(config)
   model = build_model(config)
+  if config.masked_head:  # One packed group per batch shard: the gather stays on its device.
+    groups = parallel.batch_size_per_shard(mesh)
+    if config.batch_size % (groups * config.grad_accum_steps):
+      raise ValueError(f"config.masked_head packs each of the {groups} batch shards' examples "
+                       f"per microbatch: batch_size={config.batch_size} must be divisible by "
+                       f"{groups} x grad_accum_steps={config.grad_accum_steps}.")
+    model = model.clone(head_groups=groups)
   optimizer, lr_schedule = optim.build_optimizer(config)
   boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
   shardings = parallel.logical_shardings(boxed, mesh, rules)

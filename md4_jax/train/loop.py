@@ -204,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   eval_progress = evaluation.Progress(datasets.num_eval_batches,
                                       f"eval {datasets.info.name}/{datasets.eval_split}", bar=False)
   if config.num_samples > 0:
-    sample_fn = experiment.sampler(steps=config.sampling_steps)
+    sample_fn = experiment.sampler(steps=config.sampling_steps, grid=config.sampling_grid)
     sample_z = samplers.all_masked(model, config.num_samples)
     sample_cond = samplers.class_labels(config.classes, config.num_samples)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)

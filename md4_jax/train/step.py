@@ -68,7 +68,10 @@ def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, ac
 
   Times and mask noise are drawn for the whole batch first (antithetic across
   the full batch), so splitting into `accum_steps` microbatches gives the same
-  gradient as one big batch (up to float summation order). With
+  gradient as one big batch (up to float summation order). A model with
+  masked_head interleaves the antithetic strata over the accum_steps ×
+  head_groups packed groups (MD4.time_groups), so each one sees times spread
+  over (0, 1]: the same times, given to the examples in another order. With
   `label_dropout` > 0 each label becomes the null label (the network's
   "no label" row, id = classes) with that probability, so one network learns
   both p(x | c) and p(x) for classifier-free guidance.
@@ -81,7 +84,7 @@ def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, ac
   batch_size = x.shape[0]
   k_draw, k_drop = jax.random.split(rng)
   t, noise = losses.draw_times_and_noise(k_draw, x.shape, model.antithetic_time_sampling,
-                                         model.masks_per_example)
+                                         model.masks_per_example, model.time_groups(accum_steps))
   if accum_steps == 1:
     return _loss_and_grads(model, params, x, cond, t, noise, k_drop)
   if batch_size % accum_steps:
