@@ -554,7 +554,8 @@ def apply_rope(x_BxLxHxK: Array, theta: float = ROPE_THETA) -> Array:
     raise ValueError(f"RoPE needs an even head width, got {k}.")
   inv_freq = theta ** (-jnp.arange(0, k, 2, dtype=jnp.float32) / k)
   angle_LxP = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos, sin = jnp.cos(angle_LxP)[:, None, :], jnp.sin(angle_LxP)[:, None, :]
+  cos = jnp.cos(angle_LxP)[None, :, None, :]  # [1, L, 1, K/2]: explicit ranks.
+  sin = jnp.sin(angle_LxP)[None, :, None, :]
   pairs = x_BxLxHxK.astype(jnp.float32).reshape(b, length, h, k // 2, 2)
   real, imag = pairs[..., 0], pairs[..., 1]
   rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
