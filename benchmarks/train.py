@@ -93,11 +93,7 @@ def image_config():
   64 channels, levels (1, 2), 2 residual blocks per level, attention at 16x16
   and in the middle, batch 8: 24,576 channel values per step.
   """
-  config = cifar10.get_config("tiny")
-  config.time_embedding = "dit"  # The wide_cond conditioning, as first measured.
-  config.unet.cond_dim = 0
-  config.unet.film = "scale_shift"
-  config.unet.zero_init_output = False
+  config = configs_base.wide_cond_unet(cifar10.get_config("tiny"))  # As first measured.
   config.unet.channels = 64
   config.unet.channel_mult = (1, 2)
   config.unet.num_res_blocks = 2
@@ -135,12 +131,7 @@ def unet_paper_config():
 
 def unet_wide_config():
   """unet_paper_config with md4_jax's wide_cond conditioning (scale + shift from 512 wide)."""
-  config = unet_paper_config()
-  config.time_embedding = "dit"
-  config.unet.cond_dim = 0
-  config.unet.film = "scale_shift"
-  config.unet.zero_init_output = False
-  return config
+  return configs_base.wide_cond_unet(unet_paper_config())
 
 
 def md4s_config():

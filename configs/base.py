@@ -60,6 +60,18 @@ def wide_cond_transformer(config: ml_collections.ConfigDict) -> ml_collections.C
   return config
 
 
+def wide_cond_unet(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """md4_jax's own UNet conditioning at the same channels and blocks (`:wide_cond`): scale +
+  shift from swish(c) after the second GroupNorm, c 4 x channels wide from the DiT time MLP,
+  a lecun-initialised output conv."""
+  config.time_embedding = "dit"
+  uc = config.unet
+  uc.cond_dim = 0  # 4 x channels.
+  uc.film = "scale_shift"
+  uc.zero_init_output = False
+  return config
+
+
 def paper_recipe(config: ml_collections.ConfigDict, *, learning_rate: float, warmup_steps: int,
                  b2: float, weight_decay: float, dropout_rate: float, batch_size: int,
                  num_train_steps: int, sampling_steps: int, sampling_grid: str = "cosine"

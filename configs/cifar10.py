@@ -49,10 +49,7 @@ def get_config(arg=None):
   config.num_samples = 64
 
   if arg == "wide_cond":
-    config.time_embedding = "dit"
-    uc.cond_dim = 0  # 4 x channels.
-    uc.film = "scale_shift"
-    uc.zero_init_output = False
+    base.wide_cond_unet(config)
 
   if arg == "tiny":
     uc.channels = 32
