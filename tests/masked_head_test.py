@@ -230,7 +230,8 @@ def test_out_of_range_token_at_an_unmasked_position_gives_a_nan_row():
   x, t, noise = _inputs()
   x = x.at[1, 3].set(V).at[5, 0].set(-1)
   noise = noise.at[1, 3].set(0.0).at[5, 0].set(0.0)  # noise 0 < α: never masked.
-  run = lambda m: jax.jit(lambda x: m.apply({"params": _params()}, x, t=t, noise=noise,
+  params = _params()  # Outside the trace: the cache must hold arrays, not tracers.
+  run = lambda m: jax.jit(lambda x: m.apply({"params": params}, x, t=t, noise=noise,
                                             method=model_lib.MD4.nelbo))(x)
   out, ref = run(model), run(plain)
   bad = np.zeros(B, bool)

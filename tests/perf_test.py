@@ -280,6 +280,26 @@ def test_same_conv_is_xla_conv(kernel):
   assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: layer.apply(p, x))(params))
 
 
+@pytest.mark.parametrize("method", ["taps", "split"])
+@pytest.mark.parametrize("kernel,pads", [((3, 3), ((1, 1), (1, 1))), ((1, 1), ((0, 0), (0, 0))),
+                                         ((2, 3), ((0, 1), (1, 1))), ((3, 1), ((2, 0), (0, 0)))])
+def test_conv_weight_gradient_methods(method, kernel, pads):
+  """Both weight-gradient formulations equal XLA's, for odd, even and one-sided padding."""
+  from md4_jax.networks import unet  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
+  conv = lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), pads,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  w0 = jnp.zeros(kernel + (4, 3), jnp.float32)
+  expected = jax.vjp(conv, w0)[1](g)[0]
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  got = unet._weight_grad(xp, g, *kernel, method=method)  # pylint: disable=protected-access
+  _assert_close(got, expected, float(np.abs(expected).max()))
+  with pytest.raises(ValueError, match="weight-gradient method"):
+    unet._weight_grad(xp, g, *kernel, method="im2col")  # pylint: disable=protected-access
+
+
 def test_xla_attention_is_dot_product_attention():
   rng = np.random.default_rng(3)
   q = jnp.asarray(rng.standard_normal((2, 16, 3, 8)), jnp.float32)

@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4_jax.networks import group_norm as group_norm_lib
+
 Array = jax.Array
 Dtype = Any
 
@@ -306,12 +308,16 @@ def num_groups(channels: int, max_groups: int = 32) -> int:
 
 
 def group_norm(
-    channels: int, *, dtype: Dtype, param_dtype: Dtype, name=None
-) -> nn.GroupNorm:
-  """GroupNorm with min(32, channels) groups, or the largest divisor below."""
-  return nn.GroupNorm(
+    channels: int, *, dtype: Dtype, param_dtype: Dtype, activation: Optional[str] = None,
+    name=None
+) -> nn.Module:
+  """GroupNorm with min(32, channels) groups, or the largest divisor below, and an
+  optional fused activation (group_norm.GroupNorm: nn.GroupNorm's parameters and
+  values in fewer passes over the activations)."""
+  return group_norm_lib.GroupNorm(
       num_groups=num_groups(channels),
       epsilon=1e-6,
+      activation=activation,
       dtype=dtype,
       param_dtype=param_dtype,
       scale_init=partitioned(nn.initializers.ones, ("norm",)),
