@@ -71,30 +71,31 @@ def _same_conv_fwd(x, w, pads):
   return _conv(x, w, pads), (x, w)
 
 
-# Per-tap products C x F up to this size are too small for the matmul to run at
-# speed on CPU; _weight_grad stacks the taps into one larger product there.
-SPLIT_MAX_CF = 128 * 256
+def _weight_grad(x: Array, g: Array, kh: int, kw: int, pads, method: str = "auto") -> Array:
+  """Σ_{b,h,w} x_pad[b, h + i, w + j, :]^T g[b, h, w, :] for every tap (i, j): [kh, kw, C, F].
 
-
-def _weight_grad(xp: Array, g: Array, kh: int, kw: int, method: str = "auto") -> Array:
-  """Σ_{b,h,w} xp[b, h + i, w + j, :]^T g[b, h, w, :] for every tap (i, j): [kh, kw, C, F].
-
-  xp is the padded input [B, H + kh - 1, W + kw - 1, C], g the output gradient
-  [B, H, W, F]. Two exact formulations (benchmarks, 8 x 32 x 32, 3 x 3, 2 CPU cores):
-    'taps'  one [C, F] matmul per tap over a copied shifted slice of xp (kh * kw
-            copies of x): fast when C x F is large (128 -> 768: 95 ms vs 137).
-    'split' one [kh * F, kw * C] matmul: xp shifted along W with the kw taps side by
+  x is the input [B, H, W, C], g the output gradient [B, H, W, F], pads the
+  convolution's ((top, bottom), (left, right)) ('same' size: they sum to kh - 1,
+  kw - 1). Two exact formulations (benchmarks, 8 x 32 x 32, 3 x 3, 2 CPU cores):
+    'taps'  one [C, F] matmul per tap over a copied shifted slice of x_pad (kh * kw
+            copies of x): 128 -> 768 (the image output conv): 84 ms vs 125 split.
+    'split' one [kh * F, kw * C] matmul: x shifted along W with the kw taps side by
             side (kw copies of x) against g shifted along H, transposed, the kh taps
             stacked (kh copies of g); the product's (i, j) block is tap (i, j). The
             rows H + kh - 1 carry zeros where g is shifted out (1 - H / (H + kh - 1)
-            extra FLOPs: 6 % at H = 32). 128 -> 128: 17 ms vs 33; 256 -> 128: 43 vs 58.
-  'auto' takes 'split' when C x F <= SPLIT_MAX_CF.
+            extra FLOPs: 6 % at H = 32). 128 -> 128: 17 ms vs 33 per tap; 256 -> 128:
+            38 vs 55; 384 -> 128: 51 vs 81. A per-tap product [C x F] over 8192 rows has
+            too small an output for the matmul to run at speed.
+  'auto' takes 'split' when F <= C (g's transposed copies are the expensive ones),
+  'taps' otherwise (128 -> 256: 39 ms vs 42; 256 -> 256: equal).
   """
   b, h, wd, f = g.shape
-  c = xp.shape[-1]
+  c = x.shape[-1]
+  (top, bottom), (left, right) = pads
   if method == "auto":
-    method = "split" if c * f <= SPLIT_MAX_CF else "taps"
+    method = "split" if f <= c else "taps"
   if method == "taps":
+    xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     g_MxF = g.reshape(-1, f)
     taps = [jax.lax.dot_general(xp[:, i:i + h, j:j + wd, :].reshape(-1, c), g_MxF,
                                 (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -103,8 +104,12 @@ def _weight_grad(xp: Array, g: Array, kh: int, kw: int, method: str = "auto") ->
   if method != "split":
     raise ValueError(f"Unknown weight-gradient method {method!r}; valid: auto, taps, split.")
   hp = h + kh - 1
-  # u[(b, r, w), (j, c)] = xp[b, r, w + j, c]: [B * Hp * W, kw * C].
-  u = jnp.stack([xp[:, :, j:j + wd, :] for j in range(kw)], axis=3).reshape(-1, kw * c)
+  # u[(b, r, w), (j, c)] = x_pad[b, r, w + j, c]: [B * Hp * W, kw * C], each shift one
+  # (negative where it crops) padding of x, written once.
+  zero = jnp.zeros((), x.dtype)
+  u = jnp.stack([jax.lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left - j, j - left, 0),
+                                       (0, 0, 0))) for j in range(kw)], axis=3)
+  u = u.reshape(-1, kw * c)
   # gs[(i, f), (b, r, w)] = g[b, r - i, w, f] (zero outside): [kh * F, B * Hp * W].
   g_FxBxHxW = jnp.pad(g.transpose(3, 0, 1, 2), ((0, 0), (0, 0), (kh - 1, kh - 1), (0, 0)))
   gs = jnp.stack([g_FxBxHxW[:, :, kh - 1 - i:kh - 1 - i + hp, :] for i in range(kh)])
@@ -117,8 +122,7 @@ def _same_conv_bwd(pads, res, g):
   kh, kw, _, _ = w.shape
   (top, bottom), (left, right) = pads
   dx = _conv(g, jnp.flip(w, (0, 1)).swapaxes(2, 3), ((bottom, top), (right, left)))
-  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  dw = _weight_grad(xp, g, kh, kw).astype(w.dtype)
+  dw = _weight_grad(x, g, kh, kw, pads).astype(w.dtype)
   return dx.astype(x.dtype), dw
 
 
