@@ -170,6 +170,7 @@ def test_disk_full_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
   assert int(state.step) == 2
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_network_is_a_mismatch_not_corruption(tmp_path):
   mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
   config = helpers.digits_tiny()

@@ -41,12 +41,13 @@ def _inputs(shape, seed=0):
                                           ((2, 7, 16), 16), ((2, 3, 3, 6), 1)])
 def test_values_and_gradients_match_flax(shape, groups, activation):
   x, scale, bias, dy = _inputs(shape)
-  got = _ours(x, scale, bias, groups, activation)
-  want = _flax(x, scale, bias, groups, activation)
+  value_and_grads = lambda f: jax.jit(  # One compile each (eager dispatch is slow).
+      lambda *a: (f(*a, groups, activation),
+                  jax.grad(lambda *a: jnp.sum(f(*a, groups, activation) * dy),
+                           argnums=(0, 1, 2))(*a)))
+  got, got_grads = value_and_grads(_ours)(x, scale, bias)
+  want, want_grads = value_and_grads(_flax)(x, scale, bias)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  loss = lambda f: lambda *a: jnp.sum(f(*a, groups, activation) * dy)
-  got_grads = jax.grad(loss(_ours), argnums=(0, 1, 2))(x, scale, bias)
-  want_grads = jax.grad(loss(_flax), argnums=(0, 1, 2))(x, scale, bias)
   for name, a, b in zip(("x", "scale", "bias"), got_grads, want_grads):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()),
                                err_msg=f"d/d{name}")

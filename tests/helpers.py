@@ -15,8 +15,11 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from configs import digits
+from md4_jax import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules
+from md4_jax.train import build
+from md4_jax.train import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIGITS = "--config=configs/digits.py:tiny"
@@ -124,3 +127,24 @@ class CopyLeft(nn.Module):
     tilt = (self.time_weight * t[:, None, None]
             * jnp.arange(self.vocab_size, dtype=jnp.float32)[None, None])
     return logits + tilt
+
+
+def grads_on(mesh_shape, config, batch, check_lowered=None):
+  """The loss gradients of `config`'s model on a (data, fsdp, tensor) mesh of the first
+  devices: (state, gradients on the host, loss). check_lowered(text, mesh), if given,
+  inspects the lowered computation first."""
+  data, fsdp, tensor = mesh_shape
+  mesh = parallel.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor},
+                            devices=jax.devices()[: data * fsdp * tensor])
+  experiment = build.setup(config, mesh)
+  state = experiment.init_state()
+  shardings = jax.tree.map(lambda a: a.sharding, state.params)
+  jitted = experiment.jit(
+      lambda p, b: step_lib.compute_grads(experiment.model, p, b, jax.random.key(5)),
+      in_shardings=(shardings, parallel.batch_sharding(mesh)),
+      out_shardings=(shardings, parallel.replicated(mesh)))
+  global_batch = parallel.to_global(batch, mesh)
+  if check_lowered is not None:
+    check_lowered(jitted.lower(state.params, global_batch).as_text(), mesh)
+  grads, metrics = jitted(state.params, global_batch)
+  return state, jax.device_get(grads), float(metrics["loss"])

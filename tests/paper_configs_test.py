@@ -13,6 +13,9 @@ import pytest
 
 from md4_jax.train import build
 
+# Tracing every paper-size network (no compile) takes ~15 s: the full suite's tier.
+pytestmark = pytest.mark.slow
+
 CONFIGS = ("digits", "synthetic_text", "text8", "openwebtext", "fineweb_edu", "cifar10",
            "imagenet64")
 

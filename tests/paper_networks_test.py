@@ -9,12 +9,11 @@ import pytest
 
 from configs import base
 from md4_jax import networks
-from md4_jax import parallel
 from md4_jax.networks import layers
 from md4_jax.networks import transformer
 from md4_jax.networks import uvit
-from md4_jax.train import build
-from md4_jax.train import step as step_lib
+
+import helpers
 
 
 def test_rope_scores_depend_on_the_offset_only():
@@ -87,6 +86,7 @@ def _check_network(config):
   return params
 
 
+@pytest.mark.slow
 def test_paper_transformer_structure_and_gradients():
   params = _check_network(_paper_transformer_config())["params"]
   assert "pos_embedding" not in params  # RoPE only.
@@ -109,6 +109,7 @@ def _uvit_config(**uvit):
   return config
 
 
+@pytest.mark.slow
 def test_uvit_forward_backward_and_structure():
   params = _check_network(_uvit_config())["params"]
   assert sorted(k for k in params if k.startswith(("down", "up"))) == [
@@ -145,30 +146,15 @@ def test_unknown_choices_are_one_line_errors():
     run_config.validate(config)
 
 
-def _grads_on(mesh_shape, config, batch):
-  data, fsdp, tensor = mesh_shape
-  mesh = parallel.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor},
-                            devices=jax.devices()[: data * fsdp * tensor])
-  experiment = build.setup(config, mesh)
-  state = experiment.init_state()
-  shardings = jax.tree.map(lambda a: a.sharding, state.params)
-  jitted = experiment.jit(
-      lambda p, b: step_lib.compute_grads(experiment.model, p, b, jax.random.key(5)),
-      in_shardings=(shardings, parallel.batch_sharding(mesh)),
-      out_shardings=(shardings, parallel.replicated(mesh)))
-  grads, metrics = jitted(state.params, parallel.to_global(batch, mesh))
-  return state, jax.device_get(grads), float(metrics["loss"])
-
-
 @pytest.mark.slow
 def test_uvit_sharded_equals_one_device():
   config = _uvit_config()
   config.batch_size = 8
   rng = np.random.default_rng(0)
   batch = {"x": rng.integers(0, config.vocab_size, (8, *config.data_shape)).astype(np.int32)}
-  _, grads1, loss1 = _grads_on((1, 1, 1), config, batch)
+  _, grads1, loss1 = helpers.grads_on((1, 1, 1), config, batch)
   for mesh_shape in ((2, 2, 2), (1, 4, 2)):
-    state, grads, loss = _grads_on(mesh_shape, config, batch)
+    state, grads, loss = helpers.grads_on(mesh_shape, config, batch)
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale),

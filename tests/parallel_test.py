@@ -9,7 +9,8 @@ from configs import text8
 from md4_jax import checkpoint as checkpoint_lib
 from md4_jax import parallel
 from md4_jax.train import build
-from md4_jax.train import step as step_lib
+
+import helpers
 
 
 def _config():
@@ -23,25 +24,15 @@ def _config():
   return config
 
 
-def _grads_on(mesh_shape, config, batch):
-  data, fsdp, tensor = mesh_shape
-  devices = jax.devices()[: data * fsdp * tensor]
-  mesh = parallel.make_mesh({"data": data, "fsdp": fsdp, "tensor": tensor}, devices=devices)
-  experiment = build.setup(config, mesh)
-  model = experiment.model
-  state = experiment.init_state()
-  shardings = jax.tree.map(lambda a: a.sharding, state.params)
-  jitted = experiment.jit(lambda p, b: step_lib.compute_grads(model, p, b, jax.random.key(5)),
-                          in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                          out_shardings=(shardings, parallel.replicated(mesh)))
-  global_batch = parallel.to_global(batch, mesh)
+def _check_constraints(text, mesh):
   # The networks' activation constraints are applied over this mesh: the
   # residual stream split over the batch axes, the logits' vocab over 'tensor'.
-  text = jitted.lower(state.params, global_batch).as_text()
   if mesh.size > 1:
     assert 'sharding_constraint' in text and '[{"data", "fsdp"}, {}, {}]' in text, text[:2000]
-  grads, metrics = jitted(state.params, global_batch)
-  return state, jax.device_get(grads), float(metrics["loss"])
+
+
+def _grads_on(mesh_shape, config, batch):
+  return helpers.grads_on(mesh_shape, config, batch, _check_constraints)
 
 
 @pytest.fixture(scope="module")

@@ -192,6 +192,7 @@ def test_guided_logits_formula():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_guided_samples_follow_the_sharpened_law():
   """One step from all-mask: each token ~ softmax((1 + w) log p(x|c) − w log p(x|∅))."""
   model = helpers.md4(ClassTable(V, 3), "linear", V, (L,))
@@ -223,6 +224,7 @@ def test_guided_samples_follow_the_sharpened_law():
                     options=samplers.SamplerOptions(guidance=1.0))
 
 
+@pytest.mark.slow
 def test_label_dropout_trains_on_the_null_label():
   """Every label dropped = training on the null label (id = classes); the drop rate is p."""
   model = helpers.md4(ClassTable(V, 3), "linear", V, (L,))

@@ -283,6 +283,13 @@ class _Chain:
 # ------------------------------------------------------------ grid chains ---
 
 
+def _still_masked_fraction(alpha: jax.Array) -> jax.Array:
+  """r_j = (1 − α_j)/(1 − α_N) on a grid t_0 < ... < t_N: the probability that a
+  position masked at t_N is still masked at t_j. [N + 1], r_N = 1, non-decreasing
+  (cummax: float rounding must not reverse the order)."""
+  return jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[-1]))
+
+
 def _reveal_steps(chain: _Chain, ts: jax.Array, masked_BxD: jax.Array) -> jax.Array:
   """Grid step (0..N−1, chain order) at which each position is revealed; N: never.
 
@@ -293,7 +300,7 @@ def _reveal_steps(chain: _Chain, ts: jax.Array, masked_BxD: jax.Array) -> jax.Ar
   """
   steps = ts.shape[0] - 1
   alpha = chain.schedule.alpha(ts)
-  r_N = jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[steps]))[:steps]  # Increasing.
+  r_N = _still_masked_fraction(alpha)[:steps]  # Increasing.
   u = chain.uniforms(_REVEAL, jnp.zeros(masked_BxD.shape[0], jnp.int32), masked_BxD.shape[1:])
   count = steps - jnp.searchsorted(r_N, u, side="right").astype(jnp.int32)
   return jnp.where(masked_BxD, count, steps)
@@ -560,7 +567,7 @@ def _remdm_chain(chain: _Chain, z, ts, frames, t_net, alpha, sigma):
   steps = ts.shape[0] - 1
   batch = z.shape[0]
   free = z == chain.mask_id  # Generated positions; the others are the prompt.
-  r = jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[steps]))
+  r = _still_masked_fraction(alpha)
   u0 = chain.uniforms(_REVEAL, jnp.zeros((batch,), jnp.int32), z.shape[1:])
 
   def body(i, carry):
@@ -598,7 +605,7 @@ def reveal_counts(alpha: jax.Array, masked_B: jax.Array) -> jax.Array:
   and the counts add up to m_b exactly.
   """
   steps = alpha.shape[0] - 1
-  r = jax.lax.cummax((1.0 - alpha) / (1.0 - alpha[steps])).at[0].set(0.0)
+  r = _still_masked_fraction(alpha).at[0].set(0.0)
   return jnp.round(r[:, None] * masked_B[None].astype(jnp.float32)).astype(jnp.int32)
 
 
