@@ -25,7 +25,6 @@ import time
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -60,9 +59,8 @@ def _experiment(config, batch: int) -> build.Experiment:
   return build.setup(config, parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
 
 
-def flops_per_position(config) -> float:
-  """3 x forward matmul/conv FLOPs per position at batch 1 (jaxpr only)."""
-  experiment = _experiment(config, 1)
+def flops_per_position(config, experiment: build.Experiment) -> float:
+  """3 x forward matmul/conv FLOPs per position of `experiment` (built at batch 1; jaxpr only)."""
   model = experiment.model
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                         experiment.abstract_state.params)
@@ -81,12 +79,6 @@ def step_peak_gib(config, batch: int) -> float:
           + mem.temp_size_in_bytes) / GIB
 
 
-def num_params(config) -> int:
-  experiment = _experiment(config, 1)
-  return sum(math.prod(p.shape) for p in jax.tree.leaves(
-      nn.meta.unbox(experiment.abstract_state.params)))
-
-
 def main(argv):
   del argv
   budgets = [float(b) for b in FLAGS.budgets_gib]
@@ -101,11 +93,12 @@ def main(argv):
   for name in FLAGS.configs:
     start = time.time()
     config = CONFIGS[name]()
-    gflop = flops_per_position(CONFIGS[name]()) / 1e9
+    experiment = _experiment(config, 1)  # Parameters and FLOPs: no step compiled.
+    gflop = flops_per_position(config, experiment) / 1e9
     p1, p2 = step_peak_gib(CONFIGS[name](), b1), step_peak_gib(CONFIGS[name](), b2)
     slope, intercept = (p2 - p1) / (b2 - b1), p1 - (p2 - p1) / (b2 - b1) * b1
     fits = [max(0, int((b - intercept) // slope)) for b in budgets]
-    print(f"| `{name}` | {config.network} | {num_params(config) / 1e6:.1f}M | {gflop:.2f} "
+    print(f"| `{name}` | {config.network} | {experiment.num_params / 1e6:.1f}M | {gflop:.2f} "
           f"| {p1:.2f} | {p2:.2f} | " + " | ".join(str(f) for f in fits)
           + f" | {time.time() - start:.0f} |", flush=True)
 

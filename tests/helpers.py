@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as scipy_stats
 
+from configs import base
 from configs import digits
 from md4_jax import parallel
 from md4_jax.diffusion import model as model_lib
@@ -148,3 +149,20 @@ def grads_on(mesh_shape, config, batch, check_lowered=None):
     check_lowered(jitted.lower(state.params, global_batch).as_text(), mesh)
   grads, metrics = jitted(state.params, global_batch)
   return state, jax.device_get(grads), float(metrics["loss"])
+
+
+def transformer_config(length: int, vocab_size: int, width: int, depth: int, num_heads: int,
+                       **overrides):
+  """A small transformer MD4 config (linear schedule, the plain XLA attention: 'auto'
+  may pick cuDNN on a GPU), then `overrides` (top-level keys)."""
+  config = base.get_config()
+  config.attention_impl = "xla"
+  config.network = "transformer"
+  config.data_shape = (length,)
+  config.vocab_size = vocab_size
+  config.noise_schedule = "linear"
+  config.transformer.width = width
+  config.transformer.depth = depth
+  config.transformer.num_heads = num_heads
+  config.update(overrides)
+  return config

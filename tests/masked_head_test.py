@@ -26,23 +26,15 @@ from md4_jax.diffusion import schedules
 from md4_jax.train import build
 from md4_jax.train import step as step_lib
 
+import helpers
+
 B, L, V = 8, 32, 11
 LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # atol relative to the largest |gradient|.
 
 
 def _config(**overrides):
-  config = base.get_config()
-  config.attention_impl = "xla"
-  config.network = "transformer"
-  config.data_shape = (L,)
-  config.vocab_size = V
-  config.noise_schedule = "linear"
-  config.transformer.width = 16
-  config.transformer.depth = 1
-  config.transformer.num_heads = 2
-  config.update(overrides)
-  return config
+  return helpers.transformer_config(L, V, width=16, depth=1, num_heads=2, **overrides)
 
 
 def _model(config, **attributes):

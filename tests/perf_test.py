@@ -35,24 +35,15 @@ from md4_jax import networks
 from md4_jax.diffusion import model as model_lib
 from md4_jax.networks import layers
 
+import helpers
+
 B, L, V = 2, 256, 67  # L > layers.ATTENTION_CHUNK, so 'chunked' really chunks.
 LOSS_RTOL = 1e-6
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # atol relative to the largest |gradient|.
 
 
 def _config(**overrides):
-  config = base.get_config()
-  config.attention_impl = "xla"  # The plain reference ('auto' may pick cuDNN on a GPU).
-  config.network = "transformer"
-  config.data_shape = (L,)
-  config.vocab_size = V
-  config.noise_schedule = "linear"
-  config.transformer.width = 32
-  config.transformer.depth = 2
-  config.transformer.num_heads = 4
-  for k, v in overrides.items():
-    config[k] = v
-  return config
+  return helpers.transformer_config(L, V, width=32, depth=2, num_heads=4, **overrides)
 
 
 def _inputs():

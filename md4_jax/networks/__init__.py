@@ -124,10 +124,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   from md4_jax.networks import transformer, unet  # pylint: disable=g-import-not-at-top
   layers.time_embedding_widths(config.time_embedding, 1)
   tc = config.transformer
-  transformer.check_choice(tc.mlp, transformer.MLPS, "transformer.mlp")
-  transformer.check_choice(tc.cond_act, transformer.COND_ACTS, "transformer.cond_act")
-  transformer.check_choice(tc.positions, transformer.POSITIONS, "transformer.positions")
-  transformer.check_choice(config.unet.film, unet.FILMS, "unet.film")
+  layers.check_choice(tc.mlp, transformer.MLPS, "transformer.mlp")
+  layers.check_choice(tc.cond_act, transformer.COND_ACTS, "transformer.cond_act")
+  layers.check_choice(tc.positions, transformer.POSITIONS, "transformer.positions")
+  layers.check_choice(config.unet.film, unet.FILMS, "unet.film")
 
 
 NETWORKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {

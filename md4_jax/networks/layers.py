@@ -64,12 +64,15 @@ ATTENTION_IMPLS = (
 ATTENTION_CHUNK = 128  # Queries per chunk of 'chunked' attention.
 
 
+def check_choice(value: str, valid, what: str) -> None:
+  """Raises a one-line ValueError unless `value` is one of `valid` (names `what`)."""
+  if value not in valid:
+    raise ValueError(f"Unknown {what} {value!r}; valid: {sorted(valid)}.")
+
+
 def check_remat_policy(name: str) -> None:
   """Raises ValueError unless `name` is a key of REMAT_POLICIES."""
-  if name not in REMAT_POLICIES:
-    raise ValueError(
-        f"Unknown remat_policy {name!r}; valid: {sorted(REMAT_POLICIES)}."
-    )
+  check_choice(name, REMAT_POLICIES, "remat_policy")
 
 
 def remat(module_cls, policy: str, static_argnums=(), prevent_cse=True):
@@ -87,10 +90,7 @@ def remat(module_cls, policy: str, static_argnums=(), prevent_cse=True):
 
 def check_attention_impl(name: str) -> None:
   """Raises ValueError unless `name` is one of ATTENTION_IMPLS."""
-  if name not in ATTENTION_IMPLS:
-    raise ValueError(
-        f"Unknown attention_impl {name!r}; valid: {sorted(ATTENTION_IMPLS)}."
-    )
+  check_choice(name, ATTENTION_IMPLS, "attention_impl")
 
 
 def resolve_attention_impl(name: str, dtype, head_dim: int) -> Optional[str]:
@@ -365,8 +365,7 @@ TIME_EMBEDDINGS = {
 
 def time_embedding_widths(name: str, features: int) -> tuple[int, int]:
   """(frequency_dim, hidden) of TIME_EMBEDDINGS[name]; ValueError if unknown."""
-  if name not in TIME_EMBEDDINGS:
-    raise ValueError(f"Unknown time_embedding {name!r}; valid: {sorted(TIME_EMBEDDINGS)}.")
+  check_choice(name, TIME_EMBEDDINGS, "time_embedding")
   return TIME_EMBEDDINGS[name](features)
 
 

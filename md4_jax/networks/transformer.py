@@ -78,15 +78,10 @@ COND_ACTS = {"swish": nn.swish, "sigmoid": nn.sigmoid}
 POSITIONS = ("learned", "rope")  # Learned absolute embeddings | rotary (layers.apply_rope).
 
 
-def check_choice(value: str, valid, what: str) -> None:
-  if value not in valid:
-    raise ValueError(f"Unknown {what} {value!r}; valid: {sorted(valid)}.")
-
-
 def mlp_hidden(mlp: str, width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
   """Hidden width of `mlp`: gated ones mlp_ratio * width * 2/3 (same parameters as an
   ungated mlp_ratio MLP), rounded up to multiple_of; 'gelu' mlp_ratio * width."""
-  check_choice(mlp, MLPS, "mlp")
+  layers.check_choice(mlp, MLPS, "mlp")
   hidden = int(mlp_ratio * width * 2 / 3) if MLPS[mlp][1] else int(mlp_ratio * width)
   return max(multiple_of, -(-hidden // multiple_of) * multiple_of)
 
@@ -330,8 +325,8 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
       raise ValueError(f"{length} positions > max_length {self.max_length}.")
     z_BxL = z.reshape(batch_size, length)
 
-    check_choice(self.positions, POSITIONS, "positions")
-    check_choice(self.cond_act, COND_ACTS, "cond_act")
+    layers.check_choice(self.positions, POSITIONS, "positions")
+    layers.check_choice(self.cond_act, COND_ACTS, "cond_act")
     c_BxC = layers.Conditioning(
         self.cond_dim or self.width,
         self.time_features,

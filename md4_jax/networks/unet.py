@@ -343,8 +343,7 @@ class UNet(nn.Module):
       )
     num_levels = len(self.channel_mult)
 
-    if self.film not in FILMS:
-      raise ValueError(f"Unknown film {self.film!r}; valid: {sorted(FILMS)}.")
+    layers.check_choice(self.film, FILMS, "film")
     c_BxE = layers.Conditioning(
         self.cond_dim or 4 * self.channels,
         self.time_features,
