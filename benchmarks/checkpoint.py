@@ -33,9 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
-from md4_jax import checkpoint as checkpoint_lib  # noqa: E402
-from md4_jax import parallel  # noqa: E402
-from md4_jax.train import build  # noqa: E402
+from md4_jax.run import checkpoint as checkpoint_lib  # noqa: E402
+from md4_jax.experiment import parallel  # noqa: E402
+from md4_jax.experiment import build  # noqa: E402
 
 CONFIGS = {"md4s": openwebtext.get_config, "text8": text8.get_config,
            "tiny": lambda: text8.get_config("tiny")}

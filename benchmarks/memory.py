@@ -7,7 +7,7 @@ memory knobs off and on, and a naive baseline) it compiles
 
   * the loss-and-gradient step: jit(value_and_grad(batch-mean NELBO)) of the
     params, as in the training step (times and masks given), and
-  * the real training step (md4_jax.train.build.setup(...).train_step: gradients,
+  * the real training step (md4_jax.experiment.build.setup(...).train_step: gradients,
     AdamW, EMA, donated state), whose arguments include the EMA and the two
     Adam moments,
 
@@ -45,9 +45,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import openwebtext  # noqa: E402
-from md4_jax import parallel  # noqa: E402
+from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import model as model_lib  # noqa: E402
-from md4_jax.train import build  # noqa: E402
+from md4_jax.experiment import build  # noqa: E402
 
 GIB = 2**30
 

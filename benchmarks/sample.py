@@ -29,11 +29,11 @@ import numpy as np
 
 from configs import digits
 from configs import text8
-from md4_jax import parallel
+from md4_jax.experiment import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.diffusion import schedules
-from md4_jax.train import build
+from md4_jax.experiment import build
 
 
 def _experiment_and_variables(config, mesh):

@@ -30,9 +30,9 @@ import time
 import jax
 import numpy as np
 
-from md4_jax import parallel
-from md4_jax import sample_metrics
-from md4_jax import workdir as workdir_lib
+from md4_jax.experiment import parallel
+from md4_jax.metrics import sample_stats
+from md4_jax.run import workdir as workdir_lib
 from md4_jax.data import digits as digits_data
 from md4_jax.data import synthetic
 from md4_jax.diffusion import samplers
@@ -85,7 +85,7 @@ def text_frontier(workdir, steps_list, num, names=None, seed=0):
           "sampler": name, "steps": steps, "nfe": nfe,
           "nll_bits": score["source_nll_bits_per_token"],
           "nll_bits_stderr": score["source_nll_per_token_stderr"] / math.log(2),
-          "unigram_entropy": float(sample_metrics.unigram_entropy(tokens).mean()),
+          "unigram_entropy": float(sample_stats.unigram_entropy(tokens).mean()),
           "seconds": time.time() - start})
       print(f"text {name:20s} steps={steps} nfe={nfe:.0f} nll={rows[-1]['nll_bits']:.3f} "
             f"bits/token", flush=True)

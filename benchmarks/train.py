@@ -1,6 +1,6 @@
 r"""Training-step throughput and model-FLOPs utilisation on the local devices.
 
-Times md4_jax's real training step (md4_jax.train.build.setup: init_state /
+Times md4_jax's real training step (md4_jax.experiment.build.setup: init_state /
 train_step: gradients, AdamW, EMA, donated state, one jit over a mesh
 of the local devices) for a text config (transformer) and an image config
 (UNet) sized for a small CPU host, and compares the achieved model FLOP/s
@@ -67,9 +67,9 @@ from configs import base as configs_base  # noqa: E402
 from configs import cifar10  # noqa: E402
 from configs import openwebtext  # noqa: E402
 from configs import text8  # noqa: E402
-from md4_jax import parallel  # noqa: E402
+from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import losses  # noqa: E402
-from md4_jax.train import build  # noqa: E402
+from md4_jax.experiment import build  # noqa: E402
 
 
 def text_config():

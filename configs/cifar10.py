@@ -9,10 +9,10 @@ dropout 0.1, batch 256, 2M steps, EMA 0.9999, 256 sampling steps on the cosine g
 The MD4 paper reports 2.78 bits/dim on the test split. Needs the TFDS ArrayRecord files:
 
   tfds build cifar10 --data_dir=$DATA --file_format=array_record  # with internet
-  python -m md4_jax.main --config=configs/cifar10.py --workdir=$WORKDIR \
+  python -m md4_jax.train --config=configs/cifar10.py --workdir=$WORKDIR \
       --config.data_dir=$DATA
   # CPU smoke run with a tiny network:
-  python -m md4_jax.main --config=configs/cifar10.py:tiny --workdir=/tmp/c10
+  python -m md4_jax.train --config=configs/cifar10.py:tiny --workdir=/tmp/c10
 """
 
 from configs import base

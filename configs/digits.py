@@ -5,14 +5,14 @@
 held out. A per-pixel marginal model scores about 2.42 bits/dim on the held-out
 split; MD4 should clearly beat it in a few minutes on a 2-core CPU.
 
-  python -m md4_jax.main --config=configs/digits.py --workdir=/tmp/md4_digits
+  python -m md4_jax.train --config=configs/digits.py --workdir=/tmp/md4_digits
   # class-conditional:
-  python -m md4_jax.main --config=configs/digits.py:cond --workdir=/tmp/md4_digits_c
+  python -m md4_jax.train --config=configs/digits.py:cond --workdir=/tmp/md4_digits_c
   # seconds-long smoke run (8-channel one-level UNet, 16 per batch; tests use it):
-  python -m md4_jax.main --config=configs/digits.py:tiny --workdir=/tmp/md4_digits_tiny
+  python -m md4_jax.train --config=configs/digits.py:tiny --workdir=/tmp/md4_digits_tiny
   # GenMD4 (a learnable schedule per intensity level; its MD4 baseline is
   # --config.noise_schedule=linear, the schedule GenMD4 starts from):
-  python -m md4_jax.main --config=configs/digits.py:genmd4 --workdir=/tmp/genmd4_digits
+  python -m md4_jax.train --config=configs/digits.py:genmd4 --workdir=/tmp/genmd4_digits
 """
 
 from configs import base

@@ -5,7 +5,7 @@ MD4-S network and recipe on it); the variants are those of configs/openwebtext.p
 (`:medium` = MD4-M, `:wide_cond`, `:genmd4`, `:tiny`).
 
   python -m md4_jax.data.prepare --dataset=fineweb_edu --data_dir=$DATA
-  python -m md4_jax.main --config=configs/fineweb_edu.py --workdir=$WORKDIR \
+  python -m md4_jax.train --config=configs/fineweb_edu.py --workdir=$WORKDIR \
       --config.data_dir=$DATA
 """
 

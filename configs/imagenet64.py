@@ -9,7 +9,7 @@ schedule, the paper's recipe (lr 2e-4, warmup 100, b2 0.99, weight decay 0.01, d
 paper reports 3.42 bits/dim. Unlabelled in TFDS, so unconditional.
 
   tfds build downsampled_imagenet/64x64 --data_dir=$DATA --file_format=array_record
-  python -m md4_jax.main --config=configs/imagenet64.py --workdir=$WORKDIR \
+  python -m md4_jax.train --config=configs/imagenet64.py --workdir=$WORKDIR \
       --config.data_dir=$DATA
 """
 

@@ -8,7 +8,7 @@ grid). `:medium` is MD4-M (GPT-2 medium size: 24 layers, width 1024, 16 heads; c
 schedule, no dropout, uniform sampling grid). Tokenise and pack once, then train:
 
   python -m md4_jax.data.prepare --dataset=openwebtext --data_dir=$DATA
-  python -m md4_jax.main --config=configs/openwebtext.py --workdir=$WORKDIR \
+  python -m md4_jax.train --config=configs/openwebtext.py --workdir=$WORKDIR \
       --config.data_dir=$DATA
 """
 
@@ -46,7 +46,7 @@ def get_config(arg=None, dataset: str = "openwebtext", config_file: str = "confi
     config.sampling_grid = "uniform"
 
   if arg == "genmd4":  # The paper's GenMD4 settings (Sec. 7 / App.): 12 layers as above.
-    # Weight decay is not applied to the schedule exponents (optim.NO_DECAY).
+    # Weight decay is not applied to the schedule exponents (optimizer.NO_DECAY).
     base.genmd4(config, dropout_rate=0.02, weight_decay=0.03, learning_rate=3e-4,
                 batch_size=512)
 

@@ -6,9 +6,9 @@ source's entropy is known exactly, so the held-out NELBO is reported next to it
 (the gap is the model's excess bits per token), and `md4_jax.sample` scores
 samples by their exact negative log-likelihood under the source.
 
-  python -m md4_jax.main --config=configs/synthetic_text.py --workdir=/tmp/synth
+  python -m md4_jax.train --config=configs/synthetic_text.py --workdir=/tmp/synth
   python -m md4_jax.sample --workdir=/tmp/synth --num_samples=1000 --steps=32
-  python -m md4_jax.main --config=configs/synthetic_text.py:tiny --workdir=/tmp/synth_tiny
+  python -m md4_jax.train --config=configs/synthetic_text.py:tiny --workdir=/tmp/synth_tiny
 
 Variant 'order2' makes the source an order-2 chain (64 contexts): inferring a
 masked token then needs two neighbours on each side, and the same model stays

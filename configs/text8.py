@@ -6,9 +6,9 @@ to 768); linear schedule; the paper's recipe (lr 5e-4, warmup 2000, weight decay
 dropout 0.05, batch 512, 1M steps, EMA 0.9999, 1000 sampling steps on the cosine grid).
 The data is the canonical 100M-character file, split 90M/5M/5M.
 
-  python -m md4_jax.main --config=configs/text8.py --workdir=$WORKDIR \
+  python -m md4_jax.train --config=configs/text8.py --workdir=$WORKDIR \
       --config.data_dir=$DATA   # $DATA/text8 or $DATA/text8.zip (downloaded when online)
-  python -m md4_jax.main --config=configs/text8.py:tiny --workdir=/tmp/t8
+  python -m md4_jax.train --config=configs/text8.py:tiny --workdir=/tmp/t8
 """
 
 from configs import base
@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.num_samples = 8
 
   if arg == "genmd4":  # The paper's GenMD4 settings (Sec. 7 / App.): 12 layers as above.
-    # Weight decay is not applied to the schedule exponents (optim.NO_DECAY).
+    # Weight decay is not applied to the schedule exponents (optimizer.NO_DECAY).
     base.genmd4(config, dropout_rate=0.05, weight_decay=0.03, learning_rate=3e-4,
                 batch_size=512)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts N md4_jax processes on this machine, each with D (simulated CPU) devices, connected by
 # jax.distributed (gloo collectives on CPU). Used by the multi-host tests; handy for debugging
-# multi-host code without a cluster. Extra arguments go to md4_jax.main.
+# multi-host code without a cluster. Extra arguments go to md4_jax.train.
 #
 #   launch/local.sh 2 4 --config=configs/digits.py --workdir=/tmp/md4_2proc
 #
@@ -18,7 +18,7 @@ mkdir -p "$LOGS"
 pids=()
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES}" \
-    "$PYTHON" -m md4_jax.main --distributed --coordinator_address="127.0.0.1:${PORT}" \
+    "$PYTHON" -m md4_jax.train --distributed --coordinator_address="127.0.0.1:${PORT}" \
       --num_processes="$NUM_PROCESSES" --process_id="$i" "$@" > "$LOGS/proc_${i}.log" 2>&1 &
   pids+=($!)
 done

@@ -29,5 +29,5 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all --zone="$ZONE" $PROJECT_
   cd ~/md4_jax
   python3 -m venv ~/md4_venv && source ~/md4_venv/bin/activate
   pip install -q -U pip && pip install -q -e . && pip install -q -U 'jax[tpu]'
-  python -m md4_jax.main --distributed --workdir=$WORKDIR $*
+  python -m md4_jax.train --distributed --workdir=$WORKDIR $*
 "

@@ -1,6 +1,6 @@
 """What every md4_jax command shares: start-up, multi-process flags, logging, exit codes.
 
-`md4_jax.main`, `md4_jax.sample` and `md4_jax.evaluate` each call
+`md4_jax.train` (alias `md4_jax.main`), `md4_jax.sample` and `md4_jax.evaluate` each call
 
   app.run(main, flags_parser=cli.flags_parser("md4_jax"))  # flag errors: one line
   cli.start(argv)                 # flags checked, libraries quiet, JAX set up

@@ -45,12 +45,12 @@ from absl import app, flags, logging  # noqa: E402
 from etils import epath  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
-from md4_jax import checkpoint as checkpoint_lib  # noqa: E402
+from md4_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 from md4_jax import cli  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
-from md4_jax import evaluation  # noqa: E402
-from md4_jax import parallel  # noqa: E402
-from md4_jax import workdir as workdir_lib  # noqa: E402
+from md4_jax.metrics import evaluation  # noqa: E402
+from md4_jax.experiment import parallel  # noqa: E402
+from md4_jax.run import workdir as workdir_lib  # noqa: E402
 from md4_jax.data import tokenized  # noqa: E402
 from md4_jax.data import zero_shot  # noqa: E402
 

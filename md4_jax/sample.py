@@ -32,11 +32,11 @@ from absl import app, flags, logging  # noqa: E402
 
 from md4_jax import cli  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
-from md4_jax import judge as judge_lib  # noqa: E402
-from md4_jax import parallel  # noqa: E402
-from md4_jax import sample_metrics  # noqa: E402
-from md4_jax import visualize  # noqa: E402
-from md4_jax import workdir as workdir_lib  # noqa: E402
+from md4_jax.metrics import judge as judge_lib  # noqa: E402
+from md4_jax.experiment import parallel  # noqa: E402
+from md4_jax.metrics import sample_stats  # noqa: E402
+from md4_jax.metrics import pictures  # noqa: E402
+from md4_jax.run import workdir as workdir_lib  # noqa: E402
 from md4_jax.diffusion import samplers  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
@@ -163,7 +163,7 @@ def run(workdir: str) -> dict:
                    nfes[-1], time.time() - start)
   sample_seconds = time.time() - start
   tokens = np.concatenate(outputs)[:num]
-  entropy = sample_metrics.unigram_entropy(tokens)
+  entropy = sample_stats.unigram_entropy(tokens)
   # A synthetic source scores samples exactly: mean −log p_source(x) per token vs its entropy.
   exact = ({} if info_record.exact_source is None
            else info_record.exact_source(config).score(tokens))
@@ -174,11 +174,11 @@ def run(workdir: str) -> dict:
           + ("" if sampler == "first_hitting" else f"{steps}steps_"))
   name += f"seed{_SEED.value}" + (f"_label{_LABEL.value}" if _LABEL.value is not None else "")
   base = os.path.join(out_dir, name)
-  files = [visualize.save_samples(tokens, base, model.vocab_size, codec)[0]]
+  files = [pictures.save_samples(tokens, base, model.vocab_size, codec)[0]]
   np.save(base + ".npy", tokens)
   files.append(base + ".npy")
   if frames:
-    files += visualize.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
+    files += pictures.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
   info = {
       "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
       "grid": grid, "steps": None if sampler == "first_hitting" else steps,

@@ -4,7 +4,7 @@ Their numbers are recorded in benchmarks/RESULTS.md by full runs; these runs
 only keep the scripts working and check what does not depend on timing: the
 tables' shape and the network-call counts of the samplers. The training and
 sampling benchmarks run with TensorFlow, TFDS, grain and clu made unimportable,
-as on accelerator images that lack them (they need only md4_jax.train.build).
+as on accelerator images that lack them (they need only md4_jax.experiment.build).
 """
 
 import os

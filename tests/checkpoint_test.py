@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import helpers
-from md4_jax import checkpoint as checkpoint_lib
-from md4_jax import parallel
-from md4_jax import run_config
-from md4_jax import workdir as workdir_lib
-from md4_jax.train import build
-from md4_jax.train import loop
-from md4_jax.train import step as step_lib
+from md4_jax.run import checkpoint as checkpoint_lib
+from md4_jax.experiment import parallel
+from md4_jax.run import saved_config
+from md4_jax.run import workdir as workdir_lib
+from md4_jax.experiment import build
+from md4_jax.run import loop
+from md4_jax.experiment import step as step_lib
 
 
 def _state(scale: float):
@@ -138,7 +138,7 @@ def test_resume_falls_back_to_the_last_good_step_and_ends_bit_identical(tmp_path
   _, _, ours = workdir_lib.restore_run(str(workdir))
   _, _, theirs = workdir_lib.restore_run(str(reference))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours), jax.device_get(theirs))
-  assert run_config.load_config(str(workdir)).num_train_steps == 8  # Rewritten copy.
+  assert saved_config.load_config(str(workdir)).num_train_steps == 8  # Rewritten copy.
 
   # sample / evaluate with an explicit corrupt --step: one line, exit 2.
   _garble_arrays(workdir / "checkpoints" / "8" / "state")

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import helpers
-from md4_jax import checkpoint as checkpoint_lib
+from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax import evaluate
-from md4_jax import parallel
-from md4_jax import run_config
-from md4_jax.train import build
+from md4_jax.experiment import parallel
+from md4_jax.run import saved_config
+from md4_jax.experiment import build
 
 STEPS = 30
 
@@ -35,7 +35,7 @@ def run_dir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("evaluate") / "run"
   config = helpers.digits_tiny()
   workdir.mkdir()
-  run_config.save_config(config, str(workdir))
+  saved_config.save_config(config, str(workdir))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(workdir)))
   mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:2])
   checkpointer.save(STEPS, build.setup(config, mesh).init_state().replace(step=STEPS))
@@ -112,7 +112,7 @@ def test_no_checkpoint_is_a_one_line_error(run_dir, tmp_path):
 
 def test_evaluate_needs_no_training_loop_clu_or_tensorflow():
   code = ("import sys, md4_jax.evaluate; "
-          "print(sorted(m for m in ('md4_jax.train.loop', 'clu', 'tensorflow') if m in sys.modules))")
+          "print(sorted(m for m in ('md4_jax.run.loop', 'clu', 'tensorflow') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

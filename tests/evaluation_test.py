@@ -1,11 +1,11 @@
-"""md4_jax.evaluation: the one NELBO -> bits/perplexity conversion, and progress lines."""
+"""md4_jax.metrics.evaluation: the one NELBO -> bits/perplexity conversion, and progress lines."""
 
 import math
 
 import pytest
 
 from md4_jax import data
-from md4_jax import evaluation
+from md4_jax.metrics import evaluation
 
 
 def test_every_dataset_has_a_known_headline_metric():

@@ -23,14 +23,15 @@ import pytest
 
 import helpers
 from md4_jax import evaluate
-from md4_jax import parallel
-from md4_jax import run_config
-from md4_jax import workdir as workdir_lib
+from md4_jax.experiment import parallel
+from md4_jax.experiment import validation
+from md4_jax.run import saved_config
+from md4_jax.run import workdir as workdir_lib
 from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.diffusion import schedules
-from md4_jax.train import build
+from md4_jax.experiment import build
 
 
 @pytest.fixture(autouse=True)
@@ -267,10 +268,10 @@ def test_first_hitting_is_refused_and_reconstruction_masks_per_token():
 
 
 def test_schedule_exponents_get_no_weight_decay():
-  from md4_jax import optim  # pylint: disable=g-import-not-at-top
+  from md4_jax.experiment import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   config = helpers.digits_tiny("tiny_genmd4", weight_decay=0.5, warmup_steps=0,
                                lr_schedule="constant", clip_grad_norm=0.0)
-  optimizer, _ = optim.build_optimizer(config)
+  optimizer, _ = optimizer_lib.build_optimizer(config)
   params = {"w_raw": jnp.ones((3,)), "network": {"kernel": jnp.ones((2,))}}
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(zeros, optimizer.init(params), params)
@@ -315,7 +316,7 @@ def test_fused_head_chunks_give_the_plain_loss_and_gradients():
 def test_eight_devices_give_the_one_device_gradient():
   """The K masked copies of each example stay with it on a data-parallel mesh: the
   loss and gradient over 8 devices equal one device's (w_raw included)."""
-  from md4_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from md4_jax.experiment import step as step_lib  # pylint: disable=g-import-not-at-top
   config = helpers.digits_tiny("tiny_genmd4", dropout_rate=0.0)
   x = jax.random.randint(jax.random.key(0), (16, 8, 8, 1), 0, 17)
   out = {}
@@ -357,7 +358,7 @@ def test_sharded_sampling_equals_one_device():
 
 def test_config_errors_are_one_line_before_anything_compiles():
   base = helpers.digits_tiny("tiny_genmd4")
-  run_config.validate(base)
+  validation.validate(base)
   for overrides, message in [
       ({"cont_time": False}, "cont_time=True"),
       ({"noise_schedule": "cosine"}, "not polynomial"),
@@ -368,23 +369,23 @@ def test_config_errors_are_one_line_before_anything_compiles():
   ]:
     config = helpers.digits_tiny("tiny_genmd4", **overrides)
     with pytest.raises(ValueError, match=message):
-      run_config.validate(config)
+      validation.validate(config)
     if overrides.get("model") != "md5":
       with pytest.raises(ValueError, match=message):
         build.build_model(config)
 
 
 def test_old_saved_configs_are_md4_runs():
-  saved = run_config.plain(helpers.digits_tiny())
-  for key, value in run_config.ADDED_KEYS.items():
+  saved = saved_config.plain(helpers.digits_tiny())
+  for key, value in saved_config.ADDED_KEYS.items():
     if isinstance(value, dict) and key in ("transformer", "unet"):  # Sections that existed.
       for field in value:
         saved[key].pop(field)
     else:
       saved.pop(key)
-  config = run_config.config_from_dict(saved)
+  config = saved_config.config_from_dict(saved)
   assert config.model == "md4"
-  assert not run_config.differences(config, helpers.digits_tiny())
+  assert not saved_config.differences(config, helpers.digits_tiny())
 
 
 @pytest.mark.slow
@@ -417,12 +418,12 @@ def test_sigterm_resume_is_bit_identical_and_the_clis_work_unchanged(tmp_path):
           "--config.num_samples=0", "--config.checkpoint_every_steps=4",
           "--config.log_loss_every_steps=5", "--config.max_checkpoints_to_keep=2"]
   full = tmp_path / "full"
-  result = helpers.run_module("md4_jax.main", *args, f"--workdir={full}")
+  result = helpers.run_module("md4_jax.train", *args, f"--workdir={full}")
   assert result.returncode == 0, result.stderr[-3000:]
   part = tmp_path / "part"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen([sys.executable, "-m", "md4_jax.main", *args, f"--workdir={part}"],
+  proc = subprocess.Popen([sys.executable, "-m", "md4_jax.train", *args, f"--workdir={part}"],
                           cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 400
@@ -433,7 +434,7 @@ def test_sigterm_resume_is_bit_identical_and_the_clis_work_unchanged(tmp_path):
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0 and "Preempted at step" in out, err[-3000:]
   assert int(out.split("Preempted at step ")[1].split(":")[0]) < steps
-  result = helpers.run_module("md4_jax.main", *args, f"--workdir={part}")
+  result = helpers.run_module("md4_jax.train", *args, f"--workdir={part}")
   assert result.returncode == 0 and "Resuming from step" in result.stderr, result.stderr[-3000:]
   states = [workdir_lib.restore_run(str(w))[2] for w in (full, part)]
   assert all(int(s.step) == steps for s in states)

@@ -16,11 +16,11 @@ from scipy import stats as scipy_stats
 
 from configs import base
 from configs import digits
-from md4_jax import parallel
+from md4_jax.experiment import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules
-from md4_jax.train import build
-from md4_jax.train import step as step_lib
+from md4_jax.experiment import build
+from md4_jax.experiment import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIGITS = "--config=configs/digits.py:tiny"
@@ -37,11 +37,11 @@ def saved_workdir(workdir, config, step: int = 5, mesh=None, batches=()) -> str:
   """A run directory written in-process: config.json and one checkpoint (at `step`) of a
   freshly initialised state, after one train step per batch of `batches` (dicts with 'x') —
   what the CLIs read, without a training subprocess."""
-  from md4_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from md4_jax import run_config  # pylint: disable=g-import-not-at-top
-  from md4_jax.train import build  # pylint: disable=g-import-not-at-top
+  from md4_jax.run import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from md4_jax.run import saved_config  # pylint: disable=g-import-not-at-top
+  from md4_jax.experiment import build  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
-  run_config.save_config(config, str(workdir))
+  saved_config.save_config(config, str(workdir))
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(str(workdir)))
   experiment = build.setup(config, mesh)
   state = experiment.init_state()

@@ -17,7 +17,7 @@ import pytest
 
 import helpers
 from configs import synthetic_text
-from md4_jax import judge as judge_lib
+from md4_jax.metrics import judge as judge_lib
 
 import transformers  # noqa: E402  (the `judge` extra, in `test`)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
-from md4_jax import workdir as workdir_lib
+from md4_jax.run import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # Two JAX processes per run.
 
@@ -36,7 +36,7 @@ def test_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
   logs = [(tmp_path / "logs" / f"proc_{i}.log").read_text() for i in range(2)]
   assert two.returncode == 0, logs[0][-3000:] + logs[1][-3000:]
 
-  one = subprocess.run([sys.executable, "-m", "md4_jax.main", f"--workdir={tmp_path / 'one'}", *ARGS],
+  one = subprocess.run([sys.executable, "-m", "md4_jax.train", f"--workdir={tmp_path / 'one'}", *ARGS],
                        cwd=REPO, env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]

@@ -20,6 +20,7 @@ import pytest
 from configs import base
 from md4_jax import networks
 from md4_jax.diffusion import model as model_lib
+from md4_jax.networks import contract
 from md4_jax.networks import layers
 
 B = 2
@@ -302,7 +303,7 @@ def test_every_registered_network_builds_and_declares_its_head_contract(name):
   variables = _randomize(variables)
   logits = jax.jit(model.apply)(variables, z, t, cond)
   assert logits.shape == (B, *config.data_shape, config.vocab_size)
-  if isinstance(model, layers.FusedHeadNetwork):
+  if isinstance(model, contract.FusedHeadNetwork):
     feats = jax.jit(functools.partial(model.apply, method=type(model).features))(
         variables, z, t, cond)
     assert feats.h.shape == (B, *config.data_shape, config.transformer.width)

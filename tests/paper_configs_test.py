@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from md4_jax.train import build
+from md4_jax.experiment import build
 
 # Tracing every paper-size network (no compile) takes ~15 s: the full suite's tier.
 pytestmark = pytest.mark.slow

@@ -132,18 +132,19 @@ def test_sincos_2d_encodes_rows_and_columns():
 
 
 def test_unknown_choices_are_one_line_errors():
-  from md4_jax import run_config  # pylint: disable=g-import-not-at-top
+  from md4_jax.experiment import validation  # pylint: disable=g-import-not-at-top
+  from md4_jax.run import saved_config  # pylint: disable=g-import-not-at-top
   for group, field, value in (("transformer", "mlp", "relu"),
                               ("transformer", "positions", "alibi"),
                               ("transformer", "cond_act", "tanh"), ("unet", "film", "gate")):
     config = base.get_config()
     config[group][field] = value
     with pytest.raises(ValueError, match=f"Unknown {group}.{field} '{value}'"):
-      run_config.validate(config)
+      validation.validate(config)
   config = base.get_config()
   config.time_embedding = "learned"
   with pytest.raises(ValueError, match="Unknown time_embedding 'learned'"):
-    run_config.validate(config)
+    validation.validate(config)
 
 
 @pytest.mark.slow

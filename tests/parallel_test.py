@@ -6,9 +6,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import text8
-from md4_jax import checkpoint as checkpoint_lib
-from md4_jax import parallel
-from md4_jax.train import build
+from md4_jax.run import checkpoint as checkpoint_lib
+from md4_jax.experiment import parallel
+from md4_jax.experiment import build
 
 import helpers
 

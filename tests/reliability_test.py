@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import helpers
-from md4_jax import run_config
-from md4_jax import workdir as workdir_lib
-from md4_jax.train import build
-from md4_jax.train import loop
+from md4_jax.run import saved_config
+from md4_jax.run import workdir as workdir_lib
+from md4_jax.experiment import build
+from md4_jax.run import loop
 
 REPO = helpers.REPO
 TOTAL_STEPS = 30
@@ -25,7 +25,7 @@ TINY = ["--config.num_samples=0", "--config.eval_every_steps=0", "--config.sampl
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "md4_jax.main", helpers.TINY_DIGITS, f"--workdir={workdir}",
+  return [sys.executable, "-m", "md4_jax.train", helpers.TINY_DIGITS, f"--workdir={workdir}",
           *TINY, *extra]
 
 
@@ -228,7 +228,7 @@ def test_cli_bad_inputs_are_one_line_exit_2_and_create_nothing(tmp_path, argv, m
           for a in argv]
   workdir = [a for a in argv if a.startswith("--workdir=")] or [f"--workdir={tmp_path / 'run'}"]
   argv = [a for a in argv if not a.startswith("--workdir=")]
-  result = subprocess.run([sys.executable, "-m", "md4_jax.main", *argv, *workdir], cwd=REPO,
+  result = subprocess.run([sys.executable, "-m", "md4_jax.train", *argv, *workdir], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=600)
   assert message in _one_line_error(result)
   assert sorted(os.listdir(tmp_path)) == ["bad.py", "file"]
@@ -252,7 +252,7 @@ def test_config_changes_on_resume(tmp_path):
   with pytest.raises(ValueError, match="--allow_config_change"):
     loop.run(longer, str(tmp_path))
   assert loop.run(longer, str(tmp_path), allow_config_change=True)["step"] == 3
-  assert run_config.load_config(str(tmp_path)).num_train_steps == 3
+  assert saved_config.load_config(str(tmp_path)).num_train_steps == 3
   # Knobs proven numerically equivalent are safe to change; the parameter layout is not.
   knobs = _tiny_config(num_train_steps=3, checkpoint_every_steps=2, remat_policy="full",
                        attention_impl="chunked", grad_accum_steps=2)

@@ -165,8 +165,10 @@ def test_bad_combinations_are_refused(kwargs, match):
 
 import flax.linen as nn  # noqa: E402
 
-from md4_jax import run_config  # noqa: E402
-from md4_jax.train import step as step_lib  # noqa: E402
+from md4_jax.experiment import validation  # noqa: E402
+
+from md4_jax.run import saved_config  # noqa: E402
+from md4_jax.experiment import step as step_lib  # noqa: E402
 
 
 class ClassTable(nn.Module):
@@ -242,4 +244,4 @@ def test_label_dropout_trains_on_the_null_label():
   assert abs(float(jnp.mean(dropped == 10)) - 0.2) < 0.015
   config = helpers.digits_tiny(label_dropout=0.1, classes=0)
   with pytest.raises(ValueError, match="needs config.classes > 0"):
-    run_config.validate(config)
+    validation.validate(config)

@@ -17,7 +17,7 @@ from PIL import Image
 import helpers
 from configs import digits
 from configs import text8 as text8_config
-from md4_jax import run_config
+from md4_jax.run import saved_config
 
 # Each CLI run is a fresh process (~10 s of start-up and compiles): marked slow.
 
@@ -84,7 +84,7 @@ def test_text_prompt_infilling(tmp_path):
 def test_workdir_without_checkpoint_is_a_clean_error(tmp_path):
   workdir = tmp_path / "empty"
   workdir.mkdir()
-  run_config.save_config(digits.get_config(), str(workdir))
+  saved_config.save_config(digits.get_config(), str(workdir))
   result = _sample_cli(str(workdir))
   assert result.returncode == 2
   assert "Traceback" not in result.stderr

@@ -16,12 +16,12 @@ import pytest
 
 import helpers
 from helpers import CopyLeft
-from md4_jax import parallel
-from md4_jax import sample_metrics
+from md4_jax.experiment import parallel
+from md4_jax.metrics import sample_stats
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
 from md4_jax.diffusion import schedules
-from md4_jax.train import build
+from md4_jax.experiment import build
 
 V = 5
 L = 8
@@ -358,10 +358,10 @@ def test_bad_arguments_raise():
 
 def test_unigram_entropy():
   tokens = np.array([[3, 3, 3, 3], [0, 1, 0, 1], [0, 1, 2, 3]])
-  np.testing.assert_allclose(sample_metrics.unigram_entropy(tokens),
+  np.testing.assert_allclose(sample_stats.unigram_entropy(tokens),
                              [0.0, np.log(2), np.log(4)], atol=1e-12)
   images = np.random.default_rng(0).integers(0, 16, (2, 64, 64, 1))  # Extra axes: one sample.
-  np.testing.assert_allclose(sample_metrics.unigram_entropy(images), np.log(16), atol=0.01)
+  np.testing.assert_allclose(sample_stats.unigram_entropy(images), np.log(16), atol=0.01)
 
 
 def test_top_p_one_keeps_every_token_and_ties_keep_the_smallest_prefix():

@@ -13,8 +13,8 @@ from scipy import stats as scipy_stats
 import helpers
 from configs import synthetic_text
 from md4_jax import data as data_lib
-from md4_jax import evaluation
-from md4_jax import parallel
+from md4_jax.metrics import evaluation
+from md4_jax.experiment import parallel
 from md4_jax.data import synthetic
 
 
@@ -122,7 +122,7 @@ def test_trained_model_beats_the_unigram_bound_and_samples_are_scored(tmp_path):
   the samples' exact NLL under the source."""
   workdir = tmp_path / "run"
   result = helpers.run_module(
-      "md4_jax.main", "--config=configs/synthetic_text.py", f"--workdir={workdir}",
+      "md4_jax.train", "--config=configs/synthetic_text.py", f"--workdir={workdir}",
       "--config.num_train_steps=300", "--config.ema_rate=0.98", "--config.eval_every_steps=0",
       "--config.checkpoint_every_steps=300", "--config.num_samples=0")
   assert result.returncode == 0, result.stderr[-3000:]

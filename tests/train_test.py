@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import helpers
-from md4_jax import checkpoint as checkpoint_lib
+from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
-from md4_jax import parallel
-from md4_jax.train import build
-from md4_jax.train import loop
+from md4_jax.experiment import parallel
+from md4_jax.experiment import build
+from md4_jax.run import loop
 
 
 def tiny_config(variant="tiny", **overrides):
@@ -54,7 +54,7 @@ def _run_steps(step, state, batches, mesh):
 
 @pytest.mark.slow
 def test_same_seed_same_run_and_eight_devices_match_one():
-  from md4_jax.train import step as step_lib
+  from md4_jax.experiment import step as step_lib
   config = tiny_config()
   batches = _batches(config, 3)
   grads = {}
@@ -81,7 +81,7 @@ def test_same_seed_same_run_and_eight_devices_match_one():
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny", "tiny_genmd4"])
 def test_gradient_accumulation_equals_full_batch(variant):
-  from md4_jax.train import step as step_lib
+  from md4_jax.experiment import step as step_lib
   config = tiny_config(variant, batch_size=16)
   mesh, model, state, _ = _setup(config, jax.devices()[:1])
   batch = parallel.to_global(_batches(config, 1)[0], mesh)
@@ -118,7 +118,7 @@ def test_checkpoint_roundtrip_restores_identical_state_and_data(tmp_path):
 
 
 def _run_main(workdir, *overrides):
-  return helpers.run_module("md4_jax.main", helpers.TINY_DIGITS, f"--workdir={workdir}",
+  return helpers.run_module("md4_jax.train", helpers.TINY_DIGITS, f"--workdir={workdir}",
                             "--config.num_samples=4", "--config.log_loss_every_steps=5",
                             *overrides, devices=2)
 

@@ -91,7 +91,8 @@ import helpers  # noqa: E402
 from configs import openwebtext  # noqa: E402
 from md4_jax import data  # noqa: E402
 from md4_jax import evaluate  # noqa: E402
-from md4_jax import run_config  # noqa: E402
+from md4_jax.experiment import validation  # noqa: E402
+from md4_jax.run import saved_config  # noqa: E402
 from md4_jax.data import prepare  # noqa: E402
 from md4_jax.data import tokenized  # noqa: E402
 
@@ -196,7 +197,7 @@ def test_zero_shot_sets_are_evaluation_only(tmp_path):
   config = openwebtext.get_config("tiny")
   config.dataset = "lambada"
   with pytest.raises(ValueError, match="evaluation set.*--zero_shot=lambada"):
-    run_config.validate(config)
+    validation.validate(config)
   config.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match="--dataset=lambada .*--tokenizer="):
     data.create_datasets(config, 0, 1)
@@ -264,7 +265,7 @@ def test_a_set_tokenised_with_another_tokenizer_is_flagged(tmp_path, caplog):
   config.data_dir = str(tmp_path / "owt")
   (tmp_path / "owt").mkdir()
   (tmp_path / "owt" / "tokenizer.json").write_text('{"model": "gpt2"}')
-  run_config.save_config(config, str(tmp_path))
+  saved_config.save_config(config, str(tmp_path))
   for name, text in (("ptb", '{"model": "gpt2"}'), ("lambada", '{"model": "other"}')):
     (tmp_path / name).mkdir()
     (tmp_path / name / "tokenizer.json").write_text(text)

@@ -44,7 +44,7 @@ class TokenizedDataset:
     default_data_dir: Where shards live when config.data_dir is ''.
     train_split: The split training reads ('test' for the zero-shot
       evaluation sets, which have no other; training on them is refused by
-      `run_config.validate`).
+      `validation.validate`).
     prepare_args: Flags the prepare command needs besides --dataset and
       --data_dir (shown in the missing-data error).
   """

@@ -173,7 +173,7 @@ def chunked_nll(
   Args:
     h: [B, N, D] features (any float dtype).
     x: int [B, N] targets.
-    head: [B, C, D] -> [B, C, V] logits (e.g. layers.HeadInputs.logits).
+    head: [B, C, D] -> [B, C, V] logits (e.g. contract.HeadInputs.logits).
     chunk_size: C, positions per chunk (N is zero-padded to a multiple of C).
     terms: (logits [B, C, V], x [B, C]) -> a pytree of float [B, C] arrays.
 

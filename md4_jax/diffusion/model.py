@@ -2,7 +2,7 @@
 
 The network is an attribute, so any backbone (or a test's toy network) plugs in
 with the contract `network(z_t, t, cond=None, train=False) -> logits[..., V]`
-(and, for a `networks.layers.FusedHeadNetwork`, `network.features(...)`).
+(and, for a `contract.FusedHeadNetwork`, `network.features(...)`).
 The schedule is a `schedules.Schedule` object. Random streams: 'sample' (times
 and masks, drawn by `losses.draw_times_and_noise`), 'dropout' (in the network).
 """
@@ -17,6 +17,7 @@ import numpy as np
 
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import schedules as schedules_lib
+from md4_jax.networks import contract
 from md4_jax.networks import layers
 
 
@@ -50,12 +51,12 @@ class MD4(nn.Module):
     timesteps: T for the discrete-time loss.
     antithetic_time_sampling: stratify t across the batch.
     loss_chunk_size: if > 0 (the network must be a
-      layers.FusedHeadNetwork), the head and the cross-entropy run this many
+      contract.FusedHeadNetwork), the head and the cross-entropy run this many
       positions at a time (losses.chunked_nll), so the full [B, D, V] logits
       never exist in the loss-and-gradient step. Equal to the plain loss up
       to float summation order. 0 = plain.
     masked_head: evaluate the fused head and the cross-entropy only at the
-      masked positions (network: a layers.FusedHeadNetwork). Only they enter
+      masked positions (network: a contract.FusedHeadNetwork). Only they enter
       the NELBO, and there are N·(1 − α(t)) of them: half on average under the
       linear schedule. Each group of B/head_groups consecutive examples packs
       its masked positions into a buffer of static size C
@@ -198,15 +199,15 @@ class MD4(nn.Module):
       return jax.tree.map(lambda a: a.reshape(x.shape), out)
     return terms(self.predict(z_t, t, cond=cond, train=train), x)
 
-  def _features(self, z_t, t, cond, train, knob: str) -> layers.HeadInputs:
-    """The network's features and head (layers.FusedHeadNetwork); `knob` names
+  def _features(self, z_t, t, cond, train, knob: str) -> contract.HeadInputs:
+    """The network's features and head (contract.FusedHeadNetwork); `knob` names
     the setting that needs them, for the error."""
-    if not isinstance(self.network, layers.FusedHeadNetwork):
+    if not isinstance(self.network, contract.FusedHeadNetwork):
       raise ValueError(f"{knob} needs a network with a fused head "
-                       f"(layers.FusedHeadNetwork); {type(self.network).__name__} is not.")
+                       f"(contract.FusedHeadNetwork); {type(self.network).__name__} is not.")
     return self.network.features(z_t, t, cond=cond, train=train)
 
-  def _head_terms(self, feats: layers.HeadInputs, h_RxLxD, x_RxL, terms,
+  def _head_terms(self, feats: contract.HeadInputs, h_RxLxD, x_RxL, terms,
                   packed: bool = False):
     """terms(head(h), x) over rows of positions: [R, L, D], [R, L] -> [R, L] leaves
     (a chunk of positions at a time with loss_chunk_size > 0).
@@ -293,7 +294,7 @@ class MD4(nn.Module):
 def check_fused_head(config, network: nn.Module) -> None:
   """Raises ValueError if loss_chunk_size > 0 or masked_head is on and `network`
   has no fused head."""
-  if isinstance(network, layers.FusedHeadNetwork):
+  if isinstance(network, contract.FusedHeadNetwork):
     return
   for knob, value, off in (("loss_chunk_size", config.loss_chunk_size, 0),
                            ("masked_head", config.masked_head, False)):
@@ -308,7 +309,7 @@ def build_model(config, network: nn.Module) -> MD4:
 
   Raises:
     ValueError: a bad schedule name, or loss_chunk_size > 0 or masked_head
-      with a network that is not a layers.FusedHeadNetwork.
+      with a network that is not a contract.FusedHeadNetwork.
   """
   check_fused_head(config, network)
   return MD4(

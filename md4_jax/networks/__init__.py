@@ -11,8 +11,8 @@ Every network is a Flax linen module called as
   logits: [B, *data_shape, V] float32, over the V real tokens.
 
 A network whose last layer is a per-position linear head declares it by
-inheriting `layers.FusedHeadNetwork` and offers
-`features(z, t, cond, train) -> layers.HeadInputs` (features and the head's
+inheriting `contract.FusedHeadNetwork` and offers
+`features(z, t, cond, train) -> contract.HeadInputs` (features and the head's
 parameters): the loss can then apply the head chunk by chunk
 (diffusion/losses.chunked_nll, config.loss_chunk_size).
 
@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from md4_jax.networks import contract
 from md4_jax.networks import layers
 from md4_jax.networks.transformer import Transformer
 from md4_jax.networks.unet import UNet

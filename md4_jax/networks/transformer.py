@@ -45,8 +45,8 @@ jax.checkpoint policy (layers.REMAT_POLICIES); `scan_layers` runs the blocks as
 one `nn.scan` over stacked parameters (one compiled block, and the backward
 pass recomputes block by block inside the loop, which is what makes remat
 effective on backends whose scheduler may hoist recomputation, e.g. CPU).
-The transformer is a `layers.FusedHeadNetwork`: `features` hands the final
-features and the head's parameters to the loss (layers.HeadInputs).
+The transformer is a `contract.FusedHeadNetwork`: `features` hands the final
+features and the head's parameters to the loss (contract.HeadInputs).
 """
 
 from typing import Any, Optional
@@ -56,7 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4_jax.networks import contract
 from md4_jax.networks import layers
+from md4_jax.networks import head as head_lib
 
 Array = jax.Array
 Dtype = Any
@@ -232,7 +234,7 @@ class ScannedBlock(nn.Module):
     return block_cls(**self.block_kwargs, name="block")(x_BxLxD, c_BxC, self.train), None
 
 
-class Transformer(nn.Module, layers.FusedHeadNetwork):
+class Transformer(nn.Module, contract.FusedHeadNetwork):
   """MD4 denoising transformer: (z, t, cond) -> logits over the V real tokens.
 
   Attributes:
@@ -306,7 +308,7 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
       t: Array,
       cond: Optional[Array] = None,
       train: bool = False,
-  ) -> layers.HeadInputs:
+  ) -> contract.HeadInputs:
     """The final features and the head's parameters.
 
     Args:
@@ -316,7 +318,7 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
       train: enables dropout (rng stream 'dropout').
 
     Returns:
-      layers.HeadInputs: h [B, *data_shape, D] and the head's kernel and bias.
+      contract.HeadInputs: h [B, *data_shape, D] and the head's kernel and bias.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     batch_size, data_shape = z.shape[0], z.shape[1:]
@@ -396,6 +398,6 @@ class Transformer(nn.Module, layers.FusedHeadNetwork):
     )(c_BxC)
     x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
     x_BxLxD = layers.modulate(x_BxLxD, shift, scale)
-    feats = layers.LinearHead(self.vocab_size, use_bias=self.head_bias,
+    feats = head_lib.LinearHead(self.vocab_size, use_bias=self.head_bias,
                               zero_init=self.zero_init_head, name="head", **kw).inputs(x_BxLxD)
     return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))

@@ -28,13 +28,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from md4_jax import networks
-from md4_jax import optim
-from md4_jax import parallel
+from md4_jax.experiment import optimizer as optimizer_lib
+from md4_jax.experiment import parallel
 from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
-from md4_jax.train import state as state_lib
-from md4_jax.train import step as step_lib
+from md4_jax.experiment import state as state_lib
+from md4_jax.experiment import step as step_lib
 
 
 def sharding_rules(config: ml_collections.ConfigDict) -> parallel.Rules:
@@ -218,7 +218,7 @@ def setup(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> Exp
                        f"per microbatch: batch_size={config.batch_size} must be divisible by "
                        f"{groups} x grad_accum_steps={config.grad_accum_steps}.")
     model = model.clone(head_groups=groups)
-  optimizer, lr_schedule = optim.build_optimizer(config)
+  optimizer, lr_schedule = optimizer_lib.build_optimizer(config)
   boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(

@@ -14,14 +14,14 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from md4_jax import checkpoint as checkpoint_lib
-from md4_jax import parallel
-from md4_jax import run_config
-from md4_jax.train import build
-from md4_jax.train import state as state_lib
+from md4_jax.run import checkpoint as checkpoint_lib
+from md4_jax.experiment import parallel
+from md4_jax.run import saved_config
+from md4_jax.experiment import build
+from md4_jax.experiment import state as state_lib
 
 
-def saved_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
+def stored_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
   """The config the run in `workdir` was started with, or None if there is no run.
 
   The newest checkpoint that stores one is the truth; config.json (its readable
@@ -33,17 +33,17 @@ def saved_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
     stored = ckpt.saved_config()
     ckpt.close()
     if stored is not None:
-      return run_config.config_from_dict(stored)
-  if (epath.Path(workdir) / run_config.CONFIG_FILE).exists():
-    return run_config.load_config(workdir)
+      return saved_config.config_from_dict(stored)
+  if (epath.Path(workdir) / saved_config.CONFIG_FILE).exists():
+    return saved_config.load_config(workdir)
   return None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """`saved_config`, or FileNotFoundError for a directory that holds no run."""
-  config = saved_config(workdir)
+  """`stored_config`, or FileNotFoundError for a directory that holds no run."""
+  config = stored_config(workdir)
   if config is None:
-    return run_config.load_config(workdir)  # Raises the not-a-workdir error.
+    return saved_config.load_config(workdir)  # Raises the not-a-workdir error.
   return config
 
 
@@ -69,7 +69,7 @@ def checkpoint_step(workdir: str, step: Optional[int] = None) -> int:
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"No checkpoint under {directory!r}: train first (python -m "
-                            f"md4_jax.main --config=... --workdir={workdir}) or check --workdir.")
+                            f"md4_jax.train --config=... --workdir={workdir}) or check --workdir.")
   if step is None:
     return steps[-1]
   if step not in steps:

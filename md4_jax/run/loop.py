@@ -1,9 +1,11 @@
-"""Restore or initialise, train; periodic eval, samples, checkpoints and metrics.
+"""The training run in three parts: setup (validate, build, restore or initialise),
+loop (steps; periodic eval, samples, checkpoints and metrics), finish (final eval).
 
 This is the only training loop: `build.setup` jits one step over a mesh that
 serves one CPU as well as many devices and processes.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -17,25 +19,26 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
-from md4_jax import checkpoint as checkpoint_lib
+from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax import data as data_lib
-from md4_jax import evaluation
-from md4_jax import parallel
-from md4_jax import preemption
-from md4_jax import run_config
-from md4_jax import visualize
-from md4_jax import workdir as workdir_lib
+from md4_jax.metrics import evaluation
+from md4_jax.experiment import parallel
+from md4_jax.run import preemption
+from md4_jax.run import saved_config
+from md4_jax.metrics import pictures
+from md4_jax.run import workdir as workdir_lib
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers
-from md4_jax.train import build
-from md4_jax.train import step as step_lib
+from md4_jax.experiment import build
+from md4_jax.experiment import validation
+from md4_jax.experiment import step as step_lib
 
 SAMPLE_RNG_SALT = 2  # Periodic samples: fold_in(fold_in(key(seed), salt), step).
 
 
 def write_samples(tokens, datasets, config, workdir: str, step: int, writer) -> str:
   """Writes a PNG grid (images) or a text file (text) and logs it to TensorBoard."""
-  path, shown = visualize.save_samples(
+  path, shown = pictures.save_samples(
       tokens, os.path.join(workdir, "samples", f"step_{step:08d}"), config.vocab_size,
       datasets.info.text_codec(config.data_dir))
   if isinstance(shown, np.ndarray):
@@ -57,7 +60,7 @@ def schedule_summary(model, params, writer=None, step: int = 0) -> dict[str, flo
   if writer is not None:
     writer.write_scalars(step, {k: v for k, v in summary.items() if "arg" not in k})
     writer.write_histograms(step, {"genmd4_powers": w})
-    writer.write_images(step, {"genmd4_powers_per_token": visualize.bar_image(w)[None]})
+    writer.write_images(step, {"genmd4_powers_per_token": pictures.bar_image(w)[None]})
   return summary
 
 
@@ -92,7 +95,7 @@ def save_run_info(config, workdir: str, num_params: int) -> None:
   """Writes the config and the software/hardware it ran on into the workdir."""
   if jax.process_index() != 0:
     return
-  run_config.save_config(config, workdir)
+  saved_config.save_config(config, workdir)
   import flax, optax  # pylint: disable=g-import-not-at-top,multiple-imports
   info = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
@@ -146,19 +149,45 @@ class _MetricLog:
     self._writer.write_scalars(step, summary)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`. Returns the final eval metrics.
+@dataclasses.dataclass
+class Run:
+  """What `setup` hands the loop: the built experiment and everything the run writes to."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  experiment: build.Experiment
+  datasets: data_lib.Datasets
+  checkpointer: checkpoint_lib.Checkpointer
+  writer: Any
+  state: Any
+  first_batch: dict
+  num_params: int
+
+
+@dataclasses.dataclass
+class Outcome:
+  """Where the loop stopped."""
+
+  state: Any
+  step: int
+  initial_step: int
+  eval_metrics: dict[str, Any]
+  preempted: bool
+  seconds: float
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> Run:
+  """Validates, builds, and restores or initialises; nothing is written until every check passed.
 
   Everything that can be wrong with the inputs (value ranges, names, shapes,
   batch sizes, the workdir, a changed config, bad tokens) raises before
   anything is compiled or written. A resume starts from the newest checkpoint
   that verifies (corrupt ones are reported and moved aside).
   """
-  # ------------------- validate and build; nothing is written until all pass ---
-  run_config.validate(config)
+  validation.validate(config)
   check_workdir_path(workdir)
   experiment = build.setup(config)
-  mesh, model = experiment.mesh, experiment.model
+  mesh = experiment.mesh
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   if config.num_samples > 0:
@@ -166,10 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
-  metric = datasets.info.metric
   # The run's identity: the config in its checkpoints (config.json only if it has none).
-  changes = run_config.check_resume(workdir_lib.saved_config(workdir), config,
-                                    allow_config_change, workdir)
+  changes = saved_config.check_resume(workdir_lib.stored_config(workdir), config,
+                                      allow_config_change, workdir)
   if changes:
     logging.warning("Resuming with changed safe config keys: %s", changes)
   resumed = bool(workdir_lib.checkpoint_steps(workdir))
@@ -188,7 +216,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
     model_lib.check_tokens(first_batch["x"], config.vocab_size)
   else:
     state = experiment.init_state()
-  saved_config = run_config.plain(config)
 
   num_params = experiment.num_params
   save_run_info(config, workdir, num_params)
@@ -198,11 +225,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if not resumed:
     writer.write_texts(0, {"config": f"```\n{config}\n```"})
+  return Run(config=config, workdir=workdir, experiment=experiment, datasets=datasets,
+             checkpointer=checkpointer, writer=writer, state=state, first_batch=first_batch,
+             num_params=num_params)
 
+
+def evaluate_params(run: Run, params) -> dict[str, Any]:
+  """The held-out NELBO of `params` (one pass over the eval split)."""
+  return evaluation.evaluate(run.experiment.eval_step(), params, run.datasets, run.experiment.mesh,
+                             run.experiment.model.num_positions, run.config.seed,
+                             progress=_eval_progress(run))
+
+
+def _eval_progress(run: Run) -> evaluation.Progress:
+  return evaluation.Progress(run.datasets.num_eval_batches,
+                             f"eval {run.datasets.info.name}/{run.datasets.eval_split}", bar=False)
+
+
+def loop(run: Run) -> Outcome:
+  """Steps from the run's state to config.num_train_steps (or a preemption).
+
+  Periodically logs (one step late), evaluates, samples and checkpoints; a
+  non-finite update is skipped or stops the run (config.nan_policy).
+  """
+  config, experiment, datasets = run.config, run.experiment, run.datasets
+  mesh, model, writer, checkpointer = experiment.mesh, experiment.model, run.writer, run.checkpointer
+  metric = datasets.info.metric
+  config_tree = saved_config.plain(config)
   train_step = experiment.train_step
-  eval_step = experiment.eval_step()
-  eval_progress = evaluation.Progress(datasets.num_eval_batches,
-                                      f"eval {datasets.info.name}/{datasets.eval_split}", bar=False)
   if config.num_samples > 0:
     sample_fn = experiment.sampler(steps=config.sampling_steps, grid=config.sampling_grid)
     sample_z = samplers.all_masked(model, config.num_samples)
@@ -210,10 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
   watcher = preemption.PreemptionWatcher()
 
-  def run_eval(params) -> dict[str, Any]:
-    return evaluation.evaluate(eval_step, params, datasets, mesh, model.num_positions,
-                               config.seed, progress=eval_progress)
-
+  state = run.state
   total = config.num_train_steps
   step = int(state.step)
   initial_step = step
@@ -244,7 +291,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
 
   try:
     with metric_writers.ensure_flushes(writer):
-      batch = first_batch
+      batch = run.first_batch
       while step < total:
         if batch is None:
           batch = next(datasets.train_iter)
@@ -264,7 +311,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
         if due(config.eval_every_steps):
           log.flush()
           with report.timed("eval"):
-            eval_metrics = run_eval(state.ema_params)
+            eval_metrics = evaluate_params(run, state.ema_params)
           writer.write_scalars(step, {k: v for k, v in eval_metrics.items()
                                       if isinstance(v, float)})
           eval_metrics.update(schedule_summary(model, state.ema_params, writer, step))
@@ -275,15 +322,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
                                   jax.random.fold_in(sample_rng, step), sample_z, sample_cond)
             tokens = parallel.gather(tokens)
             if jax.process_index() == 0:
-              logging.info("Samples: %s", write_samples(tokens, datasets, config, workdir, step,
-                                                        writer))
+              logging.info("Samples: %s", write_samples(tokens, datasets, config, run.workdir,
+                                                        step, writer))
         preempted = watcher.reached(step)
         if due(config.checkpoint_every_steps) or preempted:
           if pending_finite is not None:
             check_finite(pending_finite)
             pending_finite = None
           with report.timed("checkpoint"):
-            checkpointer.save(step, state, datasets.train_iter, saved_config)
+            checkpointer.save(step, state, datasets.train_iter, config_tree)
         if preempted:
           logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
                           "resume.", step)
@@ -294,24 +341,39 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
   finally:
     watcher.close()
     writer.flush()
+  return Outcome(state=state, step=step, initial_step=initial_step, eval_metrics=eval_metrics,
+                 preempted=preempted, seconds=time.time() - start)
 
-  if preempted:
+
+def finish(run: Run, outcome: Outcome) -> dict[str, Any]:
+  """The final evaluation and final_metrics.json (or the preemption report); closes the run."""
+  checkpointer, writer = run.checkpointer, run.writer
+  step = outcome.step
+  if outcome.preempted:
     checkpointer.close()
     writer.close()
     print(f"Preempted at step {step}: checkpoint saved in {checkpointer.directory}; re-run the "
           "same command to resume.", flush=True)
     return {"step": step, "preempted": True}
+  eval_metrics = outcome.eval_metrics
   if not eval_metrics:  # Nothing left to train: evaluate the restored state.
-    eval_metrics = run_eval(state.ema_params)
-    eval_metrics.update(schedule_summary(model, state.ema_params))
-  elapsed = time.time() - start
-  eval_metrics.update(step=step, num_params=num_params, train_seconds=elapsed,
-                      steps_per_second=(step - initial_step) / elapsed if step > initial_step else 0.0)
+    eval_metrics = evaluate_params(run, outcome.state.ema_params)
+    eval_metrics.update(schedule_summary(run.experiment.model, outcome.state.ema_params))
+  trained = step - outcome.initial_step
+  eval_metrics.update(step=step, num_params=run.num_params, train_seconds=outcome.seconds,
+                      steps_per_second=trained / outcome.seconds if trained > 0 else 0.0)
   if jax.process_index() == 0:
-    (epath.Path(workdir) / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
+    (epath.Path(run.workdir) / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
   checkpointer.close()
   writer.close()
+  metric = run.datasets.info.metric
   print(f"Final eval at step {step}: {evaluation.describe(eval_metrics, metric, 'eval_')} "
         f"(NELBO {eval_metrics['eval_loss']:.3f} nats/example) on "
         f"{eval_metrics['eval_examples']} held-out examples.", flush=True)
   return eval_metrics
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`: setup, loop, finish. Returns the final eval metrics."""
+  started = setup(config, workdir, allow_config_change)
+  return finish(started, loop(started))

@@ -18,7 +18,7 @@ import tqdm
 from absl import logging
 from jax.sharding import Mesh
 
-from md4_jax import parallel
+from md4_jax.experiment import parallel
 
 EVAL_RNG_SALT = 1  # Eval noise is fixed per seed: fold_in(key(seed), salt).
 

@@ -12,7 +12,7 @@ import optax
 
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
-from md4_jax.train.state import TrainState
+from md4_jax.experiment.state import TrainState
 
 Batch = Mapping[str, jax.Array]
 

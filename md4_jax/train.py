@@ -1,0 +1,36 @@
+r"""Trains an MD4 model.
+
+  python -m md4_jax.train --config=configs/digits.py --workdir=/tmp/md4_digits \
+      [--config.num_train_steps=500 ...]
+
+Re-running the same command resumes from the latest checkpoint in --workdir.
+Multi-process: add --distributed (see md4_jax/cli.py and launch/).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes summaries.
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from md4_jax import cli  # noqa: E402
+from md4_jax.run import loop  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume even though safe config keys (frequencies, num_train_steps, devices, numerically "
+    "equivalent memory knobs...) changed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  cli.start(argv)
+  cli.run(lambda: loop.run(_CONFIG.value, _WORKDIR.value,
+                           allow_config_change=_ALLOW_CONFIG_CHANGE.value), "md4_jax")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.flags_parser("md4_jax"))
