@@ -28,7 +28,10 @@ setuptools.setup(
     name="md4_jax",
     version="0.1.0",
     description="Simplified and generalized masked diffusion (MD4) in JAX/Flax.",
-    packages=setuptools.find_packages(include=["md4_jax", "md4_jax.*", "configs"]),
+    # The configs live in the top-level configs/ folder of a clone and install as
+    # md4_jax.configs (no top-level `configs` package in site-packages).
+    packages=[*setuptools.find_packages(include=["md4_jax", "md4_jax.*"]), "md4_jax.configs"],
+    package_dir={"md4_jax.configs": "configs"},
     python_requires=">=3.10",
     install_requires=_RUNTIME,
     extras_require={

@@ -31,8 +31,8 @@ import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import openwebtext  # noqa: E402
-from configs import text8  # noqa: E402
+from md4_jax.configs import openwebtext  # noqa: E402
+from md4_jax.configs import text8  # noqa: E402
 from md4_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.experiment import build  # noqa: E402

@@ -50,11 +50,11 @@ import tensorflow_datasets as tfds
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import cifar10 as cifar10_config
-from configs import digits as digits_config
-from configs import imagenet64 as imagenet64_config
-from configs import openwebtext as openwebtext_config
-from configs import text8 as text8_config
+from md4_jax.configs import cifar10 as cifar10_config
+from md4_jax.configs import digits as digits_config
+from md4_jax.configs import imagenet64 as imagenet64_config
+from md4_jax.configs import openwebtext as openwebtext_config
+from md4_jax.configs import text8 as text8_config
 from md4_jax import data
 from md4_jax.data import images
 from md4_jax.data import prepare

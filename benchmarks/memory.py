@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import openwebtext  # noqa: E402
+from md4_jax.configs import openwebtext  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import model as model_lib  # noqa: E402
 from md4_jax.experiment import build  # noqa: E402

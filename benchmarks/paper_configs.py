@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import train as train_bench  # noqa: E402
-from configs import cifar10, imagenet64, openwebtext, text8  # noqa: E402
+from md4_jax.configs import cifar10, imagenet64, openwebtext, text8  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import losses  # noqa: E402
 from md4_jax.experiment import build  # noqa: E402

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import digits
-from configs import text8
+from md4_jax.configs import digits
+from md4_jax.configs import text8
 from md4_jax.experiment import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import samplers

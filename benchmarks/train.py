@@ -63,10 +63,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import base as configs_base  # noqa: E402
-from configs import cifar10  # noqa: E402
-from configs import openwebtext  # noqa: E402
-from configs import text8  # noqa: E402
+from md4_jax.configs import base as configs_base  # noqa: E402
+from md4_jax.configs import cifar10  # noqa: E402
+from md4_jax.configs import openwebtext  # noqa: E402
+from md4_jax.configs import text8  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import losses  # noqa: E402
 from md4_jax.experiment import build  # noqa: E402

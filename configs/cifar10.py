@@ -15,7 +15,7 @@ The MD4 paper reports 2.78 bits/dim on the test split. Needs the TFDS ArrayRecor
   python -m md4_jax.train --config=configs/cifar10.py:tiny --workdir=/tmp/c10
 """
 
-from configs import base
+from md4_jax.configs import base
 
 VARIANTS = ("", "tiny", "wide_cond")
 

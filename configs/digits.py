@@ -15,7 +15,7 @@ split; MD4 should clearly beat it in a few minutes on a 2-core CPU.
   python -m md4_jax.train --config=configs/digits.py:genmd4 --workdir=/tmp/genmd4_digits
 """
 
-from configs import base
+from md4_jax.configs import base
 
 
 VARIANTS = ("", "cond", "tiny", "tiny_cond", "genmd4", "tiny_genmd4")

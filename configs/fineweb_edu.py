@@ -9,7 +9,7 @@ MD4-S network and recipe on it); the variants are those of configs/openwebtext.p
       --config.data_dir=$DATA
 """
 
-from configs import openwebtext
+from md4_jax.configs import openwebtext
 
 VARIANTS = openwebtext.VARIANTS
 

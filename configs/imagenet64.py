@@ -13,7 +13,7 @@ paper reports 3.42 bits/dim. Unlabelled in TFDS, so unconditional.
       --config.data_dir=$DATA
 """
 
-from configs import base
+from md4_jax.configs import base
 
 VARIANTS = ("", "best_likelihood", "tiny")
 

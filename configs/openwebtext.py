@@ -12,7 +12,7 @@ schedule, no dropout, uniform sampling grid). Tokenise and pack once, then train
       --config.data_dir=$DATA
 """
 
-from configs import base
+from md4_jax.configs import base
 
 VARIANTS = ("", "medium", "tiny", "genmd4", "wide_cond")
 

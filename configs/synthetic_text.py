@@ -17,7 +17,7 @@ masked token then needs two neighbours on each side, and the same model stays
 
 import ml_collections
 
-from configs import base
+from md4_jax.configs import base
 
 
 VARIANTS = ("", "order2", "tiny")

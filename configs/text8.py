@@ -11,7 +11,7 @@ The data is the canonical 100M-character file, split 90M/5M/5M.
   python -m md4_jax.train --config=configs/text8.py:tiny --workdir=/tmp/t8
 """
 
-from configs import base
+from md4_jax.configs import base
 
 VARIANTS = ("", "tiny", "genmd4", "wide_cond")
 

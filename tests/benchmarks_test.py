@@ -105,7 +105,7 @@ def test_sample_quality_benchmark(tmp_path):
   """The frontier script on untrained tiny runs: every row scored, the table, JSON and plot."""
   import json  # pylint: disable=g-import-not-at-top
   import helpers  # pylint: disable=g-import-not-at-top
-  from configs import digits, synthetic_text  # pylint: disable=g-import-not-at-top
+  from md4_jax.configs import digits, synthetic_text  # pylint: disable=g-import-not-at-top
   text = helpers.saved_workdir(tmp_path / "text", synthetic_text.get_config("tiny"))
   image = helpers.saved_workdir(tmp_path / "image", digits.get_config("tiny_cond"))
   out = tmp_path / "quality"

@@ -17,8 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import base
-from configs import digits as digits_config
+from md4_jax.configs import base
+from md4_jax.configs import digits as digits_config
 from md4_jax import data
 from md4_jax.data import common
 from md4_jax.data import digits
@@ -192,7 +192,7 @@ def test_iterator_checkpoints_with_orbax(tmp_path):
 _RESTORE_IN_FRESH_PROCESS = textwrap.dedent("""
     import json, sys
     import grain, numpy as np, orbax.checkpoint as ocp
-    from configs import digits as digits_config
+    from md4_jax.configs import digits as digits_config
     from md4_jax import data
     workdir, overrides, n = sys.argv[1], json.loads(sys.argv[2]), int(
         sys.argv[3])

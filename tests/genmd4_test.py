@@ -283,7 +283,7 @@ def test_schedule_exponents_get_no_weight_decay():
 def test_fused_head_chunks_give_the_plain_loss_and_gradients():
   """GenMD4 on a transformer with loss_chunk_size > 0 (the OpenWebText setting): the
   chunked head computes −log μ_x and Σ_v w_v μ_v exactly as the full logits do."""
-  from configs import text8  # pylint: disable=g-import-not-at-top
+  from md4_jax.configs import text8  # pylint: disable=g-import-not-at-top
   config = text8.get_config("tiny")
   config.update(model="genmd4", noise_schedule="linear", dropout_rate=0.0)
   config.data_shape = (24,)

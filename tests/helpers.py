@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as scipy_stats
 
-from configs import base
-from configs import digits
+from md4_jax.configs import base
+from md4_jax.configs import digits
 from md4_jax.experiment import parallel
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import helpers
-from configs import synthetic_text
+from md4_jax.configs import synthetic_text
 from md4_jax.metrics import judge as judge_lib
 
 import transformers  # noqa: E402  (the `judge` extra, in `test`)

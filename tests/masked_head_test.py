@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from configs import base
+from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.experiment import parallel
 from md4_jax.run import saved_config

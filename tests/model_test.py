@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import helpers
-from configs import base
+from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.networks import layers
 from md4_jax.networks import transformer

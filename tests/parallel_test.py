@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import text8
+from md4_jax.configs import text8
 from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.experiment import parallel
 from md4_jax.experiment import build

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 import helpers
-from configs import digits
-from configs import text8 as text8_config
+from md4_jax.configs import digits
+from md4_jax.configs import text8 as text8_config
 from md4_jax.run import saved_config
 
 # Each CLI run is a fresh process (~10 s of start-up and compiles): marked slow.
@@ -98,7 +98,7 @@ def test_workdir_without_checkpoint_is_a_clean_error(tmp_path):
 
 @pytest.mark.slow
 def test_remdm_and_ordered_samplers_from_the_cli(tmp_path):
-  from configs import synthetic_text  # pylint: disable=g-import-not-at-top
+  from md4_jax.configs import synthetic_text  # pylint: disable=g-import-not-at-top
   workdir = _make_workdir(tmp_path / "synth", synthetic_text.get_config("tiny"))
   for flags, stem in ((["--sampler=remdm", "--eta=0.3", "--remask=rescale"],
                        "ckpt00000000_remdm_rescale0.3_6steps_seed0"),

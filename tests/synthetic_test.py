@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 import helpers
-from configs import synthetic_text
+from md4_jax.configs import synthetic_text
 from md4_jax import data as data_lib
 from md4_jax.metrics import evaluation
 from md4_jax.experiment import parallel

@@ -151,7 +151,7 @@ def test_command_trains_checkpoints_and_resumes(tmp_path):
 def test_text_runs_report_bits_per_char_never_bits_per_dim(tmp_path, monkeypatch, capsys, caplog):
   """text8 (a generated file, splits shrunk): log lines, the final line and
   final_metrics.json name bits per character."""
-  from configs import text8 as text8_config  # pylint: disable=g-import-not-at-top
+  from md4_jax.configs import text8 as text8_config  # pylint: disable=g-import-not-at-top
   from md4_jax.data import common, text8  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   (tmp_path / "text8").write_text("".join(rng.choice(list(text8.CHARS), 2000)))

@@ -88,7 +88,7 @@ import tarfile  # noqa: E402
 import zipfile  # noqa: E402
 
 import helpers  # noqa: E402
-from configs import openwebtext  # noqa: E402
+from md4_jax.configs import openwebtext  # noqa: E402
 from md4_jax import data  # noqa: E402
 from md4_jax import evaluate  # noqa: E402
 from md4_jax.experiment import validation  # noqa: E402
