@@ -1,10 +1,36 @@
 """Defaults shared by every md4_jax config.
 
-Dataset configs import this module, call `get_config()` and override fields.
-Every field is read somewhere; units and choices are in the comments.
+Dataset configs import this module, call `get_config()`, name their dataset with
+`set_dataset` (which copies vocab_size, data_shape and classes from the dataset's
+`DatasetInfo` record) and override fields. Every field is read somewhere; units
+and choices are in the comments. docs/configs.md explains the rest.
 """
 
 import ml_collections
+
+from md4_jax import data
+
+
+def set_dataset(config: ml_collections.ConfigDict, name: str, *, conditional: bool = False
+                ) -> ml_collections.ConfigDict:
+  """Points `config` at dataset `name` and copies the facts its `DatasetInfo` record knows.
+
+  Sets config.dataset, config.vocab_size (the record's V), config.data_shape (its image
+  shape, or (L,) with its default sequence length for text) and config.classes (its
+  number of labels if `conditional`, else 0). A config that wants other values (a shorter
+  L for a smoke run) assigns them afterwards; so do `--config.KEY=...` flags.
+
+  Raises:
+    ValueError: an unknown dataset, or `conditional` for a dataset without labels.
+  """
+  info = data.get_info(name)
+  if conditional and not info.classes:
+    raise ValueError(f"Dataset {name!r} has no labels: it cannot be class-conditional.")
+  config.dataset = name
+  config.vocab_size = info.vocab_size
+  config.data_shape = info.default_data_shape
+  config.classes = info.classes if conditional else 0
+  return config
 
 
 def check_variant(arg, config_file: str, variants: tuple[str, ...]) -> str:
@@ -125,12 +151,13 @@ def get_config():
   config.seed = 0  # Seeds parameters, time/mask draws, dropout and data order.
 
   # ---------------------------------------------------------------- data ---
-  # digits | cifar10 | imagenet64 | text8 | openwebtext | fineweb_edu | synthetic_text
-  config.dataset = "digits"
+  # dataset: a name of md4_jax.data.DATASETS (digits, cifar10, text8, openwebtext, ...).
+  # set_dataset copies from its DatasetInfo record (a config may override them after):
+  #   vocab_size: V, tokens take values in [0, V); the mask id is V.
+  #   data_shape: shape of one example: (L,) text, (H, W, C) images.
+  #   classes: number of class labels for conditioning; 0 = unconditional.
+  set_dataset(config, "digits")
   config.data_dir = ""  # Where prepared data lives ('' = the dataset's default).
-  config.data_shape = (8, 8, 1)  # Shape of one example: (L,) text, (H, W, C) images.
-  config.vocab_size = 17  # V: tokens take values in [0, V); the mask id is V.
-  config.classes = 0  # Number of class labels for conditioning; 0 = unconditional.
   # Classifier-free guidance: train on the null label (id = classes) with this probability,
   # then sample with `md4_jax.sample --guidance=w`. 0 = off.
   config.label_dropout = 0.0

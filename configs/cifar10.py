@@ -25,10 +25,7 @@ def get_config(arg=None):
   scale+shift conditioning from a 512-wide embedding) or 'tiny' (CPU smoke runs)."""
   arg = base.check_variant(arg, "configs/cifar10.py", VARIANTS)
   config = base.get_config()
-  config.dataset = "cifar10"
-  config.data_shape = (32, 32, 3)
-  config.vocab_size = 256
-  config.classes = 0
+  base.set_dataset(config, "cifar10")  # Unconditional: the labels are not used.
   config.random_flip = False  # Off for likelihood (bits/dim) runs, as in the paper.
 
   config.noise_schedule = "linear"

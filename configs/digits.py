@@ -28,10 +28,7 @@ def get_config(arg=None):
   'tiny_genmd4' (the same with a tiny network and batch, for smoke runs)."""
   arg = base.check_variant(arg, "configs/digits.py", VARIANTS)
   config = base.get_config()
-  config.dataset = "digits"
-  config.data_shape = (8, 8, 1)
-  config.vocab_size = 17
-  config.classes = 10 if arg.endswith("cond") else 0
+  base.set_dataset(config, "digits", conditional=arg.endswith("cond"))
   # Class-conditional runs also learn p(x) on 10% null labels: classifier-free guidance
   # (`md4_jax.sample --guidance=w`) then applies.
   config.label_dropout = 0.1 if arg.endswith("cond") else 0.0

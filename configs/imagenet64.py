@@ -22,10 +22,7 @@ def get_config(arg=None):
   """arg: '' (the paper's UViT 8 + 20), 'best_likelihood' (24 + 12) or 'tiny' (CPU smoke run)."""
   arg = base.check_variant(arg, "configs/imagenet64.py", VARIANTS)
   config = base.get_config()
-  config.dataset = "imagenet64"
-  config.data_shape = (64, 64, 3)
-  config.vocab_size = 256
-  config.classes = 0
+  base.set_dataset(config, "imagenet64")
   config.random_flip = False
 
   config.noise_schedule = "linear"

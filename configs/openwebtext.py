@@ -22,10 +22,7 @@ def get_config(arg=None, dataset: str = "openwebtext", config_file: str = "confi
   (md4_jax's own transformer design at MD4-S size) or 'tiny' (CPU smoke run)."""
   arg = base.check_variant(arg, config_file, VARIANTS)
   config = base.get_config()
-  config.dataset = dataset
-  config.data_shape = (1024,)
-  config.vocab_size = 50257
-  config.classes = 0
+  base.set_dataset(config, dataset)
   config.noise_schedule = "linear"
   base.paper_transformer(config)
   base.paper_recipe(config, learning_rate=3e-4, warmup_steps=2000, b2=0.999, weight_decay=0.03,

@@ -27,10 +27,7 @@ def get_config(arg=None):
   """arg: '' (a few minutes on 2 CPU cores), 'order2' (a harder source) or 'tiny' (seconds)."""
   arg = base.check_variant(arg, "configs/synthetic_text.py", VARIANTS)
   config = base.get_config()
-  config.dataset = "synthetic_text"
-  config.data_shape = (32,)
-  config.vocab_size = 8
-  config.classes = 0
+  base.set_dataset(config, "synthetic_text")
   # The source: order-k Markov chain, Dirichlet(concentration) transitions drawn with seed.
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.order = 2 if arg == "order2" else 1

@@ -22,10 +22,7 @@ def get_config(arg=None):
   design, CPU smoke-run size)."""
   arg = base.check_variant(arg, "configs/text8.py", VARIANTS)
   config = base.get_config()
-  config.dataset = "text8"
-  config.data_shape = (256,)
-  config.vocab_size = 27
-  config.classes = 0
+  base.set_dataset(config, "text8")
   config.noise_schedule = "linear"
   base.paper_transformer(config, embed_dim=64)
   base.paper_recipe(config, learning_rate=5e-4, warmup_steps=2000, b2=0.999, weight_decay=0.03,

@@ -616,9 +616,7 @@ def test_every_dataset_record_is_consistent(name):
   assert info.metric == {"image": "bits_per_dim"}.get(info.kind, info.metric)
   if info.splits is not None:
     assert info.resolve_split("") == info.eval_split in info.splits
-  config = base.get_config()
-  config.update(dataset=name, vocab_size=info.vocab_size, classes=info.classes,
-                data_shape=info.data_shape or (64,))
+  config = base.set_dataset(base.get_config(), name, conditional=bool(info.classes))
   info.check_config(config)  # The record's own facts pass its own check ...
   config.vocab_size += 1
   with pytest.raises(ValueError, match="token values"):  # ... and a wrong V does not.

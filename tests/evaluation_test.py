@@ -5,15 +5,23 @@ import math
 import pytest
 
 from md4_jax import data
+from md4_jax.data import common
 from md4_jax.metrics import evaluation
 
 
-def test_every_dataset_has_a_known_headline_metric():
-  assert {name: info.metric for name, info in data.DATASETS.items()} == {
-      "digits": "bits_per_dim", "cifar10": "bits_per_dim", "imagenet64": "bits_per_dim",
-      "text8": "bits_per_char", "openwebtext": "bits_per_token", "fineweb_edu": "bits_per_token",
-      "synthetic_text": "bits_per_token",
-      **{name: "bits_per_token" for name in ("lambada", "wikitext2", "wikitext103", "ptb", "lm1b")}}
+def test_the_metrics_datasets_name_are_the_ones_evaluation_converts():
+  assert set(common.METRICS) == set(evaluation.UNITS)
+
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_every_dataset_headline_metric_is_scored_and_described(name):
+  info = data.get_info(name)
+  if info.kind == "image":  # Pixels are dimensions; text datasets name their own positions.
+    assert info.metric == "bits_per_dim"
+  out = evaluation.headline(3.0, 0.5, 2, info.metric)  # 3 nats over 2 positions.
+  assert out[info.metric] == pytest.approx(3.0 / (2 * math.log(2)))
+  assert out[f"{info.metric}_stderr"] == pytest.approx(0.5 / (2 * math.log(2)))
+  assert evaluation.describe(out, info.metric).endswith(evaluation.UNITS[info.metric])
 
 
 def test_headline_bits_and_perplexity():

@@ -25,7 +25,6 @@ import helpers
 from md4_jax import evaluate
 from md4_jax.experiment import parallel
 from md4_jax.experiment import validation
-from md4_jax.run import saved_config
 from md4_jax.run import workdir as workdir_lib
 from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
@@ -373,19 +372,6 @@ def test_config_errors_are_one_line_before_anything_compiles():
     if overrides.get("model") != "md5":
       with pytest.raises(ValueError, match=message):
         build.build_model(config)
-
-
-def test_old_saved_configs_are_md4_runs():
-  saved = saved_config.plain(helpers.digits_tiny())
-  for key, value in saved_config.ADDED_KEYS.items():
-    if isinstance(value, dict) and key in ("transformer", "unet"):  # Sections that existed.
-      for field in value:
-        saved[key].pop(field)
-    else:
-      saved.pop(key)
-  config = saved_config.config_from_dict(saved)
-  assert config.model == "md4"
-  assert not saved_config.differences(config, helpers.digits_tiny())
 
 
 @pytest.mark.slow

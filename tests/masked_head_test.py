@@ -19,7 +19,6 @@ from scipy import stats
 from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.experiment import parallel
-from md4_jax.run import saved_config
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules
@@ -275,6 +274,3 @@ def test_config_checks():
   with pytest.raises(ValueError, match="divisible by 8 x grad_accum_steps=2"):
     build.setup(_config(masked_head=True, batch_size=24, grad_accum_steps=2),
                 parallel.make_mesh({"data": -1}))
-  assert saved_config.config_from_dict({"seed": 0}).masked_head is False  # Old saved configs.
-  assert "masked_head" in saved_config.SAFE_KEYS
-

@@ -13,16 +13,23 @@ those into
   (shard → shuffle → repeat → transform → (flip) → batch), and
 * a finite evaluation iterable per call, padded so that every process yields
   the same number of batches and the split is covered exactly once.
+
+grain is imported where a pipeline is built, not at the top: the records (and
+the configs that read their facts) load without grain or TFDS.
 """
+
+from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import os
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grain
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+  import grain
 
 Example = dict[str, np.ndarray]
 Transform = Callable[[Any], Example]
@@ -67,7 +74,8 @@ class DatasetInfo:
     splits: valid split names, or None for any name the backend accepts
       (TFDS also takes slices such as 'test[:1000]').
     data_shape: the example shape for images; None for text (config chooses L).
-    classes: number of labels (0 = unlabelled).
+    classes: number of labels (0 = unlabelled); a class-conditional config
+      sets config.classes to it, an unconditional one to 0.
     default_data_dir: where prepared data lives when config.data_dir is ''.
     prepare: how to prepare the data, as a command (shown in errors and docs).
     open_sources: (config, eval split) -> Sources; raises FileNotFoundError
@@ -78,6 +86,8 @@ class DatasetInfo:
       generated benchmarks; None for real data.
     eval_only: an evaluation set (the zero-shot sets): `md4_jax.evaluate`
       scores it, training on it is refused.
+    sequence_length: text: the L a config gets unless it chooses another
+      (config.data_shape = (L,)); None for images.
   """
 
   name: str
@@ -94,6 +104,16 @@ class DatasetInfo:
   codec: Callable[[str], TextCodec] | None = None
   exact_source: Callable[[Any], Any] | None = None
   eval_only: bool = False
+  sequence_length: int | None = None
+
+  @property
+  def default_data_shape(self) -> tuple[int, ...]:
+    """What configs/base.set_dataset puts in config.data_shape: the image shape, or (L,)."""
+    if self.data_shape is not None:
+      return tuple(self.data_shape)
+    if self.sequence_length is None:
+      raise ValueError(f"Dataset {self.name!r} declares neither data_shape nor sequence_length.")
+    return (self.sequence_length,)
 
   def data_dir(self, config_data_dir: str) -> str:
     """config.data_dir, or this dataset's default ('' stays '' for TFDS's own)."""
@@ -265,6 +285,7 @@ def random_flip(example: Example, rng: np.random.Generator) -> Example:
 
 
 def _read_options(prefetch: int) -> grain.ReadOptions:
+  import grain  # pylint: disable=g-import-not-at-top,redefined-outer-name
   # Each grain element is a whole batch, so `prefetch` threads can build the
   # `prefetch` buffered batches concurrently.
   threads = min(max(prefetch, 0), _MAX_READ_THREADS)
@@ -301,6 +322,7 @@ def train_iterator(
   Raises:
     ValueError: If the training split is empty.
   """
+  import grain  # pylint: disable=g-import-not-at-top,redefined-outer-name
   if not len(source):
     raise ValueError("The training split is empty.")
   # One global order (seeded by config.seed alone), so the global batch is the
@@ -400,6 +422,7 @@ def eval_batches_fn(
   Raises:
     ValueError: If the split is empty.
   """
+  import grain  # pylint: disable=g-import-not-at-top,redefined-outer-name
   n = len(source)
   if not n:
     raise ValueError("The evaluation split is empty.")

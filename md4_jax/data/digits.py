@@ -8,7 +8,6 @@ independent of `config.seed`: a permutation drawn with
 """
 
 import numpy as np
-from sklearn import datasets as sk_datasets
 
 from md4_jax.data import common
 
@@ -29,6 +28,7 @@ def load_split(split: str) -> common.ArraySource:
   Returns:
     Records `{'x': int64 [8, 8, 1] in [0, 16], 'label': int64 []}`.
   """
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top  # Slow to import.
   if split not in SPLITS:
     raise ValueError(f"Dataset {NAME!r} has no split {split!r}; valid: {', '.join(SPLITS)}.")
   digits = sk_datasets.load_digits()

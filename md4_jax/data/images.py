@@ -7,13 +7,12 @@ internet, e.g.
   tfds build cifar10 --data_dir=DIR --file_format=array_record
 
 then `config.data_dir = DIR` ('' = TFDS's default data_dir, usually
-~/tensorflow_datasets or $TFDS_DATA_DIR).
+~/tensorflow_datasets or $TFDS_DATA_DIR). TFDS is imported when a split is
+opened, so the records load without it.
 """
 
 import dataclasses
 import functools
-
-import tensorflow_datasets as tfds
 
 from md4_jax.data import common
 
@@ -69,6 +68,7 @@ def data_source(tfds_name: str, split: str, data_dir: str | None):
   Raises:
     FileNotFoundError: If the dataset is not prepared as ArrayRecord there.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     return tfds.data_source(
         tfds_name, split=split, data_dir=data_dir, download=False

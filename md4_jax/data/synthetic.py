@@ -31,6 +31,7 @@ from md4_jax.data import common
 NAME = "synthetic_text"
 VOCAB_SIZE = 8  # The letters a..h.
 SPLITS = ("train", "validation")
+SEQ_LEN = 32  # Default tokens per example (any length can be generated).
 # Sequences per split; the source's seed is fixed, the splits use their own.
 SPLIT_SIZES = {"train": 50_000, "validation": 2_000}
 _SPLIT_SEEDS = {"train": 1, "validation": 2}
@@ -210,4 +211,5 @@ INFO = common.DatasetInfo(
     open_sources=open_sources,
     codec=lambda data_dir: Codec(),
     exact_source=source_from_config,
+    sequence_length=SEQ_LEN,
 )

@@ -34,6 +34,7 @@ CHARS = " abcdefghijklmnopqrstuvwxyz"  # Token i is CHARS[i].
 VOCAB_SIZE = len(CHARS)
 SPLITS = ("train", "validation", "test")
 SPLIT_SIZES = (90_000_000, 5_000_000, 5_000_000)  # Characters, in SPLITS order.
+SEQ_LEN = 256  # Default characters per example (the MD4 paper's).
 _UNKNOWN = "_"  # decode() shows ids outside [0, VOCAB_SIZE) (e.g. the mask).
 
 # Byte → token id; -1 for bytes that text8 never contains.
@@ -205,4 +206,5 @@ INFO = common.DatasetInfo(
             "data dir)",
     open_sources=open_sources,
     codec=lambda data_dir: Codec(),
+    sequence_length=SEQ_LEN,
 )

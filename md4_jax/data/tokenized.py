@@ -22,7 +22,6 @@ import glob
 import logging
 import os
 
-import grain
 import numpy as np
 
 from md4_jax.data import common
@@ -155,6 +154,7 @@ class Codec:
 
 def open_sources(config, split: str, *, dataset: TokenizedDataset) -> common.Sources:
   """The packed train shards and `split`'s (see `DatasetInfo.open_sources`)."""
+  import grain  # pylint: disable=g-import-not-at-top  # Here, so the record loads without it.
   data_dir = os.path.expanduser(config.data_dir or dataset.default_data_dir)
   train_source = grain.sources.ArrayRecordDataSource(
       find_shards(dataset, data_dir, dataset.train_split))
@@ -182,6 +182,7 @@ def dataset_info(dataset: TokenizedDataset, splits: tuple[str, ...] = SPLITS,
       open_sources=functools.partial(open_sources, dataset=dataset),
       codec=lambda data_dir: Codec(tokenizer_path(data_dir)),
       eval_only=eval_only,
+      sequence_length=SEQ_LEN,
   )
 
 

@@ -6,6 +6,10 @@ are refused (start a new workdir instead); the keys in SAFE_KEYS (frequencies,
 run length, logging, devices, and the memory/speed knobs that tests/perf_test.py
 and tests/train_test.py prove numerically equivalent without changing the
 checkpoint's layout) may change when the caller allows it explicitly.
+
+A config saved before a key existed lacks it: `config_from_dict` fills it in from
+configs/base.py (or from LEGACY_VALUES where old runs did something else), so old
+runs restore and resume. docs/configs.md says how to add a key.
 """
 
 import json
@@ -13,6 +17,8 @@ from typing import Any, Optional
 
 import ml_collections
 from etils import epath
+
+from md4_jax.configs import base
 
 
 CONFIG_FILE = "config.json"
@@ -56,19 +62,44 @@ def _tuples(value):
   return value
 
 
-# Keys added after runs were already saved, with the value that reproduces what
-# those runs did (a run saved without 'model' is an MD4 run).
-ADDED_KEYS = {
-    "model": "md4", "power_init": 1.0, "genmd4_t1": 1e-3, "genmd4_num_masks": 2,
-    "label_dropout": 0.0, "time_embedding": "dit", "sampling_grid": "uniform",
-    "masked_head": False,
-    "transformer": {"cond_dim": 0, "cond_act": "swish", "mlp": "swiglu", "mlp_multiple_of": 8,
-                    "positions": "learned", "embed_dim": 0, "head_bias": True,
-                    "zero_init_head": False},
-    "unet": {"cond_dim": 0, "film": "scale_shift", "zero_init_output": False},
-    "uvit": {"channels": 32, "num_res_blocks": 1, "embed_dim": 16, "patch_size": 2, "width": 64,
-             "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "cond_dim": 0},
-}
+# ------------------------------------------------------------------ schema ---
+# A key added to configs/base.py after runs were saved is missing from their configs;
+# `config_from_dict` fills it from base.get_config() by itself (nested groups too). When
+# you add a key, say what runs saved without it did (tests/saved_config_test.py fails
+# until you do): list it in DEFAULTED_KEYS if the new base default reproduces them, or
+# give LEGACY_VALUES the value that does. Keys already in the oldest supported saved
+# config (tests/data/workdir_cea09dd_digits_tiny) need neither.
+
+# Dotted keys whose base default is what runs saved without them did (a run saved
+# without 'model' is an MD4 run, one without 'time_embedding' used the DiT MLP). The
+# keys added before the oldest supported release are listed too, for older runs.
+DEFAULTED_KEYS = frozenset({
+    "model", "power_init", "genmd4_t1", "genmd4_num_masks", "label_dropout",
+    "time_embedding", "sampling_grid", "masked_head",
+    "transformer.cond_dim", "transformer.cond_act", "transformer.mlp",
+    "transformer.mlp_multiple_of", "transformer.positions", "transformer.embed_dim",
+    "transformer.head_bias", "transformer.zero_init_head",
+    "unet.cond_dim", "unet.film", "unet.zero_init_output",
+    "uvit.channels", "uvit.num_res_blocks", "uvit.embed_dim", "uvit.patch_size", "uvit.width",
+    "uvit.depth", "uvit.num_heads", "uvit.mlp_ratio", "uvit.cond_dim",
+})
+
+# {dotted key: value} for keys whose old runs did something other than today's base
+# default (e.g. if base.get_config() switched time_embedding to 'md4', runs saved before
+# the key existed would need 'dit' here). A value here wins over base's. None so far.
+LEGACY_VALUES: dict[str, Any] = {}
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+  """{'a.b': v} -> {'a': {'b': v}}."""
+  tree: dict[str, Any] = {}
+  for key, value in flat.items():
+    *groups, leaf = key.split(".")
+    node = tree
+    for group in groups:
+      node = node.setdefault(group, {})
+    node[leaf] = value
+  return tree
 
 
 def _with_defaults(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -83,8 +114,10 @@ def _with_defaults(tree: dict[str, Any], defaults: dict[str, Any]) -> dict[str, 
 
 
 def config_from_dict(tree: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A ConfigDict from `plain`'s output (lists back to tuples; ADDED_KEYS filled in)."""
-  return ml_collections.ConfigDict(_tuples(_with_defaults(tree, ADDED_KEYS)))
+  """A ConfigDict from `plain`'s output: lists back to tuples, and the keys it lacks
+  filled in from LEGACY_VALUES, then from configs/base.py's get_config()."""
+  filled = _with_defaults(_with_defaults(tree, _nest(LEGACY_VALUES)), plain(base.get_config()))
+  return ml_collections.ConfigDict(_tuples(filled))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
