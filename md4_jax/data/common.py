@@ -285,7 +285,7 @@ def random_flip(example: Example, rng: np.random.Generator) -> Example:
 
 
 def _read_options(prefetch: int) -> grain.ReadOptions:
-  import grain  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import grain  # pylint: disable=g-import-not-at-top
   # Each grain element is a whole batch, so `prefetch` threads can build the
   # `prefetch` buffered batches concurrently.
   threads = min(max(prefetch, 0), _MAX_READ_THREADS)
@@ -322,7 +322,7 @@ def train_iterator(
   Raises:
     ValueError: If the training split is empty.
   """
-  import grain  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import grain  # pylint: disable=g-import-not-at-top
   if not len(source):
     raise ValueError("The training split is empty.")
   # One global order (seeded by config.seed alone), so the global batch is the
@@ -422,7 +422,7 @@ def eval_batches_fn(
   Raises:
     ValueError: If the split is empty.
   """
-  import grain  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import grain  # pylint: disable=g-import-not-at-top
   n = len(source)
   if not n:
     raise ValueError("The evaluation split is empty.")

@@ -72,7 +72,9 @@ def _tuples(value):
 
 # Dotted keys whose base default is what runs saved without them did (a run saved
 # without 'model' is an MD4 run, one without 'time_embedding' used the DiT MLP). The
-# keys added before the oldest supported release are listed too, for older runs.
+# keys added before the oldest supported release are listed too, for older runs. Changing
+# the base default of a key listed here changes how such runs read: move the key to
+# LEGACY_VALUES with its old value first.
 DEFAULTED_KEYS = frozenset({
     "model", "power_init", "genmd4_t1", "genmd4_num_masks", "label_dropout",
     "time_embedding", "sampling_grid", "masked_head",
