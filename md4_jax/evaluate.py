@@ -127,18 +127,20 @@ def evaluate_zero_shot(
   root = os.path.expanduser(root)
   targets = [Target(dataset=n, data_dir=os.path.join(root, n), split=zero_shot.SPLIT)
              for n in names]
+  # Every set's shards against its summary.json (checksums, block counts and lengths) first.
+  summaries = [zero_shot.verify_prepared(
+      t.data_dir, t.dataset, tokenized.find_shards(zero_shot.DATASETS[t.dataset], t.data_dir,
+                                                   zero_shot.SPLIT)) for t in targets]
   _check_same_tokenizer(workdir, targets)
   reports = _evaluate(workdir, targets, num_t_samples=num_t_samples, step=step,
                       batch_size=batch_size, seed=seed, params=params, mesh=mesh,
                       progress=progress)
-  for name, target, report in zip(names, targets, reports):
-    summary_path = os.path.join(target.data_dir, "summary.json")
-    protocol = "unknown"
-    if os.path.exists(summary_path):
-      with open(summary_path) as f:
-        protocol = json.load(f).get("protocol", protocol)
+  for name, target, summary, report in zip(names, targets, summaries, reports):
+    if report["examples"] != int(summary["blocks"]):
+      raise ValueError(f"{target.data_dir}: scored {report['examples']} blocks, its summary.json "
+                       f"says {summary['blocks']}.")
     report.update(title=zero_shot.SETS[name].title, blocks=report["examples"],
-                  tokens=report["examples"] * report["positions"], protocol=protocol,
+                  tokens=report["examples"] * report["positions"], protocol=summary["protocol"],
                   data_dir=target.data_dir)
   first = reports[0]
   return {"workdir": first["workdir"], "step": first["step"], "params": params,

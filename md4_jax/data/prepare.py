@@ -36,7 +36,7 @@ them with `python -m md4_jax.evaluate --workdir=RUN --zero_shot=NAME,...`.
 
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
-import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -49,6 +49,7 @@ from array_record.python import array_record_module
 import numpy as np
 import tqdm
 
+from md4_jax import cli
 from md4_jax.data import tokenized
 from md4_jax.data import zero_shot
 
@@ -56,7 +57,7 @@ EncodeBatch = Callable[[list[str]], list[list[int]]]
 Documents = Callable[[int, int | None], Iterable[str]]
 
 STATE_FILE = "prepare_state.json"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = zero_shot.SUMMARY_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,14 +299,6 @@ def prepare(
   return summary
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    while chunk := f.read(1 << 20):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def prepare_zero_shot(
     name: str,
     raw_path: str,
@@ -355,7 +348,9 @@ def prepare_zero_shot(
   summary = {"dataset": name, "protocol": protocol, "seq_len": seq_len,
              "documents": len(docs), "tokens": tokens, "blocks": len(blocks),
              "dropped_tokens": tokens - len(blocks) * piece,
-             "source": os.path.abspath(raw_path), "sha256": _sha256(raw_path)}
+             "source": os.path.abspath(raw_path), "sha256": zero_shot.sha256(raw_path),
+             "shards": [{"file": os.path.basename(final), "records": len(blocks),
+                         "sha256": zero_shot.sha256(final)}]}
   with open(os.path.join(data_dir, SUMMARY_FILE), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -383,15 +378,15 @@ def _define_flags() -> None:
       "tokenizer", None, "Local GPT-2 tokenizer.json (Hugging Face format)."
   )
   flags.DEFINE_string("eos_token", "<|endoftext|>", "Document separator.")
-  flags.DEFINE_integer("seq_len", tokenized.SEQ_LEN, "Tokens per sequence.")
+  flags.DEFINE_integer("seq_len", tokenized.SEQ_LEN, "Tokens per sequence.", lower_bound=1)
   flags.DEFINE_integer(
-      "validation_docs", 10_000, "Leading documents held out for validation."
+      "validation_docs", 10_000, "Leading documents held out for validation.", lower_bound=0
   )
   flags.DEFINE_integer(
-      "max_docs", 0, "Documents to use in all (0 = the whole corpus)."
+      "max_docs", 0, "Documents to use in all (0 = the whole corpus).", lower_bound=0
   )
   flags.DEFINE_integer(
-      "sequences_per_shard", 100_000, "Sequences per ArrayRecord file."
+      "sequences_per_shard", 100_000, "Sequences per ArrayRecord file.", lower_bound=1
   )
   flags.mark_flags_as_required(["dataset", "tokenizer"])
 
@@ -412,17 +407,51 @@ def _hf_documents(source: HFSource) -> Documents:
   return documents
 
 
-def main(argv):
-  del argv
-  import tokenizers  # pylint: disable=g-import-not-at-top
+def _require(module: str, why: str):
+  """Imports an optional dependency, or a ValueError naming the extra that installs it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    raise ValueError(f"{why} needs the `{module}` package: pip install -e \".[prepare]\" "
+                     f"(or pip install {module}).") from None
 
-  f = flags.FLAGS
-  tokenizer = tokenizers.Tokenizer.from_file(f.tokenizer)
-  eos_id = tokenizer.token_to_id(f.eos_token)
+
+def load_tokenizer(path: str, eos_token: str):
+  """The Hugging Face tokenizer in `path` and its EOS id; one-line ValueErrors."""
+  tokenizers = _require("tokenizers", "Tokenising")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--tokenizer={path}: no such file (a GPT-2 tokenizer.json).")
+  try:
+    tokenizer = tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # pylint: disable=broad-except  (the Rust library's own type)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ValueError(f"--tokenizer={path} is not a Hugging Face tokenizer.json ({reason}).") from None
+  eos_id = tokenizer.token_to_id(eos_token)
   if eos_id is None:
-    raise ValueError(f"{f.tokenizer} has no token {f.eos_token!r}.")
+    raise ValueError(f"{path} has no token {eos_token!r} (--eos_token).")
   if tokenizer.get_vocab_size() > np.iinfo(tokenized.TOKEN_DTYPE).max + 1:
-    raise ValueError(f"{f.tokenizer}: token ids must fit in uint16.")
+    raise ValueError(f"{path}: token ids must fit in uint16.")
+  return tokenizer, eos_id
+
+
+def check_writable(directory: str) -> None:
+  """Raises if `directory` cannot be created or written; creates nothing."""
+  path = os.path.abspath(directory)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise ValueError(f"--data_dir={directory} cannot be created: {path} is a file.")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise PermissionError(f"--data_dir={directory} is not writable ({path} is not writable "
+                          "by this user); choose another --data_dir.")
+
+
+def run(f) -> None:
+  """Checks every input and dependency, then writes (nothing is created when a check fails)."""
+  if f.protocol == "bos_eos" and f.dataset in zero_shot.SETS and f.seq_len < 3:
+    raise ValueError(f"--seq_len={f.seq_len}: 'bos_eos' blocks need BOS, a token and EOS "
+                     "(>= 3).")
+  tokenizer, eos_id = load_tokenizer(f.tokenizer, f.eos_token)
 
   def encode_batch(texts: list[str]) -> list[list[int]]:
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
@@ -430,13 +459,14 @@ def main(argv):
 
   if f.dataset in zero_shot.SETS:
     data_dir = os.path.expanduser(f.data_dir or zero_shot.DATASETS[f.dataset].default_data_dir)
+    check_writable(data_dir)
     spec = zero_shot.SETS[f.dataset]
     raw = f.raw or zero_shot.fetch(spec, os.path.join(data_dir, "raw"), f.url)
     summary = prepare_zero_shot(f.dataset, raw, encode_batch, data_dir=data_dir, eos_id=eos_id,
                                 seq_len=f.seq_len, protocol=f.protocol)
     shutil.copyfile(f.tokenizer, tokenized.tokenizer_path(data_dir))
     print(" ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
-                   for k, v in summary.items()))
+                   for k, v in summary.items() if not isinstance(v, dict)))
     if os.path.basename(os.path.normpath(data_dir)) == f.dataset:
       print(f"Score it: python -m md4_jax.evaluate --workdir=RUN --zero_shot={f.dataset} "
             f"--zero_shot_dir={os.path.dirname(os.path.normpath(data_dir))}")
@@ -445,12 +475,13 @@ def main(argv):
     return
   if f.data_dir is None:
     raise ValueError("--data_dir is required for a training corpus.")
+  _require("datasets", f"--dataset={f.dataset} (streamed from the Hugging Face hub)")
+  check_writable(f.data_dir)
+  documents = _hf_documents(SOURCES[f.dataset])
   os.makedirs(f.data_dir, exist_ok=True)
-  shutil.copyfile(
-      f.tokenizer, tokenized.tokenizer_path(f.data_dir)
-  )
+  shutil.copyfile(f.tokenizer, tokenized.tokenizer_path(f.data_dir))
   summary = prepare(
-      _hf_documents(SOURCES[f.dataset]),
+      documents,
       encode_batch,
       data_dir=f.data_dir,
       eos_id=eos_id,
@@ -460,9 +491,16 @@ def main(argv):
       sequences_per_shard=f.sequences_per_shard,
   )
   for split, numbers in summary.items():
-    print(split, " ".join(f"{k}={v:,}" for k, v in numbers.items()))
+    print(split, " ".join(f"{k}={v:,}" for k, v in numbers.items() if isinstance(v, int)))
 
+
+def main(argv):
+  cli.start(argv)
+  cli.run(lambda: run(flags.FLAGS), PROG)
+
+
+PROG = "md4_jax.data.prepare"
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

@@ -30,6 +30,7 @@ evaluation-only GPT-2 token datasets with one split, 'test').
 
 from collections.abc import Iterable, Sequence
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -225,12 +226,17 @@ def fetch(spec: ZeroShotSet, directory: str, url: str | None = None) -> str:
   an interrupted download is never mistaken for the data.
   """
   url = url or spec.url
-  os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, url.rstrip("/").rsplit("/", 1)[-1])
   if os.path.exists(path):
     return path
   logging.info("Downloading %s to %s.", url, path)
-  with urllib.request.urlopen(url) as response, open(path + ".part", "wb") as f:
+  try:
+    response = urllib.request.urlopen(url)
+  except (OSError, ValueError) as e:  # Offline, a bad URL: nothing is created.
+    raise OSError(f"Cannot download {spec.name} from {url} ({getattr(e, 'reason', e)}); pass "
+                  "the local file with --raw=PATH, or a mirror with --url.") from None
+  os.makedirs(directory, exist_ok=True)
+  with response, open(path + ".part", "wb") as f:
     total = response.headers.get("Content-Length")
     with tqdm.tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
                    desc=spec.name) as bar:
@@ -255,8 +261,16 @@ def read_text(spec: ZeroShotSet, path: str) -> str:
         if spec.member and info.name.endswith(spec.member):
           return archive.extractfile(info).read().decode("utf-8")
     raise ValueError(f"{path} holds no file ending in {spec.member!r} ({spec.name}).")
-  with open(path, encoding="utf-8") as f:
-    return f.read()
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError:
+    raise ValueError(f"{path} is neither UTF-8 text nor a zip/tar archive: {spec.name} reads "
+                     f"its test file{f' ({spec.member})' if spec.member else ''} or the archive "
+                     "it ships in.") from None
+  if not text.strip():
+    raise ValueError(f"{path} is empty: {spec.name} needs its test file.")
+  return text
 
 
 def documents(spec: ZeroShotSet, text: str) -> list[str]:
@@ -276,6 +290,87 @@ def encode_documents(spec: ZeroShotSet, raw_docs: Sequence[str], encode_batch,
   for start in tqdm.trange(0, len(raw_docs), batch_docs, desc=f"{spec.name} BPE", unit="batch"):
     out.extend(encode_batch([detokenize(d) for d in raw_docs[start:start + batch_docs]]))
   return out
+
+
+# ----------------------------------------------------- prepared sets' integrity ---
+
+SUMMARY_FILE = "summary.json"
+_SUMMARY_KEYS = ("dataset", "protocol", "seq_len", "blocks")
+
+
+def sha256(path: str) -> str:
+  """The hex SHA-256 of a file."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def read_summary(data_dir: str, name: str) -> dict:
+  """The summary.json of a prepared set; one-line errors naming the file."""
+  path = os.path.join(data_dir, SUMMARY_FILE)
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path} is missing: prepare the set with `python -m "
+                            f"md4_jax.data.prepare --dataset={name} ...`.") from None
+  except ValueError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); prepare the set again.") from None
+  missing = [k for k in _SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+  if missing:
+    raise ValueError(f"{path} lacks {', '.join(missing)}; prepare the set again.")
+  if summary["dataset"] != name or summary["protocol"] not in PROTOCOLS:
+    raise ValueError(f"{path} describes dataset={summary['dataset']!r}, "
+                     f"protocol={summary['protocol']!r}, not a {name} set of {PROTOCOLS}.")
+  return summary
+
+
+def verify_prepared(data_dir: str, name: str, shards: Sequence[str]) -> dict:
+  """Checks a prepared set's shards against its summary.json before anything is computed.
+
+  Each shard's SHA-256 (written by `md4_jax.data.prepare`), the number of blocks
+  and every block's length must match the summary.
+
+  Returns:
+    The summary.
+
+  Raises:
+    ValueError: a mismatch or an unreadable (e.g. truncated) shard, naming the file.
+  """
+  summary = read_summary(data_dir, name)
+  where = os.path.join(data_dir, SUMMARY_FILE)
+  recorded = {s["file"]: s for s in summary.get("shards", [])}
+  if recorded and sorted(recorded) != sorted(os.path.basename(s) for s in shards):
+    raise ValueError(f"{where} lists shards {sorted(recorded)}, the directory holds "
+                     f"{sorted(os.path.basename(s) for s in shards)}: prepare the set again.")
+  if not recorded:
+    logging.warning("%s records no shard checksums (prepared by an older md4_jax); checking "
+                    "block counts and lengths only.", where)
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  blocks, record_bytes = 0, int(summary["seq_len"]) * tokenized.TOKEN_DTYPE.itemsize
+  for shard in shards:
+    entry = recorded.get(os.path.basename(shard))
+    if entry is not None and sha256(shard) != entry["sha256"]:
+      raise ValueError(f"{shard} does not match the checksum in {where} (changed or truncated "
+                       "since it was prepared): prepare the set again.")
+    try:
+      reader = array_record_module.ArrayRecordReader(shard)
+      records = reader.read_all()
+      reader.close()
+    except Exception as e:  # pylint: disable=broad-except  (the C++ reader's own errors)
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      raise ValueError(f"{shard} is unreadable ({reason}); prepare the set again.") from None
+    lengths = {len(r) for r in records}
+    if lengths - {record_bytes}:
+      raise ValueError(f"{shard} holds blocks of {sorted(lengths)} bytes; {where} says "
+                       f"seq_len={summary['seq_len']} ({record_bytes} bytes).")
+    blocks += len(records)
+  if blocks != int(summary["blocks"]):
+    raise ValueError(f"{data_dir} holds {blocks} blocks; {where} says {summary['blocks']}: "
+                     "prepare the set again.")
+  return summary
 
 
 # ---------------------------------------------------------------- registry ---

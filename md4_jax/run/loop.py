@@ -20,6 +20,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from md4_jax.run import checkpoint as checkpoint_lib
+from md4_jax.run import lease as lease_lib
 from md4_jax import data as data_lib
 from md4_jax.metrics import evaluation
 from md4_jax.experiment import parallel
@@ -162,6 +163,7 @@ class Run:
   state: Any
   first_batch: dict
   num_params: int
+  lease: Optional[lease_lib.Lease]
 
 
 @dataclasses.dataclass
@@ -195,6 +197,46 @@ def setup(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
+  lease, created = take_lease(workdir)
+  try:
+    return _setup_holding(config, workdir, allow_config_change, experiment, datasets, lease)
+  except BaseException:
+    give_back(lease, workdir, created)
+    raise
+
+
+def take_lease(workdir: str) -> tuple[Optional[lease_lib.Lease], bool]:
+  """This run's lease on `workdir` (process 0 holds it; None elsewhere and on URLs), and
+  whether the workdir was created for it. WorkdirInUseError if another run holds it."""
+  if "://" in workdir:
+    logging.warning("One run per workdir is enforced on local filesystems only; %s is not "
+                    "leased.", workdir)
+    return None, False
+  created = not os.path.isdir(workdir)
+
+  def broadcast(value: int) -> int:  # Process 0's value on every process.
+    if jax.process_count() == 1:
+      return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+  lease = lease_lib.acquire_for_run(workdir, jax.process_index(), jax.process_count(), broadcast)
+  return lease, created
+
+
+def give_back(lease: Optional[lease_lib.Lease], workdir: str, created: bool) -> None:
+  """Releases the lease; a workdir created by a start that then failed is removed again."""
+  if lease is None:
+    return
+  lease.release()
+  if created and set(os.listdir(workdir)) <= {lease_lib.LEASE_FILE, ".lease.lock"}:
+    for name in os.listdir(workdir):
+      os.unlink(os.path.join(workdir, name))
+    os.rmdir(workdir)
+
+
+def _setup_holding(config, workdir, allow_config_change, experiment, datasets, lease) -> Run:
+  """The part of `setup` that runs while holding the workdir's lease."""
+  mesh = experiment.mesh
   # The run's identity: the config in its checkpoints (config.json only if it has none).
   changes = saved_config.check_resume(workdir_lib.stored_config(workdir), config,
                                       allow_config_change, workdir)
@@ -227,7 +269,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     writer.write_texts(0, {"config": f"```\n{config}\n```"})
   return Run(config=config, workdir=workdir, experiment=experiment, datasets=datasets,
              checkpointer=checkpointer, writer=writer, state=state, first_batch=first_batch,
-             num_params=num_params)
+             num_params=num_params, lease=lease)
 
 
 def evaluate_params(run: Run, params) -> dict[str, Any]:
@@ -329,6 +371,8 @@ def loop(run: Run) -> Outcome:
           if pending_finite is not None:
             check_finite(pending_finite)
             pending_finite = None
+          if run.lease is not None:
+            run.lease.check()  # Never write into a workdir another run has taken over.
           with report.timed("checkpoint"):
             checkpointer.save(step, state, datasets.train_iter, config_tree)
         if preempted:
@@ -376,4 +420,7 @@ def finish(run: Run, outcome: Outcome) -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`: setup, loop, finish. Returns the final eval metrics."""
   started = setup(config, workdir, allow_config_change)
-  return finish(started, loop(started))
+  try:
+    return finish(started, loop(started))
+  finally:
+    give_back(started.lease, workdir, created=False)
