@@ -262,12 +262,15 @@ def get_config():
   config.b2 = 0.999  # Adam beta2.
   config.clip_grad_norm = 1.0  # Global-norm clip; <= 0 disables.
   config.ema_rate = 0.999  # EMA decay of parameters (0 = EMA equals params).
+  # EMA warm-up: decay min(ema_rate, (1+n)/(10+n)) at step n, so a short run's EMA is not
+  # the initialisation. Off in the paper configs (the reference has none); on in :tiny.
+  config.ema_warmup = False
   config.grad_accum_steps = 1  # Microbatches per step (batch % this == 0).
 
   # ---------------------------------------------------------------- loop ---
   config.num_train_steps = 2000  # Total optimisation steps.
   config.log_loss_every_steps = 50  # Train metric logging period (steps).
-  config.eval_every_steps = 500  # NELBO on the eval split with EMA params (steps).
+  config.eval_every_steps = 500  # NELBO on the eval split, raw and EMA params (steps).
   config.checkpoint_every_steps = 500  # Checkpoint period (steps).
   config.max_checkpoints_to_keep = 3  # Older checkpoints are deleted.
   config.sample_every_steps = 1000  # Sample a small batch (0 = only at the end).

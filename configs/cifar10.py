@@ -49,6 +49,7 @@ def get_config(arg=None):
     base.wide_cond_unet(config)
 
   if arg == "tiny":
+    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
     uc.channels = 32
     uc.channel_mult = (1, 2)
     uc.num_res_blocks = 1

@@ -48,6 +48,7 @@ def get_config(arg=None):
   config.warmup_steps = 100
   config.num_train_steps = 2000
   config.ema_rate = 0.995
+  config.ema_warmup = True  # An embedded default: short runs report a warm EMA.
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
   config.sample_every_steps = 1000

@@ -48,6 +48,7 @@ def get_config(arg=None):
     vc.depth = 12
 
   if arg == "tiny":
+    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
     vc.channels = 16
     vc.num_res_blocks = 1
     vc.embed_dim = 4

@@ -51,6 +51,7 @@ def get_config(arg=None, dataset: str = "openwebtext", config_file: str = "confi
     base.wide_cond_transformer(config)
 
   if arg == "tiny":
+    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
     config.data_shape = (128,)
     config.transformer.width = 64
     config.transformer.depth = 2

@@ -39,6 +39,7 @@ def get_config(arg=None):
     base.wide_cond_transformer(config)
 
   if arg == "tiny":
+    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
     config.data_shape = (64,)
     config.transformer.width = 64
     config.transformer.depth = 2

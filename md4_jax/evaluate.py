@@ -2,7 +2,7 @@ r"""Evaluates a checkpoint: the negative ELBO over a whole split, with error bar
 
   python -m md4_jax.evaluate --workdir=/tmp/md4_digits \
       [--split=test] [--num_t_samples=8] [--step=2000] [--batch_size=200] \
-      [--seed=0] [--params=ema|raw] [--output=PATH]
+      [--seed=0] [--params=auto|ema|raw] [--output=PATH]
 
 Every example of the split is scored exactly once, averaging K =
 --num_t_samples time draws on its own stratified grid t_k = (k + 1 − u_k) / K;
@@ -50,16 +50,17 @@ from md4_jax import cli  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
 from md4_jax.metrics import evaluation  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
+from md4_jax.experiment import step as step_lib  # noqa: E402
 from md4_jax.run import workdir as workdir_lib  # noqa: E402
 from md4_jax.data import tokenized  # noqa: E402
 from md4_jax.data import zero_shot  # noqa: E402
 
-PARAMS = ("ema", "raw")
+PARAMS = ("auto", "ema", "raw")
 
 
 def evaluate_checkpoint(
     workdir: str, *, split: str = "", num_t_samples: int = 1, step: Optional[int] = None,
-    batch_size: Optional[int] = None, seed: Optional[int] = None, params: str = "ema",
+    batch_size: Optional[int] = None, seed: Optional[int] = None, params: str = "auto",
     mesh: Optional[Mesh] = None, progress: bool = False,
 ) -> dict[str, Any]:
   """NELBO of a checkpoint over a whole split, with standard errors.
@@ -71,7 +72,9 @@ def evaluate_checkpoint(
     step: the checkpoint step; None = the newest one that verifies.
     batch_size: global evaluation batch; None = the run's eval_batch_size.
     seed: seed of the times and masks; None = the run's seed.
-    params: 'ema' (the EMA parameters) or 'raw' (the optimised ones).
+    params: 'ema' (the EMA parameters), 'raw' (the optimised ones) or 'auto' (the
+      EMA unless its horizon exceeds the steps taken without warm-up, as training's
+      headline; `step.headline_params`).
     mesh: devices to shard the batch over; None = the run's mesh if it fits.
     progress: show a progress bar over batches.
 
@@ -99,7 +102,7 @@ def evaluate_checkpoint(
 def evaluate_zero_shot(
     workdir: str, names: Sequence[str], *, root: str = zero_shot.DEFAULT_ROOT,
     num_t_samples: int = 1, step: Optional[int] = None, batch_size: Optional[int] = None,
-    seed: Optional[int] = None, params: str = "ema", mesh: Optional[Mesh] = None,
+    seed: Optional[int] = None, params: str = "auto", mesh: Optional[Mesh] = None,
     progress: bool = False,
 ) -> dict[str, Any]:
   """The zero-shot perplexity table: a GPT-2-token run scored on prepared evaluation sets.
@@ -143,7 +146,7 @@ def evaluate_zero_shot(
                   tokens=report["examples"] * report["positions"], protocol=summary["protocol"],
                   data_dir=target.data_dir)
   first = reports[0]
-  return {"workdir": first["workdir"], "step": first["step"], "params": params,
+  return {"workdir": first["workdir"], "step": first["step"], "params": first["params"],
           "num_t_samples": int(num_t_samples), "seed": first["seed"],
           "seq_len": first["positions"], "sets": reports}
 
@@ -207,6 +210,11 @@ def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
   # The newest checkpoint that verifies (or exactly `step`).
   _, experiment, state = workdir_lib.restore_run(workdir, step, mesh)
   step = int(parallel.fetch(state.step))
+  reason = f"--params={params}"
+  if params == "auto":
+    params, reason = step_lib.headline_params(run_cfg.ema_rate, run_cfg.ema_warmup, step)
+    logging.warning("Evaluating the %s parameters: %s (--params=ema|raw to choose).", params,
+                    reason)
   weights = state.ema_params if params == "ema" else state.params
   del state  # The optimiser state is not needed.
   restore_seconds = time.time() - start
@@ -226,6 +234,7 @@ def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
         "dataset": config.dataset,
         "split": datasets.eval_split,
         "params": params,
+        "params_reason": reason,
         "num_t_samples": int(num_t_samples),
         "seed": int(seed),
         "batch_size": int(config.eval_batch_size),
@@ -313,7 +322,10 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "Global evaluation batch (default: the run's eval_batch_size).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the times and masks (default: the run's).")
-_PARAMS = flags.DEFINE_enum("params", "ema", PARAMS, "Evaluate the EMA or the raw parameters.")
+_PARAMS = flags.DEFINE_enum(
+    "params", "auto", PARAMS, "Evaluate the EMA or the raw parameters; auto (default): the EMA "
+    "unless its horizon 1/(1 - ema_rate) exceeds the steps taken without warm-up, like "
+    "training's headline (the choice and its reason are printed).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON path (default: "
                               "<workdir>/eval/step_<step>_<split>_<params>_k<K>.json, or "
                               "step_<step>_zero_shot_<params>_k<K>.json for --zero_shot).")

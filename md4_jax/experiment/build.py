@@ -129,7 +129,8 @@ class Experiment:
                            lr_schedule=self.lr_schedule, ema_rate=config.ema_rate,
                            accum_steps=config.grad_accum_steps, skip_nonfinite=config.check_nans,
                            debug_nan_at_step=config.debug_nan_at_step,
-                           label_dropout=config.label_dropout)
+                           label_dropout=config.label_dropout,
+                           ema_warmup=config.ema_warmup)
     shardings = self.state_shardings
     return self.jit(fn, in_shardings=(shardings, parallel.batch_sharding(self.mesh)),
                     out_shardings=(shardings, parallel.replicated(self.mesh)), donate_argnums=0)

@@ -107,11 +107,38 @@ def all_finite(tree) -> jax.Array:
   return jnp.stack(flags).all() if flags else jnp.bool_(True)
 
 
+def ema_decay(ema_rate: float, step: Any, warmup: bool) -> Any:
+  """The EMA decay at `step` (0-based): ema_rate, or with warm-up min(ema_rate, (1+n)/(10+n)),
+  so that an early EMA averages the steps taken so far instead of the initialisation."""
+  if not warmup:
+    return ema_rate
+  n = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_rate, (1.0 + n) / (10.0 + n))
+
+
+def headline_params(ema_rate: float, warmup: bool, steps_taken: int) -> tuple[str, str]:
+  """Which parameters stand for the model after `steps_taken` steps, and why.
+
+  The EMA, unless its horizon 1/(1 − ema_rate) exceeds the steps taken without
+  warm-up: then it is still mostly the initialisation, and the raw parameters
+  are the model.
+  """
+  if ema_rate <= 0:
+    return "ema", "the EMA equals the parameters (ema_rate 0)"
+  if warmup:
+    return "ema", "EMA with warm-up"
+  horizon = round(1.0 / (1.0 - ema_rate), 6)  # 0.9999 -> 10000, not 10000.000000000002.
+  if steps_taken < horizon:
+    return "raw", (f"the EMA's horizon 1/(1 - {ema_rate:g}) = {horizon:.0f} steps exceeds the "
+                   f"{steps_taken} steps taken")
+  return "ema", f"the EMA's horizon {horizon:.0f} steps is within the {steps_taken} steps taken"
+
+
 def train_step(
     state: TrainState, batch: Batch, *, model: model_lib.MD4,
     optimizer: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
     ema_rate: float, accum_steps: int = 1, skip_nonfinite: bool = False,
-    debug_nan_at_step: int = -1, label_dropout: float = 0.0,
+    debug_nan_at_step: int = -1, label_dropout: float = 0.0, ema_warmup: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimisation step with EMA update. Returns the new state and metrics.
 
@@ -124,6 +151,7 @@ def train_step(
       (for testing the guard; -1 = never).
     label_dropout: probability of training on the null label instead of the
       example's (classifier-free guidance; see compute_grads).
+    ema_warmup: EMA decay min(ema_rate, (1+n)/(10+n)) at step n (`ema_decay`).
   """
   grads, metrics = compute_grads(model, state.params, batch, state.step_key(), accum_steps,
                                  label_dropout)
@@ -134,7 +162,8 @@ def train_step(
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state.ema_params, params)
+  decay = ema_decay(ema_rate, state.step, ema_warmup)
+  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   new = (params, ema_params, opt_state)
   # The whole update must be finite, not only the loss: a NaN in the optimiser
   # state (overflow, a bad restore) would otherwise be applied and checkpointed.

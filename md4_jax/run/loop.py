@@ -279,6 +279,37 @@ def evaluate_params(run: Run, params) -> dict[str, Any]:
                              progress=_eval_progress(run))
 
 
+def evaluate_state(run: Run, state) -> dict[str, Any]:
+  """The held-out NELBO of the raw and the EMA parameters, with a headline.
+
+  Returns eval_ema_* and eval_raw_* (one evaluation when ema_rate is 0), and
+  eval_* = the headline parameters' values: the EMA unless it is not warm yet
+  (`step.headline_params`), named by eval_params and explained by
+  eval_params_reason.
+  """
+  config = run.config
+  which, why = step_lib.headline_params(config.ema_rate, config.ema_warmup,
+                                        int(parallel.fetch(state.step)))
+  ema = evaluate_params(run, state.ema_params)
+  raw = evaluate_params(run, state.params) if config.ema_rate > 0 else ema
+  out = dict(ema if which == "ema" else raw, eval_params=which, eval_params_reason=why)
+  for name, values in (("ema", ema), ("raw", raw)):
+    out.update({f"eval_{name}_{k[len('eval_'):]}": v for k, v in values.items()
+                if k.startswith("eval_") and isinstance(v, float)})
+  out.update(schedule_summary(run.experiment.model, state.ema_params if which == "ema"
+                              else state.params))
+  return out
+
+
+def describe_eval(values: dict[str, Any], metric: str) -> str:
+  """'1.2345 ± 0.0012 bits/dim (raw params; ema 1.3000, raw 1.2345)'."""
+  head = evaluation.describe(values, metric, "eval_")
+  if f"eval_ema_{metric}" not in values:
+    return head
+  return (f"{head} ({values['eval_params']} params; ema {values[f'eval_ema_{metric}']:.4f}, "
+          f"raw {values[f'eval_raw_{metric}']:.4f})")
+
+
 def _eval_progress(run: Run) -> evaluation.Progress:
   return evaluation.Progress(run.datasets.num_eval_batches,
                              f"eval {run.datasets.info.name}/{run.datasets.eval_split}", bar=False)
@@ -353,14 +384,15 @@ def loop(run: Run) -> Outcome:
         if due(config.eval_every_steps):
           log.flush()
           with report.timed("eval"):
-            eval_metrics = evaluate_params(run, state.ema_params)
+            eval_metrics = evaluate_state(run, state)
           writer.write_scalars(step, {k: v for k, v in eval_metrics.items()
                                       if isinstance(v, float)})
-          eval_metrics.update(schedule_summary(model, state.ema_params, writer, step))
-          logging.info("step %d: eval %s", step, evaluation.describe(eval_metrics, metric, "eval_"))
+          schedule_summary(model, state.ema_params, writer, step)
+          logging.info("step %d: eval %s", step, describe_eval(eval_metrics, metric))
         if due(config.sample_every_steps) and config.num_samples > 0:
           with report.timed("sample"):
-            tokens, _ = sample_fn({"params": state.ema_params},
+            which, _ = step_lib.headline_params(config.ema_rate, config.ema_warmup, step)
+            tokens, _ = sample_fn({"params": state.ema_params if which == "ema" else state.params},
                                   jax.random.fold_in(sample_rng, step), sample_z, sample_cond)
             tokens = parallel.gather(tokens)
             if jax.process_index() == 0:
@@ -401,8 +433,7 @@ def finish(run: Run, outcome: Outcome) -> dict[str, Any]:
     return {"step": step, "preempted": True}
   eval_metrics = outcome.eval_metrics
   if not eval_metrics:  # Nothing left to train: evaluate the restored state.
-    eval_metrics = evaluate_params(run, outcome.state.ema_params)
-    eval_metrics.update(schedule_summary(run.experiment.model, outcome.state.ema_params))
+    eval_metrics = evaluate_state(run, outcome.state)
   trained = step - outcome.initial_step
   eval_metrics.update(step=step, num_params=run.num_params, train_seconds=outcome.seconds,
                       steps_per_second=trained / outcome.seconds if trained > 0 else 0.0)
@@ -411,9 +442,11 @@ def finish(run: Run, outcome: Outcome) -> dict[str, Any]:
   checkpointer.close()
   writer.close()
   metric = run.datasets.info.metric
-  print(f"Final eval at step {step}: {evaluation.describe(eval_metrics, metric, 'eval_')} "
+  print(f"Final eval at step {step}: {describe_eval(eval_metrics, metric)} "
         f"(NELBO {eval_metrics['eval_loss']:.3f} nats/example) on "
-        f"{eval_metrics['eval_examples']} held-out examples.", flush=True)
+        f"{eval_metrics['eval_examples']} held-out examples; headline: "
+        f"{eval_metrics['eval_params']} params, {eval_metrics['eval_params_reason']}.",
+        flush=True)
   return eval_metrics
 
 

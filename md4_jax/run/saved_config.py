@@ -76,7 +76,7 @@ def _tuples(value):
 # the base default of a key listed here changes how such runs read: move the key to
 # LEGACY_VALUES with its old value first.
 DEFAULTED_KEYS = frozenset({
-    "model", "power_init", "genmd4_t1", "genmd4_num_masks", "label_dropout",
+    "model", "power_init", "genmd4_t1", "genmd4_num_masks", "label_dropout", "ema_warmup",
     "time_embedding", "sampling_grid", "masked_head",
     "transformer.cond_dim", "transformer.cond_act", "transformer.mlp",
     "transformer.mlp_multiple_of", "transformer.positions", "transformer.embed_dim",
