@@ -56,7 +56,8 @@ class GPT2Config:
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
-      raise ValueError(f"GPT-2 judge: config.json lacks {', '.join(missing)}.")
+      raise ValueError(f"GPT-2 judge: config.json lacks {', '.join(missing)}; the judge reads "
+                       f"GPT-2-family models (model_type {values.get('model_type')!r}).")
     return cls(**{n: values[n] for n in names if n in values})
 
 
