@@ -37,7 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # Run from a clone: md4_jax from the repository root.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from md4_jax import configs as configs_pkg  # noqa: E402
 from md4_jax.configs import cifar10, imagenet64, openwebtext, text8  # noqa: E402
