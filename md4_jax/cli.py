@@ -8,6 +8,10 @@
 
 Exit codes: 0 done (or preempted with a checkpoint), 2 bad input (flags,
 config, workdir, data, checkpoint), 3 training stopped on a NaN/Inf.
+
+A config flag (`define_config_flag`) takes a file, `--config=configs/digits.py:tiny`
+from a clone, or an installed config's name, `--config=digits:tiny` (an
+install without a clone, e.g. Colab).
 """
 
 import logging as pylogging
@@ -18,6 +22,7 @@ from typing import Callable, TypeVar
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -91,6 +96,62 @@ def one_line(error: BaseException, limit: int = 400) -> str:
   else:
     text = " ".join(" ".join(lines).split()) or type(error).__name__
   return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def configs_dir() -> str:
+  """The folder of the configs md4_jax ships (configs/ of a clone, md4_jax/configs/ of an install)."""
+  from md4_jax import configs  # pylint: disable=g-import-not-at-top
+  return os.path.dirname(os.path.abspath(configs.__file__))
+
+
+def config_names() -> list[str]:
+  """The shipped configs by name: each configs/<name>.py."""
+  return sorted(f[:-3] for f in os.listdir(configs_dir())
+                if f.endswith(".py") and not f.startswith("_"))
+
+
+def config_path(spec: str) -> str:
+  """A config flag's value as the file ml_collections loads (`:variant` kept).
+
+  A path (`configs/digits.py:tiny`, anything with a '/' or ending in .py, or
+  an existing file) stays as it is; a bare name (`digits:tiny`) becomes the
+  shipped file (`.../md4_jax/configs/digits.py:tiny`), so an install runs
+  configs without a clone.
+
+  Raises:
+    ValueError: a bare name that no shipped config has (the message lists them).
+  """
+  name, colon, variant = spec.partition(":")
+  if "/" in name or os.sep in name or name.endswith(".py") or os.path.isfile(name):
+    return spec
+  names = config_names()
+  if name not in names:
+    raise ValueError(f"Unknown config {name!r}; valid names: {', '.join(names)} (or a config "
+                     "file's path, e.g. configs/digits.py).")
+  return os.path.join(configs_dir(), f"{name}.py") + colon + variant
+
+
+class _ByNameParser(flags.ArgumentParser):
+  """A config-file flag's parser that first resolves a bare config name (see config_path)."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self._parser = parser
+
+  def parse(self, argument):
+    return self._parser.parse(config_path(argument))
+
+  def flag_type(self):
+    return self._parser.flag_type()
+
+
+def define_config_flag(name: str, help_string: str,
+                       flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+  """`config_flags.DEFINE_config_file` (locked, `--NAME.key=value` overrides) whose value
+  is a config file's path or a shipped config's name (see config_path)."""
+  holder = config_flags.DEFINE_config_file(name, None, help_string, flag_values=flag_values,
+                                           lock_config=True)
+  flag_values[name].parser = _ByNameParser(flag_values[name].parser)
+  return holder
 
 
 def flags_parser(prog: str) -> Callable[[list], list]:

@@ -2,6 +2,8 @@ r"""Trains an MD4 model.
 
   python -m md4_jax.train --config=configs/digits.py --workdir=/tmp/md4_digits \
       [--config.num_train_steps=500 ...]
+  # From an install without a clone (e.g. Colab), a shipped config by name:
+  python -m md4_jax.train --config=digits:tiny --workdir=/tmp/md4_digits_tiny
 
 Re-running the same command resumes from the latest checkpoint in --workdir.
 Multi-process: add --distributed (see md4_jax/cli.py and launch/).
@@ -12,12 +14,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only writes summaries.
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from md4_jax import cli  # noqa: E402
 from md4_jax.run import loop  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+_CONFIG = cli.define_config_flag(
+    "config", "Training config: a file (configs/digits.py[:variant]) or a shipped config's name "
+    "(digits[:variant]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,

@@ -1,8 +1,10 @@
-"""Generative perplexity (md4_jax/judge.py) with a tiny judge built and fitted here.
+"""Generative perplexity (md4_jax/metrics/judge.py) with a tiny judge built and fitted here.
 
-The judge is a 2-layer GPT-2 (Hugging Face transformers' Flax class) with a
-byte-level BPE tokenizer, both trained for a few seconds on a fixture text
-and saved with `save_pretrained`, exactly as a downloaded judge is laid out.
+The judge is a 2-layer GPT-2 (md4_jax/metrics/gpt2.py) with a byte-level BPE
+tokenizer, both trained for a few seconds on a fixture text and saved as a
+published GPT-2 is laid out: config.json, model.safetensors (GPT-2's names)
+and tokenizer.json. One test checks that transformers' Flax GPT-2 reads the
+same files into the same log-probabilities.
 """
 
 import json
@@ -14,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 
 import helpers
 from md4_jax.configs import synthetic_text
+from md4_jax.metrics import gpt2
 from md4_jax.metrics import judge as judge_lib
-
-import transformers  # noqa: E402  (the `judge` extra, in `test`)
 
 CONTEXT = 32
 
@@ -45,20 +47,17 @@ def build_judge(directory: str) -> None:
       vocab_size=300, special_tokens=["<|endoftext|>"],
       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   eos = tok.token_to_id("<|endoftext|>")
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                              eos_token="<|endoftext|>")
-  fast.save_pretrained(directory)
-  config = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=CONTEXT,
-                                   n_embd=32, n_layer=2, n_head=2, bos_token_id=eos,
-                                   eos_token_id=eos)
-  # Initialised in one jitted call (the eager default compiles every layer separately).
-  model = transformers.FlaxGPT2LMHeadModel(config, _do_init=False)
-  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), (1, CONTEXT))
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  config = gpt2.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=CONTEXT, n_embd=32,
+                           n_layer=2, n_head=2)
+  model = gpt2.GPT2(config)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, CONTEXT), jnp.int32))
   stream = [t for text in texts for t in [eos] + tok.encode(text).ids]
   rows = np.array([stream[i:i + CONTEXT] for i in range(0, len(stream) - CONTEXT, CONTEXT)])
 
   def loss_fn(params, ids):
-    logits = model(ids, params=params, train=False).logits[:, :-1]
+    logits = model.apply(params, ids)[:, :-1]
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
   optimizer = optax.adam(1e-2)
@@ -73,7 +72,7 @@ def build_judge(directory: str) -> None:
   rng = np.random.default_rng(0)
   for _ in range(50):
     params, opt_state, _ = step(params, opt_state, rows[rng.integers(0, len(rows), 16)])
-  model.save_pretrained(directory, params=params)
+  gpt2.save(directory, config, params["params"], bos_token_id=eos, eos_token_id=eos)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +94,7 @@ def test_gen_ppl_is_finite_deterministic_and_lower_for_the_fixture_text(judge):
   assert np.isfinite(first["gen_ppl"]) and first["gen_ppl"] > 1
   assert 0 < first["gen_ppl_stderr"] < first["gen_ppl"]
   rng = np.random.default_rng(0)
-  vocab = judge.tokenizer.vocab_size
+  vocab = judge.tokenizer.get_vocab_size()
   random_texts = [judge.tokenizer.decode(rng.integers(0, vocab - 1, 40).tolist())
                   for _ in range(12)]
   noise = judge.score(random_texts)
@@ -106,7 +105,7 @@ def test_gen_ppl_is_finite_deterministic_and_lower_for_the_fixture_text(judge):
 def test_every_token_is_scored_once_in_bos_led_chunks(judge):
   long_text = " ".join(fixture_text(6, seed=2))
   rows, owner = judge.rows([long_text, "the cat sees a tree."])
-  ids = judge.tokenizer(long_text, add_special_tokens=False)["input_ids"]
+  ids = judge.tokenizer.encode(long_text, add_special_tokens=False).ids
   assert len(ids) > 2 * CONTEXT  # Several chunks.
   long_rows = [r for r, o in zip(rows, owner) if o == 0]
   assert all(r[0] == judge.bos_id and len(r) <= CONTEXT for r in long_rows)
@@ -120,7 +119,7 @@ def test_padded_batches_match_a_direct_unpadded_computation(judge):
   texts = ["the cat sees the ball.", " ".join(fixture_text(2, seed=3)), "a dog likes"]
   rows, _ = judge.rows(texts)
   assert len(rows) > len(texts) and len(set(map(len, rows))) > 2  # Chunks of unequal lengths.
-  logits_fn = jax.jit(lambda params, ids: judge.model(ids, params=params).logits)
+  logits_fn = jax.jit(lambda params, ids: judge.model.apply({"params": params}, ids))
   total, tokens = 0.0, 0
   for row in rows:
     ids = jnp.asarray([row])
@@ -151,3 +150,62 @@ def test_sample_cli_reports_gen_ppl_next_to_the_entropy(tmp_path, judge_dir):
   assert info["judge"] == judge_dir and info["judge_tokens"] > 0
   assert np.isfinite(info["gen_ppl"]) and info["gen_ppl"] > 1
   assert "Generative perplexity under" in result.stdout and "unigram entropy" in result.stdout
+
+
+def random_gpt2(directory, **extra_config) -> gpt2.GPT2Config:
+  """A tiny GPT-2 with random weights everywhere (LayerNorms and biases too), saved."""
+  config = gpt2.GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=3)
+  params = gpt2.GPT2(config).init(jax.random.PRNGKey(1), jnp.zeros((1, 1), jnp.int32))["params"]
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  gpt2.save(str(directory), config, jax.tree.unflatten(treedef, leaves), **extra_config)
+  return config
+
+
+@pytest.mark.slow
+def test_our_gpt2_and_transformers_flax_gpt2_give_the_same_log_probs(tmp_path):
+  """Both read the same published-layout files; padded keys are masked in both."""
+  try:
+    from transformers import FlaxGPT2LMHeadModel  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    pytest.skip("transformers' Flax GPT-2 (transformers < 5) is not installed")
+  config = random_gpt2(tmp_path)
+  ids_BxT = np.random.default_rng(0).integers(0, config.vocab_size, (2, 16)).astype(np.int32)
+  mask_BxT = np.ones_like(ids_BxT)
+  mask_BxT[1, 11:] = 0
+  ours_config, params = gpt2.load(str(tmp_path))
+  ours = jax.nn.log_softmax(gpt2.GPT2(ours_config).apply({"params": params}, ids_BxT, mask_BxT))
+  # (Reading PyTorch-named safetensors needs transformers' eager random init first: slow.)
+  theirs_model = FlaxGPT2LMHeadModel.from_pretrained(str(tmp_path))
+  theirs = jax.nn.log_softmax(theirs_model(ids_BxT, attention_mask=mask_BxT).logits)
+  real = mask_BxT.astype(bool)
+  assert float(jnp.std(ours[real])) > 1  # Far from uniform: the random weights matter.
+  np.testing.assert_allclose(ours[real], theirs[real], atol=2e-5, rtol=0)
+
+
+def test_the_loader_takes_a_prefix_buffers_and_a_tied_head_and_names_what_is_missing(tmp_path):
+  random_gpt2(tmp_path)
+  path = str(tmp_path / "model.safetensors")
+  tensors = safetensors.numpy.load_file(path)
+  _, plain = gpt2.load(str(tmp_path))
+  prefixed = {f"transformer.{k}": v for k, v in tensors.items()}
+  prefixed["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 16, 16), np.float32))
+  prefixed["lm_head.weight"] = tensors["wte.weight"]
+  safetensors.numpy.save_file(prefixed, path)
+  _, loaded = gpt2.load(str(tmp_path))
+  assert jax.tree.all(jax.tree.map(np.array_equal, loaded, plain))
+  del prefixed["transformer.h.1.mlp.c_fc.weight"]
+  safetensors.numpy.save_file(prefixed, path)
+  with pytest.raises(ValueError, match=r"lacks 1 weights, e.g. h\.1\.mlp\.c_fc\.weight"):
+    gpt2.load(str(tmp_path))
+
+
+def test_a_judge_neither_local_nor_fetchable_is_one_clear_error(tmp_path, monkeypatch):
+  # No network call where huggingface_hub is first imported here; the name exists nowhere anyway.
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  with pytest.raises(OSError, match="'nobody/no-such-judge' is not a local directory and could "
+                     "not be fetched"):
+    judge_lib.Judge("nobody/no-such-judge")
+  with pytest.raises(FileNotFoundError, match="No judge directory"):
+    judge_lib.Judge(str(tmp_path / "missing" / "dir"))

@@ -15,15 +15,18 @@ repeating tokens; the entropy exposes it). The protocol here:
 3. gen-PPL = exp(Σ NLL / Σ tokens) over all samples (token-weighted), with a
    standard error from the delta method over samples.
 
-The judge runs through Hugging Face `transformers`' Flax causal-LM classes
-(the `judge` extra, transformers < 5, where they live): the model stays in
-this JAX process and needs no PyTorch/CUDA stack. `--judge` takes anything
-`from_pretrained` accepts: a hub name such as `openai-community/gpt2-large`
-(downloaded once when online) or a local directory with the model and its
-tokenizer.
+The judge is a GPT-2-family model in this package's own Flax code
+(md4_jax/metrics/gpt2.py), read from the published files: config.json,
+model.safetensors and tokenizer.json (the `judge` extra: safetensors,
+tokenizers, huggingface_hub; no PyTorch, no transformers). `--judge` takes a
+local directory with those files or a hub name such as
+`openai-community/gpt2-large`, downloaded once when online and read from the
+Hugging Face cache afterwards.
 """
 
+import json
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,50 +34,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4_jax.metrics import gpt2
+
 _BUCKET = 64  # Rows are padded to a multiple of this many tokens (few compilations).
+# What a judge needs of a hub repository (not its PyTorch/TF/ONNX copies).
+_HUB_FILES = ["config.json", "model*.safetensors", "tokenizer.json"]
 
 
-def _transformers():
+def _tokenizers():
   try:
-    import transformers  # pylint: disable=g-import-not-at-top
+    import huggingface_hub  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import safetensors  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import tokenizers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
-        "Generative perplexity needs Hugging Face transformers' Flax models: "
-        "pip install -e '.[judge]' (transformers>=4.46,<5).") from e
-  return transformers
+    raise ImportError("Generative perplexity needs safetensors, tokenizers and huggingface_hub: "
+                      "pip install -e '.[judge]'.") from e
+  return tokenizers
+
+
+def judge_directory(path: str) -> str:
+  """A local directory as it is; otherwise a hub name, fetched once (then from the cache).
+
+  Raises:
+    OSError: neither a directory nor a hub model that could be fetched (e.g.
+      offline and not cached), in one line.
+  """
+  if os.path.isdir(path):
+    return path
+  if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    raise FileNotFoundError(f"No judge directory {path}.")
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  try:
+    return huggingface_hub.snapshot_download(path, allow_patterns=_HUB_FILES)
+  except Exception as e:  # pylint: disable=broad-except  (offline, unknown, gated: one line)
+    lines = str(e).strip().splitlines()
+    reason = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    raise OSError(f"The judge {path!r} is not a local directory and could not be fetched from "
+                  f"the Hugging Face hub ({reason}). Fetch it once online (it is then cached) "
+                  "or pass a directory with config.json, model.safetensors and "
+                  "tokenizer.json.") from e
 
 
 class Judge:
   """An autoregressive judge model and its tokenizer (see the module docstring).
 
   Attributes:
-    path: what was loaded.
+    path: what was loaded (a directory or a hub name).
     context: C, the judge's context length.
+    model, params: the gpt2.GPT2 network and its parameters.
+    tokenizer: a `tokenizers.Tokenizer`.
+    bos_id: the token that starts every chunk (config.json's BOS, else its EOS).
   """
 
   def __init__(self, path: str, batch_size: int = 8):
     if batch_size < 1:
       raise ValueError(f"The judge's batch size must be >= 1, got {batch_size}.")
-    transformers = _transformers()
+    tokenizers = _tokenizers()
     self.path = path
     self.batch_size = batch_size
-    self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    # _do_init=False: the weights are read, not first initialised at random (GPT-2 large
-    # would spend minutes on an eager init it then overwrites).
-    self.model, self.params = transformers.FlaxAutoModelForCausalLM.from_pretrained(
-        path, _do_init=False)
-    config = self.model.config
-    self.context = int(getattr(config, "n_positions", None)
-                       or config.max_position_embeddings)
-    bos = self.tokenizer.bos_token_id
-    self.bos_id = self.tokenizer.eos_token_id if bos is None else bos
+    directory = judge_directory(path)
+    config, params = gpt2.load(directory)
+    tokenizer_file = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(tokenizer_file):
+      raise FileNotFoundError(f"The judge {path} has no tokenizer.json.")
+    self.tokenizer = tokenizers.Tokenizer.from_file(tokenizer_file)
+    with open(os.path.join(directory, "config.json")) as f:
+      values = json.load(f)
+    bos = values.get("bos_token_id")
+    self.bos_id = values.get("eos_token_id") if bos is None else bos
     if self.bos_id is None:
       raise ValueError(f"The judge {path} has neither a BOS nor an EOS token to start chunks.")
+    self.model = gpt2.GPT2(config)
+    self.params = jax.device_put(params)
+    self.context = config.n_positions
     self._row_nll = jax.jit(self._row_nll_fn)
 
   def _row_nll_fn(self, params, ids_BxT, mask_BxT):
     """Σ −log p(token | its prefix) per row, over the real tokens after the BOS."""
-    logits = self.model(ids_BxT, attention_mask=mask_BxT, params=params, train=False).logits
+    logits = self.model.apply({"params": params}, ids_BxT, mask_BxT)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, ids_BxT[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(nll * mask_BxT[:, 1:], axis=-1)
@@ -84,7 +121,7 @@ class Judge:
     rows, owner = [], []
     piece = self.context - 1
     for i, text in enumerate(texts):
-      ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+      ids = self.tokenizer.encode(text, add_special_tokens=False).ids
       for start in range(0, len(ids), piece):
         rows.append([self.bos_id] + list(ids[start:start + piece]))
         owner.append(i)
