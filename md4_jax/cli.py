@@ -16,9 +16,10 @@ install without a clone, e.g. Colab).
 
 import logging as pylogging
 import os
+import re
 import sys
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import jax
 from absl import app, flags, logging
@@ -161,21 +162,49 @@ def flags_parser(prog: str) -> Callable[[list], list]:
     try:
       return flags.FLAGS(argv)
     except Exception as e:  # pylint: disable=broad-except
-      print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+      print(f"{prog}: error: {_unknown_key(e, argv) or one_line(e)}", file=sys.stderr, flush=True)
       sys.exit(EXIT_BAD_INPUT)
   return parse
 
 
-def run(fn: Callable[[], T], prog: str) -> T:
+def _unknown_key(error: BaseException, argv) -> Optional[str]:
+  """ml_collections reports `--config.nonexistent=1` as a bare "'nonexistent'": say what it is."""
+  match = re.fullmatch(r"""["']*([\w.]+)["']*""", str(error).strip())
+  if match is None:
+    return None
+  key = match.group(1).split(".")[-1]
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name.startswith("config.") and key in name.split(".")[1:]:
+      return (f"--{name}: the config has no field {key!r} (every field is listed, with its "
+              "choices, in configs/base.py; nested fields are --config.GROUP.FIELD).")
+  return None
+
+
+_OOM = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "Ran out of memory")
+
+
+def run(fn: Callable[[], T], prog: str, memory_knobs: str = "the batch size") -> T:
   """Runs `fn`; a bad input or a stop on NaN/Inf becomes one line on stderr and an exit code.
 
   ValueError and OSError (missing files, permissions, a full disk) ->
   "<prog>: error: ..." and exit 2 (the traceback goes to the debug log);
+  running out of memory at compile or run time (XLA's RESOURCE_EXHAUSTED, a
+  host MemoryError) -> one line naming `memory_knobs`, exit 2;
   FloatingPointError (the training loop's NaN/Inf stop) -> "<prog>: stopped:
   ..." and exit 3.
   """
   try:
     return fn()
+  except (MemoryError, RuntimeError) as e:
+    if not isinstance(e, MemoryError) and not any(s in str(e) for s in _OOM):
+      raise
+    logging.debug("Out of memory", exc_info=True)
+    detail = next((l.strip() for l in str(e).splitlines() if any(s in l for s in _OOM)),
+                  type(e).__name__)
+    print(f"{prog}: error: out of memory ({detail[:300]}); lower {memory_knobs}.",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
   except FloatingPointError as e:
     logging.error("%s", e)
     print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)

@@ -354,7 +354,7 @@ def _main() -> None:
 
 def main(argv):
   cli.start(argv, quiet=True)
-  cli.run(_main, "md4_jax.evaluate")
+  cli.run(_main, "md4_jax.evaluate", memory_knobs="--batch_size or --num_t_samples")
 
 
 if __name__ == "__main__":

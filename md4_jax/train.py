@@ -32,7 +32,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.start(argv)
   cli.run(lambda: loop.run(_CONFIG.value, _WORKDIR.value,
-                           allow_config_change=_ALLOW_CONFIG_CHANGE.value), "md4_jax")
+                           allow_config_change=_ALLOW_CONFIG_CHANGE.value), "md4_jax",
+          memory_knobs="--config.batch_size (or raise --config.grad_accum_steps; "
+          "--config.remat_policy=full, --config.masked_head=True and --config.loss_chunk_size "
+          "also save memory)")
 
 
 if __name__ == "__main__":

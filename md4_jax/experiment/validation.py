@@ -22,12 +22,19 @@ def _check(ok: bool, field: str, value, rule: str) -> None:
     raise ValueError(f"config.{field}={value!r} is out of range: it must be {rule}.")
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Range checks of the config's values, before anything is built or written.
 
   Raises:
     ValueError: the first field out of range, with the rule it breaks.
   """
+  for field in ("dtype", "param_dtype"):
+    # float16 has no loss scaling here: its gradients underflow. bfloat16 has float32's range.
+    _check(config[field] in DTYPES, field, config[field], f"one of {DTYPES} (float16 needs loss "
+           "scaling, which md4_jax does not do; use bfloat16)")
   for field in ("num_train_steps", "batch_size", "eval_batch_size", "grad_accum_steps",
                 "timesteps", "sampling_steps", "max_checkpoints_to_keep", "vocab_size"):
     _check(int(config[field]) >= 1, field, config[field], ">= 1")
