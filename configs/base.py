@@ -145,6 +145,43 @@ def genmd4(config: ml_collections.ConfigDict, dropout_rate: float | None = None,
   return config
 
 
+def cpu_loop(config: ml_collections.ConfigDict, *, num_train_steps: int, eval_every_steps: int,
+             sample_every_steps: int, num_samples: int, sampling_steps: int,
+             learning_rate: float = 2e-3) -> ml_collections.ConfigDict:
+  """The loop of the embedded defaults (minutes on a 2-core CPU): a short warmup, a short EMA
+  (decay 0.995, with warm-up), checkpoints as often as evaluations."""
+  config.learning_rate = learning_rate
+  config.warmup_steps = 100
+  config.num_train_steps = num_train_steps
+  config.ema_rate = 0.995
+  config.ema_warmup = True  # An embedded default: short runs report a warm EMA.
+  config.eval_every_steps = config.checkpoint_every_steps = eval_every_steps
+  config.sample_every_steps = sample_every_steps
+  config.num_samples = num_samples
+  config.sampling_steps = sampling_steps
+  return config
+
+
+def smoke_run(config: ml_collections.ConfigDict, *, batch_size: int, num_train_steps: int,
+              eval_batch_size: int = 0) -> ml_collections.ConfigDict:
+  """The `:tiny` variants' loop (seconds to minutes on a CPU): a small batch, a short run and
+  an EMA with warm-up (a few steps cannot warm the paper's 0.9999 decay)."""
+  config.ema_warmup = True
+  config.batch_size = batch_size
+  config.eval_batch_size = eval_batch_size or batch_size
+  config.num_train_steps = num_train_steps
+  return config
+
+
+def tiny_transformer(config: ml_collections.ConfigDict, *, length: int, embed_dim: int = 0
+                     ) -> ml_collections.ConfigDict:
+  """A 2 x 64 transformer over `length` tokens for the text `:tiny` variants."""
+  config.data_shape = (length,)
+  tc = config.transformer
+  tc.width, tc.depth, tc.num_heads, tc.cond_dim, tc.embed_dim = 64, 2, 4, 16, embed_dim
+  return config
+
+
 def get_config():
   """Returns the base ConfigDict (a tiny digits run; datasets override)."""
   config = ml_collections.ConfigDict()

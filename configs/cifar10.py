@@ -49,13 +49,7 @@ def get_config(arg=None):
     base.wide_cond_unet(config)
 
   if arg == "tiny":
-    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
-    uc.channels = 32
-    uc.channel_mult = (1, 2)
-    uc.num_res_blocks = 1
-    uc.embed_dim = 8
-    uc.cond_dim = 32
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.num_train_steps = 100
+    uc.channels, uc.channel_mult, uc.num_res_blocks, uc.embed_dim, uc.cond_dim = (
+        32, (1, 2), 1, 8, 32)
+    base.smoke_run(config, batch_size=16, num_train_steps=100)
   return config

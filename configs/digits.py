@@ -44,16 +44,8 @@ def get_config(arg=None):
   config.unet.embed_dim = 16
   config.dropout_rate = 0.1
 
-  config.learning_rate = 2e-3
-  config.warmup_steps = 100
-  config.num_train_steps = 2000
-  config.ema_rate = 0.995
-  config.ema_warmup = True  # An embedded default: short runs report a warm EMA.
-  config.eval_every_steps = 500
-  config.checkpoint_every_steps = 500
-  config.sample_every_steps = 1000
-  config.num_samples = 64
-  config.sampling_steps = 64
+  base.cpu_loop(config, num_train_steps=2000, eval_every_steps=500, sample_every_steps=1000,
+                num_samples=64, sampling_steps=64)
 
   if arg.endswith("genmd4"):
     base.genmd4(config)
@@ -63,8 +55,9 @@ def get_config(arg=None):
     config.unet.channel_mult = (1,)
     config.unet.attn_resolutions = ()
     config.unet.embed_dim = 4
-    config.batch_size = 16
-    config.eval_batch_size = 40  # Divides over 1, 2, 4 or 8 devices.
+    # An eval batch of 40 divides over 1, 2, 4 or 8 devices.
+    base.smoke_run(config, batch_size=16, num_train_steps=config.num_train_steps,
+                   eval_batch_size=40)
     config.num_samples = 8
     config.sampling_steps = 8
   return config

@@ -48,16 +48,7 @@ def get_config(arg=None):
     vc.depth = 12
 
   if arg == "tiny":
-    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
-    vc.channels = 16
-    vc.num_res_blocks = 1
-    vc.embed_dim = 4
-    vc.patch_size = 4
-    vc.width = 32
-    vc.depth = 1
-    vc.num_heads = 2
-    vc.cond_dim = 16
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.num_train_steps = 50
+    vc.channels, vc.num_res_blocks, vc.embed_dim, vc.patch_size = 16, 1, 4, 4
+    vc.width, vc.depth, vc.num_heads, vc.cond_dim = 32, 1, 2, 16
+    base.smoke_run(config, batch_size=8, num_train_steps=50)
   return config

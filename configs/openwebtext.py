@@ -51,14 +51,7 @@ def get_config(arg=None, dataset: str = "openwebtext", config_file: str = "confi
     base.wide_cond_transformer(config)
 
   if arg == "tiny":
-    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
-    config.data_shape = (128,)
-    config.transformer.width = 64
-    config.transformer.depth = 2
-    config.transformer.num_heads = 4
-    config.transformer.cond_dim = 16
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.num_train_steps = 50
+    base.tiny_transformer(config, length=128)
+    base.smoke_run(config, batch_size=8, num_train_steps=50)
     config.sampling_steps = 128
   return config

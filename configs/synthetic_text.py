@@ -44,23 +44,13 @@ def get_config(arg=None):
   config.transformer.mlp_ratio = 4.0
   config.dropout_rate = 0.0
 
-  config.learning_rate = 2e-3
-  config.warmup_steps = 100
-  config.num_train_steps = 3000
-  config.ema_rate = 0.995
-  config.ema_warmup = True  # An embedded default: short runs report a warm EMA.
-  config.eval_every_steps = 1000
-  config.checkpoint_every_steps = 1000
-  config.sample_every_steps = 0
-  config.num_samples = 16
-  config.sampling_steps = 32
+  base.cpu_loop(config, num_train_steps=3000, eval_every_steps=1000, sample_every_steps=0,
+                num_samples=16, sampling_steps=32)
 
   if arg == "tiny":
     config.transformer.width = 32
     config.transformer.depth = 1
-    config.batch_size = 16
-    config.eval_batch_size = 40
-    config.num_train_steps = 20
+    base.smoke_run(config, batch_size=16, num_train_steps=20, eval_batch_size=40)
     config.num_samples = 8
     config.sampling_steps = 8
   return config

@@ -39,15 +39,7 @@ def get_config(arg=None):
     base.wide_cond_transformer(config)
 
   if arg == "tiny":
-    config.ema_warmup = True  # Smoke runs: an EMA that has warmed up in a few steps.
-    config.data_shape = (64,)
-    config.transformer.width = 64
-    config.transformer.depth = 2
-    config.transformer.num_heads = 4
-    config.transformer.embed_dim = 16
-    config.transformer.cond_dim = 16
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.num_train_steps = 100
+    base.tiny_transformer(config, length=64, embed_dim=16)
+    base.smoke_run(config, batch_size=16, num_train_steps=100)
     config.sampling_steps = 64
   return config
