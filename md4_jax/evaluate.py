@@ -49,6 +49,7 @@ from md4_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 from md4_jax import cli  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
 from md4_jax.metrics import evaluation  # noqa: E402
+from md4_jax.experiment import memory  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.experiment import step as step_lib  # noqa: E402
 from md4_jax.run import workdir as workdir_lib  # noqa: E402
@@ -196,6 +197,10 @@ def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
   seed = run_cfg.seed if seed is None else seed
   mesh = mesh or workdir_lib.run_mesh(run_cfg)
   parallel.check_batch_size(run_cfg.eval_batch_size, mesh, "the evaluation batch (--batch_size)")
+  # The K x B time grid and K keys are built before the scan over K (4 + 8 bytes each).
+  memory.check_fits(12.0 * num_t_samples * run_cfg.eval_batch_size,
+                    f"--num_t_samples={num_t_samples}'s time grid for a batch of "
+                    f"{run_cfg.eval_batch_size}", "--num_t_samples (K = 8 is plenty for a report)")
   # Missing data or a bad split fails here, before the (slow) restore.
   configs, all_datasets = [], []
   for target in targets:

@@ -42,3 +42,11 @@ def test_an_unknown_config_key_names_the_flag(tmp_path):
                        "'nonexistent' (every field is listed, with its choices, in "
                        "configs/base.py; nested fields are --config.GROUP.FIELD).")
   assert not (tmp_path / "w").exists()
+
+
+def test_an_evaluation_time_grid_that_cannot_fit_is_refused_before_compiling(tmp_path):
+  from md4_jax import evaluate  # pylint: disable=g-import-not-at-top
+  workdir = helpers.saved_workdir(tmp_path / "run", helpers.digits_tiny(), step=5)
+  with pytest.raises(ValueError, match=r"--num_t_samples=100000000000's time grid .* GiB on one "
+                                       r"device, which has .* lower --num_t_samples"):
+    evaluate.evaluate_checkpoint(workdir, num_t_samples=10**11)
