@@ -10,21 +10,32 @@ other positions by design. Inits use an 'rbg' key: threefry init programs take
 
 import functools
 import math
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.diffusion import model as model_lib
+from md4_jax.experiment import build
+from md4_jax.experiment import validation
 from md4_jax.networks import contract
-from md4_jax.networks import layers
+
+import helpers
 
 B = 2
-NETWORKS = ("transformer", "unet", "uvit")
+# Tiny sizes per network; a network not listed runs with its configs/base.py group (small).
+TINY = {
+    "transformer": dict(data_shape=(16,), vocab_size=11,
+                        transformer=dict(width=32, depth=2, num_heads=4)),
+    "unet": dict(unet=dict(channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(4,), embed_dim=8)),
+}
 
 
 @pytest.fixture(autouse=True)
@@ -40,20 +51,13 @@ def _config(network, **overrides):
   config.classes = 3
   config.dropout_rate = 0.1
   config.time_features = "t"
-  if network == "transformer":
-    config.data_shape = (16,)
-    config.vocab_size = 11
-    config.transformer.width = 32
-    config.transformer.depth = 2
-    config.transformer.num_heads = 4
-  else:
-    config.data_shape = (8, 8, 1)
-    config.vocab_size = 17
-    config.unet.channels = 16
-    config.unet.channel_mult = (1, 2)
-    config.unet.num_res_blocks = 1
-    config.unet.attn_resolutions = (4,)
-    config.unet.embed_dim = 8
+  config.data_shape = (8, 8, 1)
+  config.vocab_size = 17
+  for k, v in TINY.get(network, {}).items():
+    if isinstance(v, dict):
+      config[k].update(v)
+    else:
+      config[k] = v
   for k, v in overrides.items():
     config[k] = v
   return config
@@ -125,9 +129,10 @@ def _get_setup(network):
   return _Setup(network)
 
 
-@pytest.fixture(params=["transformer", pytest.param("unet", marks=pytest.mark.slow),
-                        pytest.param("uvit", marks=pytest.mark.slow)])
-def setup(request):  # The UNet's compiles make its cases slow-tier; the fast tier builds it below.
+@pytest.fixture(params=[n if n == "transformer" else pytest.param(n, marks=pytest.mark.slow)
+                        for n in sorted(networks.NETWORKS)])
+def setup(request):  # Image networks' compiles make their cases slow-tier; the fast tier builds
+  # them below.
   return _get_setup(request.param)
 
 
@@ -192,7 +197,7 @@ def test_bfloat16_close_to_float32(setup):
   assert err < 0.05, err
 
 
-@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("network", sorted(networks.NETWORKS))
 def test_time_features_none_ignores_t(network):
   config = _config(network, time_features="none", classes=0)
   model = networks.build_network(config)
@@ -312,3 +317,57 @@ def test_every_registered_network_builds_and_declares_its_head_contract(name):
     config.loss_chunk_size = 8
     with pytest.raises(ValueError, match="loss_chunk_size=8"):
       model_lib.build_model(config, model)
+
+
+class _ToyNetwork(nn.Module):
+  """A backbone a newcomer adds: token embedding + a time bias -> swish -> linear head.
+
+  Declares two of the common facts (vocab_size, dtype) and one attribute of its own
+  config group (hidden); the builder passes nothing else.
+  """
+
+  vocab_size: int
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @classmethod
+  def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
+    if kwargs["hidden"] % 2:
+      raise ValueError(f"config.{group}.hidden={kwargs['hidden']} must be even.")
+
+  @nn.compact
+  def __call__(self, z, t, cond: Optional[jax.Array] = None, train: bool = False):
+    h = nn.Embed(self.vocab_size + 1, self.hidden, dtype=self.dtype)(z)
+    time_bias = nn.Dense(self.hidden, dtype=self.dtype)(t[:, None])
+    h = h + time_bias.reshape((z.shape[0],) + (1,) * (z.ndim - 1) + (self.hidden,))
+    return nn.Dense(self.vocab_size, dtype=self.dtype)(nn.swish(h)).astype(jnp.float32)
+
+
+def test_a_new_network_is_its_class_one_registry_line_and_its_config_group(monkeypatch):
+  """The documented recipe (docs/networks.md): register a class, give it a config group,
+  and the normal path (validate, build.setup, a train step) runs it; its check and
+  unknown group keys are one-line errors."""
+  monkeypatch.setitem(networks.NETWORKS, "toy", _ToyNetwork)
+  config = helpers.digits_tiny(network="toy")
+  config.toy = ml_collections.ConfigDict(dict(hidden=8))
+  validation.validate(config)
+  experiment = build.setup(config)
+  network = experiment.model.network
+  assert type(network) is _ToyNetwork  # pylint: disable=unidiomatic-typecheck
+  assert (network.vocab_size, network.hidden) == (config.vocab_size, 8)
+  params = experiment.abstract_state.params
+  assert params["network"]["Embed_0"]["embedding"].shape == (config.vocab_size + 1, 8)
+  assert experiment.num_params == ((config.vocab_size + 1) * 8 + 2 * 8
+                                   + 8 * config.vocab_size + config.vocab_size)
+  state = experiment.init_state()
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, config.vocab_size, (config.batch_size, *config.data_shape))
+  _, metrics = experiment.train_step(state, {"x": jnp.asarray(x, jnp.int32)})
+  assert np.isfinite(float(metrics["loss"]))
+
+  config.toy.hidden = 7
+  with pytest.raises(ValueError, match=r"config.toy.hidden=7 must be even"):
+    validation.validate(config)
+  config.toy = ml_collections.ConfigDict(dict(hidden=8, width=3))
+  with pytest.raises(ValueError, match=r"config.toy.width is not an attribute of _ToyNetwork"):
+    build.setup(config)

@@ -9,7 +9,7 @@ import pytest
 
 from md4_jax.configs import base
 from md4_jax import networks
-from md4_jax.networks import layers
+from md4_jax.networks import attention
 from md4_jax.networks import transformer
 from md4_jax.networks import uvit
 
@@ -23,21 +23,21 @@ def test_rope_scores_depend_on_the_offset_only():
   # The same vectors at every position: scores then depend on m - n only ...
   qs = jnp.broadcast_to(q[:, :1], q.shape)
   ks = jnp.broadcast_to(k[:, :1], k.shape)
-  scores = jnp.einsum("bmhk,bnhk->hmn", layers.apply_rope(qs), layers.apply_rope(ks))
+  scores = jnp.einsum("bmhk,bnhk->hmn", attention.apply_rope(qs), attention.apply_rope(ks))
   for offset in (-3, 0, 5):
     diag = np.diagonal(np.asarray(scores), offset=offset, axis1=1, axis2=2)
     np.testing.assert_allclose(diag, diag[:, :1] * np.ones_like(diag), rtol=1e-5, atol=1e-5)
   # ... norms are kept, and position 0 is untouched.
-  np.testing.assert_allclose(jnp.linalg.norm(layers.apply_rope(q), axis=-1),
+  np.testing.assert_allclose(jnp.linalg.norm(attention.apply_rope(q), axis=-1),
                              jnp.linalg.norm(q, axis=-1), rtol=1e-5)
-  np.testing.assert_allclose(layers.apply_rope(q)[:, 0], q[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(attention.apply_rope(q)[:, 0], q[:, 0], rtol=1e-6)
   # Adjacent pairs (x_0, x_1) turn at frequency 1: e_0 at position m -> (cos m, sin m, 0, ...)
   # (a rotate-halves layout would move it to x_4 instead).
   e0 = jnp.zeros((1, 12, 1, 8)).at[..., 0].set(1.0)
   m = np.arange(12)
   expected = np.zeros((12, 8))
   expected[:, 0], expected[:, 1] = np.cos(m), np.sin(m)
-  np.testing.assert_allclose(layers.apply_rope(e0)[0, :, 0], expected, atol=1e-5)
+  np.testing.assert_allclose(attention.apply_rope(e0)[0, :, 0], expected, atol=1e-5)
 
 
 def test_mlp_widths_follow_the_paper():
@@ -138,6 +138,7 @@ def test_unknown_choices_are_one_line_errors():
                               ("transformer", "positions", "alibi"),
                               ("transformer", "cond_act", "tanh"), ("unet", "film", "gate")):
     config = base.get_config()
+    config.network = group  # The selected network's class checks its group.
     config[group][field] = value
     with pytest.raises(ValueError, match=f"Unknown {group}.{field} '{value}'"):
       validation.validate(config)

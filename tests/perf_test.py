@@ -33,11 +33,12 @@ import pytest
 from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.diffusion import model as model_lib
+from md4_jax.networks import attention
 from md4_jax.networks import layers
 
 import helpers
 
-B, L, V = 2, 256, 67  # L > layers.ATTENTION_CHUNK, so 'chunked' really chunks.
+B, L, V = 2, 256, 67  # L > attention.ATTENTION_CHUNK, so 'chunked' really chunks.
 LOSS_RTOL = 1e-6
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5  # atol relative to the largest |gradient|.
 
@@ -165,7 +166,7 @@ def test_chunked_attention_equals_xla():
     return jnp.sum(fn(q, k, v) * ct)
 
   plain = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla")
-  chunked = lambda q, k, v: layers.chunked_attention(q, k, v, chunk=16)
+  chunked = lambda q, k, v: attention.chunked_attention(q, k, v, chunk=16)
   ref = jax.value_and_grad(functools.partial(loss, plain), argnums=(0, 1, 2))(q, k, v)
   out = jax.value_and_grad(functools.partial(loss, chunked), argnums=(0, 1, 2))(q, k, v)
   np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
@@ -295,6 +296,6 @@ def test_xla_attention_is_dot_product_attention():
   rng = np.random.default_rng(3)
   q = jnp.asarray(rng.standard_normal((2, 16, 3, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((2, 12, 3, 8)), jnp.float32) for _ in range(2))
-  _assert_same_function(layers.xla_attention,
+  _assert_same_function(attention.xla_attention,
                         lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
                         q, k, v)

@@ -54,7 +54,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.label_dropout drops class labels: it needs config.classes > 0.")
   _check(config.loss_chunk_size >= 0, "loss_chunk_size", config.loss_chunk_size,
          ">= 0 (0 = plain)")
-  for group in ("transformer", "unet", "uvit"):
+  for group in (g for g in networks.NETWORKS if g in config):
     for field, value in config[group].items():
       sizes = value if isinstance(value, (tuple, list)) else (value,)
       if any(isinstance(v, (bool, str)) for v in sizes):

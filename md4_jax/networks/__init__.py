@@ -1,6 +1,7 @@
-"""Denoising networks: (z_t, t, cond) -> logits, and a name -> builder registry.
+"""Denoising networks: (z_t, t, cond) -> logits, and the name -> class registry.
 
-Every network is a Flax linen module called as
+Every network is a Flax linen module honouring the call contract of
+contract.py:
 
   logits = network(z, t, cond=None, train=False)
 
@@ -10,141 +11,119 @@ Every network is a Flax linen module called as
   train:  enables dropout (rng stream 'dropout').
   logits: [B, *data_shape, V] float32, over the V real tokens.
 
-A network whose last layer is a per-position linear head declares it by
-inheriting `contract.FusedHeadNetwork` and offers
-`features(z, t, cond, train) -> contract.HeadInputs` (features and the head's
-parameters): the loss can then apply the head chunk by chunk
-(diffusion/losses.chunked_nll, config.loss_chunk_size).
+`config.network` names a class in NETWORKS, and the config group of the same
+name holds its attributes:
 
-Only the builders here read the config; the modules take typed attributes.
+  network = NETWORKS[config.network](**config[config.network], **common)
+
+where `common` holds those of the run's shared facts (`common_kwargs`:
+vocab_size, data_shape, num_classes, dtype, ...) that the class declares as
+attributes; a network declares only what it uses. A class may offer
+`check_kwargs(kwargs, group)` (a classmethod) to check its choices; it sees the
+group, every common fact and its own defaults, before anything is built.
+See docs/networks.md ("Adding a backbone").
+
+Only this module reads the config; the networks take typed attributes.
 Parameters carry logical axis names (see transformer.py / unet.py) and come
 back from `init` as `nn.LogicallyPartitioned` boxes: use `nn.get_partition_spec`
 for shardings and `nn.meta.unbox` for plain arrays.
 """
 
-import math
-from typing import Callable
+import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from md4_jax.networks import contract
+from md4_jax.networks import attention
+from md4_jax.networks import conditioning
 from md4_jax.networks import layers
 from md4_jax.networks.transformer import Transformer
 from md4_jax.networks.unet import UNet
 from md4_jax.networks.uvit import UViT
 
+# config.network -> the network class; config[name] holds its attributes.
+NETWORKS: dict[str, type[nn.Module]] = {
+    "transformer": Transformer,
+    "unet": UNet,
+    "uvit": UViT,
+}
 
-def _common_kwargs(config: ml_collections.ConfigDict) -> dict:
-  """Attributes every network shares, read from the config."""
-  layers.check_time_features(config.time_features)
-  layers.check_attention_impl(config.attention_impl)
-  layers.check_remat_policy(config.remat_policy)
+
+def common_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The run's facts any network may declare as an attribute, by attribute name.
+
+  num_classes is config.classes; dtype and param_dtype are jnp dtypes.
+  """
   return dict(
       vocab_size=config.vocab_size,
+      data_shape=tuple(int(d) for d in config.data_shape),
       num_classes=config.classes,
       time_features=config.time_features,
+      time_embedding=config.time_embedding,
       dropout_rate=config.dropout_rate,
       dtype=jnp.dtype(config.dtype),
       param_dtype=jnp.dtype(config.param_dtype),
       remat_policy=config.remat_policy,
+      scan_layers=config.scan_layers,
       attention_impl=config.attention_impl,
   )
 
 
-def build_transformer(config: ml_collections.ConfigDict) -> Transformer:
-  """Transformer over the flattened data_shape (normally (L,))."""
-  tc = config.transformer
-  return Transformer(
-      max_length=math.prod(config.data_shape),
-      width=tc.width,
-      depth=tc.depth,
-      num_heads=tc.num_heads,
-      mlp_ratio=tc.mlp_ratio,
-      scan_layers=config.scan_layers,
-      cond_dim=tc.cond_dim,
-      cond_act=tc.cond_act,
-      time_embedding=config.time_embedding,
-      mlp=tc.mlp,
-      mlp_multiple_of=tc.mlp_multiple_of,
-      positions=tc.positions,
-      embed_dim=tc.embed_dim,
-      head_bias=tc.head_bias,
-      zero_init_head=tc.zero_init_head,
-      **_common_kwargs(config),
-  )
+def _fields(cls: type[nn.Module]) -> dict[str, dataclasses.Field]:
+  """The class's own attributes (not Flax's parent / name)."""
+  return {f.name: f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")}
 
 
-def _image_shape(config: ml_collections.ConfigDict) -> None:
-  if len(config.data_shape) != 3:
-    raise ValueError(
-        f"{config.network} needs data_shape (H, W, C), got {tuple(config.data_shape)}."
-    )
+def _group(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config[config.network] as plain kwargs; lists (from a saved config.json) become tuples."""
+  group = config[config.network].to_dict()
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in group.items()}
 
 
-def build_unet(config: ml_collections.ConfigDict) -> UNet:
-  """UNet for data_shape (H, W, C)."""
-  _image_shape(config)
-  uc = config.unet
-  return UNet(
-      channels=uc.channels,
-      channel_mult=tuple(uc.channel_mult),
-      num_res_blocks=uc.num_res_blocks,
-      attn_resolutions=tuple(uc.attn_resolutions),
-      embed_dim=uc.embed_dim,
-      cond_dim=uc.cond_dim,
-      film=uc.film,
-      zero_init_output=uc.zero_init_output,
-      time_embedding=config.time_embedding,
-      **_common_kwargs(config),
-  )
-
-
-def build_uvit(config: ml_collections.ConfigDict) -> UViT:
-  """UViT (residual blocks around a DiT) for data_shape (H, W, C)."""
-  _image_shape(config)
-  vc = config.uvit
-  return UViT(
-      channels=vc.channels,
-      num_res_blocks=vc.num_res_blocks,
-      embed_dim=vc.embed_dim,
-      patch_size=vc.patch_size,
-      width=vc.width,
-      depth=vc.depth,
-      num_heads=vc.num_heads,
-      mlp_ratio=vc.mlp_ratio,
-      cond_dim=vc.cond_dim,
-      time_embedding=config.time_embedding,
-      **_common_kwargs(config),
-  )
+def _network_class(config: ml_collections.ConfigDict) -> type[nn.Module]:
+  if config.network not in NETWORKS:
+    raise ValueError(f"Unknown network {config.network!r}; valid: {sorted(NETWORKS)}.")
+  if config.network not in config:
+    raise ValueError(f"config.network={config.network!r} needs its config group "
+                     f"config.{config.network} (the class's attributes): add it to "
+                     "configs/base.py.")
+  return NETWORKS[config.network]
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The networks' named choices in `config` are known (one-line ValueErrors, no trace)."""
-  from md4_jax.networks import transformer, unet  # pylint: disable=g-import-not-at-top
-  layers.time_embedding_widths(config.time_embedding, 1)
-  tc = config.transformer
-  layers.check_choice(tc.mlp, transformer.MLPS, "transformer.mlp")
-  layers.check_choice(tc.cond_act, transformer.COND_ACTS, "transformer.cond_act")
-  layers.check_choice(tc.positions, transformer.POSITIONS, "transformer.positions")
-  layers.check_choice(config.unet.film, unet.FILMS, "unet.film")
+  """The shared choices and the selected network's group are valid (one-line ValueErrors).
 
-
-NETWORKS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
-    "transformer": build_transformer,
-    "unet": build_unet,
-    "uvit": build_uvit,
-}
+  The group's keys must be attributes of the class and not shadow a common fact;
+  the class's own `check_kwargs` then checks its choices.
+  """
+  conditioning.check_time_features(config.time_features)
+  conditioning.time_embedding_widths(config.time_embedding, 1)
+  attention.check_attention_impl(config.attention_impl)
+  layers.check_remat_policy(config.remat_policy)
+  cls = _network_class(config)
+  fields, group, common = _fields(cls), _group(config), common_kwargs(config)
+  for key in group:
+    if key not in fields:
+      raise ValueError(f"config.{config.network}.{key} is not an attribute of "
+                       f"{cls.__name__}; valid: {sorted(set(fields) - set(common))}.")
+    if key in common:
+      raise ValueError(f"config.{config.network}.{key} duplicates {key!r}, which every "
+                       "network takes from the top-level config: remove it from the group.")
+  check = getattr(cls, "check_kwargs", None)
+  if check is not None:
+    defaults = {name: f.default for name, f in fields.items()
+                if f.default is not dataclasses.MISSING}
+    check({**defaults, **common, **group}, config.network)
 
 
 def build_network(config: ml_collections.ConfigDict) -> nn.Module:
-  """Builds `config.network` from NETWORKS; ValueError lists valid names."""
-  if config.network not in NETWORKS:
-    raise ValueError(
-        f"Unknown network {config.network!r}; valid: {sorted(NETWORKS)}."
-    )
-  return NETWORKS[config.network](config)
+  """NETWORKS[config.network](**its group, **the common facts it declares); checked first."""
+  check_config(config)
+  cls = _network_class(config)
+  fields, common = _fields(cls), common_kwargs(config)
+  return cls(**_group(config), **{k: v for k, v in common.items() if k in fields})
 
 
 __all__ = [
@@ -153,7 +132,6 @@ __all__ = [
     "UNet",
     "UViT",
     "build_network",
-    "build_transformer",
-    "build_unet",
-    "build_uvit",
+    "check_config",
+    "common_kwargs",
 ]

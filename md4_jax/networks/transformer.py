@@ -49,16 +49,19 @@ The transformer is a `contract.FusedHeadNetwork`: `features` hands the final
 features and the head's parameters to the loss (contract.HeadInputs).
 """
 
-from typing import Any, Optional
+import math
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4_jax.networks import attention
+from md4_jax.networks import conditioning
 from md4_jax.networks import contract
-from md4_jax.networks import layers
 from md4_jax.networks import head as head_lib
+from md4_jax.networks import layers
 
 Array = jax.Array
 Dtype = Any
@@ -77,7 +80,7 @@ MLPS = {
 # projection (DiT: swish; the MD4 paper's text transformer: sigmoid).
 COND_ACTS = {"swish": nn.swish, "sigmoid": nn.sigmoid}
 
-POSITIONS = ("learned", "rope")  # Learned absolute embeddings | rotary (layers.apply_rope).
+POSITIONS = ("learned", "rope")  # Learned absolute embeddings | rotary (attention.apply_rope).
 
 
 def mlp_hidden(mlp: str, width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
@@ -166,7 +169,7 @@ class TransformerBlock(nn.Module):
     num_heads: attention heads.
     mlp_hidden: MLP hidden width.
     dropout_rate: dropout after attention and after the MLP.
-    attention_impl: see layers.ATTENTION_IMPLS.
+    attention_impl: see attention.ATTENTION_IMPLS.
     mlp: key of MLPS.
     rope: rotary position embedding in the attention.
     cond_act: key of COND_ACTS.
@@ -196,8 +199,8 @@ class TransformerBlock(nn.Module):
     )(c_BxC)
 
     h_BxLxD = layers.layer_norm(affine=False, name="norm_attn", **kw)(x_BxLxD)
-    h_BxLxD = layers.modulate(h_BxLxD, shift_a, scale_a)
-    h_BxLxD = layers.SelfAttention(
+    h_BxLxD = conditioning.modulate(h_BxLxD, shift_a, scale_a)
+    h_BxLxD = attention.SelfAttention(
         self.num_heads, attention_impl=self.attention_impl, rope=self.rope,
         qkv_bias=self.qkv_bias, name="attn", **kw
     )(h_BxLxD)
@@ -205,7 +208,7 @@ class TransformerBlock(nn.Module):
     x_BxLxD = x_BxLxD + gate_a * h_BxLxD
 
     h_BxLxD = layers.layer_norm(affine=False, name="norm_mlp", **kw)(x_BxLxD)
-    h_BxLxD = layers.modulate(h_BxLxD, shift_m, scale_m)
+    h_BxLxD = conditioning.modulate(h_BxLxD, shift_m, scale_m)
     h_BxLxD = MLP(self.mlp_hidden, self.mlp, name="mlp", **kw)(h_BxLxD)
     h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
     return layers.constrain(x_BxLxD + gate_m * h_BxLxD, layers.ACTIVATION_BxLxD)
@@ -239,13 +242,14 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
 
   Attributes:
     vocab_size: V; inputs lie in [0, V] with V the mask id.
-    max_length: number of positions (prod(data_shape)).
+    data_shape: shape of one example; the network has max_length =
+      prod(data_shape) positions and takes any input with at most that many.
     width: residual width.
     depth: number of blocks.
     num_heads: attention heads (width % num_heads == 0).
     mlp_ratio: MLP hidden = mlp_ratio * width (x 2/3 for gated MLPs, rounded up).
     num_classes: class labels for conditioning (0 = unconditional).
-    time_features: 't' or 'none' (see layers.TIME_FEATURES).
+    time_features: 't' or 'none' (see conditioning.TIME_FEATURES).
     dropout_rate: dropout probability (active with train=True).
     dtype: activation dtype.
     param_dtype: parameter dtype.
@@ -254,11 +258,11 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
     scan_layers: run the blocks as one nn.scan over parameters stacked along
       a leading 'layers' axis (params under 'blocks/block' instead of
       'block_0' ... 'block_{depth-1}').
-    attention_impl: see layers.ATTENTION_IMPLS.
+    attention_impl: see attention.ATTENTION_IMPLS.
     cond_dim: width of the conditioning vector (time + label embedding) that
       every adaLN projection reads (0 = width; the MD4 paper's: 64).
     cond_act: activation of c before each adaLN projection (COND_ACTS).
-    time_embedding: widths of the time MLP (layers.TIME_EMBEDDINGS).
+    time_embedding: widths of the time MLP (conditioning.TIME_EMBEDDINGS).
     mlp: the blocks' MLP (MLPS): swiglu | glu (the paper's) | gelu.
     mlp_multiple_of: the MLP hidden width is rounded up to a multiple of this.
     positions: POSITIONS: learned absolute embeddings | rope.
@@ -269,7 +273,7 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
   """
 
   vocab_size: int
-  max_length: int
+  data_shape: Sequence[int]
   width: int
   depth: int
   num_heads: int
@@ -291,6 +295,18 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
   embed_dim: int = 0
   head_bias: bool = True
   zero_init_head: bool = False
+
+  @classmethod
+  def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
+    """The named choices among `kwargs` are known (one-line ValueErrors naming `group`)."""
+    layers.check_choice(kwargs["mlp"], MLPS, f"{group}.mlp")
+    layers.check_choice(kwargs["cond_act"], COND_ACTS, f"{group}.cond_act")
+    layers.check_choice(kwargs["positions"], POSITIONS, f"{group}.positions")
+
+  @property
+  def max_length(self) -> int:
+    """Number of positions: prod(data_shape)."""
+    return math.prod(self.data_shape)
 
   def __call__(self, z: Array, t: Array, cond: Optional[Array] = None,
                train: bool = False) -> Array:
@@ -329,7 +345,7 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
 
     layers.check_choice(self.positions, POSITIONS, "positions")
     layers.check_choice(self.cond_act, COND_ACTS, "cond_act")
-    c_BxC = layers.Conditioning(
+    c_BxC = conditioning.Conditioning(
         self.cond_dim or self.width,
         self.time_features,
         self.num_classes,
@@ -397,7 +413,7 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
         2, self.width, self.cond_act, name="final_modulation", **kw
     )(c_BxC)
     x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
-    x_BxLxD = layers.modulate(x_BxLxD, shift, scale)
+    x_BxLxD = conditioning.modulate(x_BxLxD, shift, scale)
     feats = head_lib.LinearHead(self.vocab_size, use_bias=self.head_bias,
                               zero_init=self.zero_init_head, name="head", **kw).inputs(x_BxLxD)
     return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))

@@ -32,12 +32,14 @@ jax.checkpoint policy (layers.REMAT_POLICIES).
 """
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4_jax.networks import attention
+from md4_jax.networks import conditioning
 from md4_jax.networks import layers
 
 Array = jax.Array
@@ -187,6 +189,12 @@ FILMS = {
 }
 
 
+def check_image_shape(data_shape: Sequence[int], network: str) -> None:
+  """Raises a one-line ValueError unless data_shape is (H, W, C) (`network` names the asker)."""
+  if len(data_shape) != 3:
+    raise ValueError(f"{network} needs data_shape (H, W, C), got {tuple(data_shape)}.")
+
+
 class ResBlock(nn.Module):
   """GN -> swish -> conv [+ shift(c)] -> GN [-> FiLM(c)] -> swish -> dropout -> conv, + skip.
 
@@ -227,7 +235,7 @@ class ResBlock(nn.Module):
       )(nn.swish(c_BxE))
       scale_Bx1x1xF = film_Bx2xF[:, None, None, 0]
       shift_Bx1x1xF = film_Bx2xF[:, None, None, 1]
-      h = nn.swish(layers.modulate(h, shift_Bx1x1xF, scale_Bx1x1xF))
+      h = nn.swish(conditioning.modulate(h, shift_Bx1x1xF, scale_Bx1x1xF))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
     h = conv(
         self.features,
@@ -258,7 +266,7 @@ class AttnBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, hh, ww, c = x_BxHxWxC.shape
     h = layers.group_norm(c, name="norm", **kw)(x_BxHxWxC)
-    h_BxLxC = layers.SelfAttention(
+    h_BxLxC = attention.SelfAttention(
         self.num_heads,
         out_kernel_init=nn.initializers.zeros,
         attention_impl=self.attention_impl,
@@ -279,17 +287,17 @@ class UNet(nn.Module):
     attn_resolutions: spatial sizes (H) at which self-attention is used.
     embed_dim: embedding width per channel value.
     num_classes: class labels for conditioning (0 = unconditional).
-    time_features: 't' or 'none' (see layers.TIME_FEATURES).
+    time_features: 't' or 'none' (see conditioning.TIME_FEATURES).
     dropout_rate: dropout probability in residual blocks (train=True).
     num_heads: attention heads in attention blocks.
     dtype: activation dtype.
     param_dtype: parameter dtype.
     remat_policy: what each residual / attention block keeps for the backward
       pass (a key of layers.REMAT_POLICIES; 'none' keeps everything).
-    attention_impl: see layers.ATTENTION_IMPLS.
+    attention_impl: see attention.ATTENTION_IMPLS.
     cond_dim: conditioning width (0 = 4 * channels; the paper's: channels).
     film: key of FILMS.
-    time_embedding: widths of the time MLP (layers.TIME_EMBEDDINGS).
+    time_embedding: widths of the time MLP (conditioning.TIME_EMBEDDINGS).
     zero_init_output: zero-initialised output conv (uniform first prediction).
   """
 
@@ -311,6 +319,12 @@ class UNet(nn.Module):
   film: str = "scale_shift"
   time_embedding: str = "dit"
   zero_init_output: bool = False
+
+  @classmethod
+  def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
+    """Images (H, W, C) and a known FiLM (one-line ValueErrors naming `group`)."""
+    check_image_shape(kwargs["data_shape"], group)
+    layers.check_choice(kwargs["film"], FILMS, f"{group}.film")
 
   @nn.compact
   def __call__(
@@ -344,7 +358,7 @@ class UNet(nn.Module):
     num_levels = len(self.channel_mult)
 
     layers.check_choice(self.film, FILMS, "film")
-    c_BxE = layers.Conditioning(
+    c_BxE = conditioning.Conditioning(
         self.cond_dim or 4 * self.channels,
         self.time_features,
         self.num_classes,

@@ -19,15 +19,17 @@ Logical axis names as in unet.py (convs, residual blocks) and transformer.py
 (the DiT stack); the patch embedding maps ('embed', 'mlp') like a conv.
 """
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4_jax.networks import conditioning
 from md4_jax.networks import layers
 from md4_jax.networks import transformer
+from md4_jax.networks import unet
 from md4_jax.networks.unet import conv
 
 Array = jax.Array
@@ -68,7 +70,7 @@ class CondGroupNorm(nn.Module):
                      use_bias=False, name="norm", **kw)(x_BxHxWxC)
     mod_Bx2xC = layers.dense((2, channels), ("cond", None, "mlp"),
                              kernel_init=nn.initializers.zeros, name="modulation", **kw)(c_BxE)
-    return layers.modulate(h, mod_Bx2xC[:, None, None, 1], mod_Bx2xC[:, None, None, 0])
+    return conditioning.modulate(h, mod_Bx2xC[:, None, None, 1], mod_Bx2xC[:, None, None, 0])
 
 
 class ResBlock(nn.Module):
@@ -135,7 +137,7 @@ class DiT(nn.Module):
     shift, scale = transformer.AdaLNModulation(2, self.width, "swish", name="final_modulation",
                                                **kw)(c_BxE)
     h_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(h_BxLxD)
-    h_BxLxD = layers.modulate(h_BxLxD, shift, scale)
+    h_BxLxD = conditioning.modulate(h_BxLxD, shift, scale)
     out = layers.dense(p * p * channels, ("embed", "mlp"), kernel_init=nn.initializers.zeros,
                        name="final_dense", **kw)(h_BxLxD)
     out = out.reshape(b, grid, grid, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
@@ -153,7 +155,7 @@ class UViT(nn.Module):
     patch_size: DiT patch size.
     width, depth, num_heads, mlp_ratio: the DiT stack.
     cond_dim: conditioning width (0 = channels).
-    time_embedding: widths of the time MLP (layers.TIME_EMBEDDINGS).
+    time_embedding: widths of the time MLP (conditioning.TIME_EMBEDDINGS).
     num_classes, time_features, dropout_rate, dtype, param_dtype, remat_policy,
     attention_impl: as in unet.UNet.
   """
@@ -177,6 +179,11 @@ class UViT(nn.Module):
   remat_policy: str = "none"
   attention_impl: str = "xla"
 
+  @classmethod
+  def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
+    """Images (H, W, C) (a one-line ValueError naming `group`)."""
+    unet.check_image_shape(kwargs["data_shape"], group)
+
   @nn.compact
   def __call__(self, z: Array, t: Array, cond: Optional[Array] = None,
                train: bool = False) -> Array:
@@ -185,7 +192,7 @@ class UViT(nn.Module):
     if z.ndim != 4:
       raise ValueError(f"UViT expects z of shape [B, H, W, C], got {z.shape}.")
     b, height, width, c = z.shape
-    c_BxE = layers.Conditioning(self.cond_dim or self.channels, self.time_features,
+    c_BxE = conditioning.Conditioning(self.cond_dim or self.channels, self.time_features,
                                 self.num_classes, self.time_embedding, name="conditioning",
                                 **kw)(t, cond, b)
     res_cls = layers.remat(ResBlock, self.remat_policy, static_argnums=(3,))
