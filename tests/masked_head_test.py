@@ -20,6 +20,7 @@ from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.experiment import parallel
 from md4_jax.run import saved_config
+from md4_jax.diffusion import fused_head
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules
@@ -127,7 +128,8 @@ def test_capacity_holds_the_real_draws(schedule, batch, groups, antithetic, cont
   positions, timesteps, draws = 1024, 10, 2000
   sched = schedules.get_schedule(schedule)
   per_group = batch // groups
-  capacity = losses.masked_capacity(sched, per_group, positions, antithetic, cont_time, timesteps)
+  capacity = fused_head.masked_capacity(sched, per_group, positions, antithetic, cont_time,
+                                        timesteps)
 
   @jax.jit
   def counts(keys):
@@ -186,16 +188,16 @@ def test_pack_positions_and_packed_sum():
   masked = np.zeros((2, 12), bool)
   masked[0, [1, 4, 5, 11]] = True  # Group 0: 4 masked (examples of 3 positions each).
   masked[1, [0, 2]] = True
-  pos, valid, count, slot = losses.pack_positions(jnp.asarray(masked), 5)
+  pos, valid, count, slot = fused_head.pack_positions(jnp.asarray(masked), 5)
   np.testing.assert_array_equal(count, [4, 2])
   np.testing.assert_array_equal(slot[0], [5, 0, 5, 5, 1, 2, 5, 5, 5, 5, 5, 3])
   np.testing.assert_array_equal(pos, [[1, 4, 5, 11, 11], [0, 2, 11, 11, 11]])
   np.testing.assert_array_equal(valid, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
   values = jnp.asarray([[1.0, 2.0, 3.0, 4.0, jnp.nan], [5.0, 6.0, jnp.inf, 7.0, 8.0]])
-  sums = losses.packed_sum(values, pos, valid, positions=3, examples=4)
+  sums = fused_head.packed_sum(values, pos, valid, positions=3, examples=4)
   np.testing.assert_array_equal(sums, [[1.0, 5.0, 0.0, 4.0], [11.0, 0.0, 0.0, 0.0]])
   # Empty slots pass no gradient, not even a NaN one.
-  grad = jax.grad(lambda v: jnp.sum(losses.packed_sum(v, pos, valid, 3, 4)))(values)
+  grad = jax.grad(lambda v: jnp.sum(fused_head.packed_sum(v, pos, valid, 3, 4)))(values)
   np.testing.assert_array_equal(grad, np.asarray(valid, np.float32))
 
 
@@ -204,14 +206,14 @@ def test_gather_packed_gradient_is_the_gather_transpose():
   masked = np.zeros((2, 12), bool)
   masked[0, [1, 4, 5, 11]] = True
   masked[1, [0, 2]] = True
-  pos, valid, _, slot = losses.pack_positions(jnp.asarray(masked), 5)
+  pos, valid, _, slot = fused_head.pack_positions(jnp.asarray(masked), 5)
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.standard_normal((2, 12, 3)), jnp.float32)
   ct = jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32) * valid[..., None]
-  fast = jax.grad(lambda h: jnp.sum(losses.gather_packed(h, pos, slot) * ct))(h)
+  fast = jax.grad(lambda h: jnp.sum(fused_head.gather_packed(h, pos, slot) * ct))(h)
   plain = jax.grad(lambda h: jnp.sum(jnp.take_along_axis(h, pos[..., None], axis=1) * ct))(h)
   np.testing.assert_allclose(fast, plain, rtol=1e-6)
-  np.testing.assert_array_equal(losses.gather_packed(h, pos, slot),
+  np.testing.assert_array_equal(fused_head.gather_packed(h, pos, slot),
                                 jnp.take_along_axis(h, pos[..., None], axis=1))
 
 
