@@ -1,4 +1,4 @@
-"""masked_head: the fused head and the cross-entropy at the masked positions only.
+"""The head strategies of fused_head.py, and masked_head: the head at the masked positions only.
 
 Each check compares against the plain network and loss on the same
 parameters, data, times and masks (tolerances as in perf_test.py: only the
@@ -86,6 +86,54 @@ def _assert_equal(metrics, grads, ref_metrics, ref_grads):
 
 
 _SLOW = pytest.mark.slow  # The fast tier keeps one case of each check.
+
+
+class _MaskedNLL(nn.Module):
+  """fused_head.masked_nll around a network, so its parameters sit where MD4's do."""
+
+  network: nn.Module
+  strategy: fused_head.Strategy
+
+  def __call__(self, z_t, t, x, masked):
+    return fused_head.masked_nll(self.network, z_t, t, None, True, x, masked, self.strategy)
+
+
+def test_every_head_strategy_gives_the_same_sums_and_gradients():
+  """fused_head.masked_nll, plain vs chunked vs masked-only (with and without chunks, and
+  its overflow fallback): the same sum for every example, and the same gradient of a
+  random combination of them (so a sum given to the wrong example fails too)."""
+  x, t, noise = _inputs(2)
+  z_t, masked = losses.forward_mask(x, schedules.get_schedule("linear").alpha(t), noise, V)
+  most = int(jnp.max(jnp.sum(masked.reshape(2, -1), axis=-1)))
+  room = lambda n: 8 * -(-most // 8) + 8  # Holds every group's masked positions ...
+  assert room(B // 2) < B // 2 * L  # ... in fewer slots than the group has.
+  strategies = {
+      "chunked": fused_head.Strategy(chunk_size=12),  # 12 divides neither L nor C.
+      "masked_only": fused_head.Strategy(masked_only=True, groups=2, capacity=room),
+      "masked_only_chunked": fused_head.Strategy(chunk_size=12, masked_only=True, groups=2,
+                                                 capacity=room),
+      "overflow": fused_head.Strategy(masked_only=True, groups=2, capacity=lambda n: 16),
+  }
+  network = networks.build_network(_config())
+  ct_B = jnp.asarray(np.random.default_rng(5).standard_normal(B), jnp.float32)
+
+  def run(strategy):
+    def combination(p):
+      sums_B, stats = _MaskedNLL(network, strategy).apply({"params": p}, z_t, t, x, masked)
+      return jnp.sum(sums_B * ct_B), (sums_B, stats)
+    return jax.jit(jax.value_and_grad(combination, has_aux=True))(_params())
+
+  (_, (ref_B, ref_stats)), ref_grads = run(fused_head.Strategy())
+  assert ref_stats == {}
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  for name, strategy in strategies.items():
+    (_, (sums_B, stats)), grads = run(strategy)
+    np.testing.assert_allclose(sums_B, ref_B, rtol=LOSS_RTOL, err_msg=name)
+    if strategy.masked_only:
+      assert float(stats["masked_head_overflow"]) == float(name == "overflow"), name
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=GRAD_RTOL,
+                                                         atol=GRAD_ATOL * scale, err_msg=name),
+                 grads, ref_grads)
 
 
 @pytest.mark.parametrize("cont_time,chunk,groups",
