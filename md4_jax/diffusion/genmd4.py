@@ -126,18 +126,21 @@ class GenMD4(model_lib.MaskedDiffusion):
     loss_prior, loss, and with K > 1 loss_score, the RLOO surrogate (zero value
     in the gradient's sense: add it to the objective, never to the reported
     loss); step statistics: power_min / power_mean / power_max of w)."""
-    u, noise = self._checked_draw(x, u, noise)  # u ~ U(0, 1] (antithetic); mask uniforms.
+    # u ~ U(0, 1] (antithetic) and K masks' uniforms, unless given; t = t1 + (1 − t1)·u.
+    u, noise = self._checked_draw(x, u, noise)
     noise_BxK = noise if noise.ndim == x.ndim + 1 else noise[:, None]
     batch, num_masks = noise_BxK.shape[:2]
     t = self.times(jnp.asarray(u, jnp.float32))
     t_B1 = t.reshape((batch, 1) + (1,) * (x.ndim - 1))
+    # z_t ~ q(z_t | x), K times: position n kept with probability α_t^{x_n}, else the mask.
     w = self.powers()
     x_BxK = jnp.broadcast_to(x[:, None], noise_BxK.shape)
     w_x = w[x_BxK]
-    alpha_x = keep_probability(w_x, t_B1, self.eps)  # α_t^{x_n}
+    alpha_x = keep_probability(w_x, t_B1, self.eps)
     z_t, masked = losses.forward_mask(x_BxK, alpha_x, noise_BxK, self.mask_id)
+    # (1 − t1)/t · Σ_{n masked} [−w_x·log μ_x − w_x + Σ_v w_v·μ_v], μ = p_θ(· | z_t).
     nll, expected_w = self._predicted_terms(z_t, t, cond, train, x_BxK, w)
-    integrand = w_x * nll - w_x + expected_w  # t·(the KL rate) at a masked position.
+    integrand = w_x * nll - w_x + expected_w
     masked_sum = losses.masked_sum(integrand, masked, nll, batch * num_masks)
     loss_k = (1.0 - self.t1) * masked_sum.reshape(batch, num_masks) / t[:, None]  # [B, K]
     loss_diff = jnp.mean(loss_k, axis=1)

@@ -185,11 +185,15 @@ class MD4(MaskedDiffusion):
   def _nelbo(self, x, cond, train, t, noise):
     """(nelbo's per-example terms, step statistics: with masked_head,
     masked_head_overflow, a float32 scalar)."""
-    t, noise = self._checked_draw(x, t, noise)  # t ~ U(0, 1] (antithetic); mask uniforms.
+    # t ~ U(0, 1] (antithetic) and the mask uniforms, unless given.
+    t, noise = self._checked_draw(x, t, noise)
+    # w(t) = −α'(t) / (1 − α(t)) (discrete time: t on the grid, its T-step weight).
     t, weight_B = losses.diffusion_weight(self.schedule, t, self.cont_time, self.timesteps)
+    # z_t ~ q(z_t | x): each position kept with probability α(t), else the mask.
     z_t, masked = losses.forward_mask(x, self.schedule.alpha(t), noise, self.mask_id)
+    # Σ_{n masked} −log p_θ(x_n | z_t), with the network (head strategy: fused_head.py).
     nll_B, stats = fused_head.masked_nll(self.network, z_t, t, cond, train, x, masked,
-                                         self.head_strategy())  # Σ_masked −log p_θ(x_n | z_t)
+                                         self.head_strategy())
     loss_diff = weight_B * nll_B
     batch, positions = x.shape[0], self.num_positions
     loss_recon = jnp.full((batch,), losses.recon_loss(self.schedule, positions, self.vocab_size))

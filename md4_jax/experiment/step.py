@@ -1,6 +1,6 @@
 """Pure train / eval steps: `(state, batch) -> (state, metrics)`.
 
-`train.build.Experiment` binds the static arguments with functools.partial and
+`experiment.build.Experiment` binds the static arguments with functools.partial and
 jits them once over the mesh; nothing here knows about devices or the config.
 """
 
