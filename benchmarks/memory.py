@@ -87,13 +87,17 @@ flags.DEFINE_integer("search_step", 8, "Batch resolution of the search.")
 flags.DEFINE_integer("max_compiles", 10, "Compiles per searched row at most.")
 
 
+def one_hot_nll(logits, x):
+  """−log softmax(logits)[x] through a one-hot [B, ..., V] tensor."""
+  one_hot = jax.nn.one_hot(x, logits.shape[-1], dtype=jnp.float32)
+  return -jnp.sum(one_hot * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+
+
 class NaiveMD4(model_lib.MD4):
   """Baseline only: cross-entropy through a one-hot [B, ..., V] tensor."""
 
-  def _token_nll(self, z_t, t, cond, train, x):
-    logits = self.predict(z_t, t, cond=cond, train=train).astype(jnp.float32)
-    one_hot = jax.nn.one_hot(x, self.vocab_size, dtype=jnp.float32)
-    return -jnp.sum(one_hot * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  def head_strategy(self):
+    return dataclasses.replace(super().head_strategy(), nll=one_hot_nll)
 
 
 def _config(row: str):

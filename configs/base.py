@@ -246,7 +246,7 @@ def get_config():
   config.loss_chunk_size = 0
   # Head + cross-entropy only at the masked positions (half of them on average
   # under the linear schedule), packed per batch shard into a static buffer
-  # (losses.masked_capacity); a step with more falls back to the full head,
+  # (fused_head.masked_capacity); a step with more falls back to the full head,
   # so the loss is exact. Combines with loss_chunk_size. Transformer, MD4 only.
   config.masked_head = False
   # Transformer (sequences).

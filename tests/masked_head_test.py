@@ -1,4 +1,4 @@
-"""masked_head: the fused head and the cross-entropy at the masked positions only.
+"""The head strategies of fused_head.py, and masked_head: the head at the masked positions only.
 
 Each check compares against the plain network and loss on the same
 parameters, data, times and masks (tolerances as in perf_test.py: only the
@@ -19,6 +19,7 @@ from scipy import stats
 from md4_jax.configs import base
 from md4_jax import networks
 from md4_jax.experiment import parallel
+from md4_jax.diffusion import fused_head
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules
@@ -86,6 +87,55 @@ def _assert_equal(metrics, grads, ref_metrics, ref_grads):
 _SLOW = pytest.mark.slow  # The fast tier keeps one case of each check.
 
 
+class _MaskedNLL(nn.Module):
+  """fused_head.masked_nll around a network, so its parameters sit where MD4's do."""
+
+  network: nn.Module
+  strategy: fused_head.Strategy
+
+  def __call__(self, z_t, t, x, masked):
+    return fused_head.masked_nll(self.network, z_t, t, None, True, x, masked, self.strategy)
+
+
+@pytest.mark.slow  # Five strategies x values and gradients (~40 s): the full suite.
+def test_every_head_strategy_gives_the_same_sums_and_gradients():
+  """fused_head.masked_nll, plain vs chunked vs masked-only (with and without chunks, and
+  its overflow fallback): the same sum for every example, and the same gradient of a
+  random combination of them (so a sum given to the wrong example fails too)."""
+  x, t, noise = _inputs(2)
+  z_t, masked = losses.forward_mask(x, schedules.get_schedule("linear").alpha(t), noise, V)
+  most = int(jnp.max(jnp.sum(masked.reshape(2, -1), axis=-1)))
+  room = lambda n: 8 * -(-most // 8) + 8  # Holds every group's masked positions ...
+  assert room(B // 2) < B // 2 * L  # ... in fewer slots than the group has.
+  strategies = {
+      "chunked": fused_head.Strategy(chunk_size=12),  # 12 divides neither L nor C.
+      "masked_only": fused_head.Strategy(masked_only=True, groups=2, capacity=room),
+      "masked_only_chunked": fused_head.Strategy(chunk_size=12, masked_only=True, groups=2,
+                                                 capacity=room),
+      "overflow": fused_head.Strategy(masked_only=True, groups=2, capacity=lambda n: 16),
+  }
+  network = networks.build_network(_config())
+  ct_B = jnp.asarray(np.random.default_rng(5).standard_normal(B), jnp.float32)
+
+  def run(strategy):
+    def combination(p):
+      sums_B, stats = _MaskedNLL(network, strategy).apply({"params": p}, z_t, t, x, masked)
+      return jnp.sum(sums_B * ct_B), (sums_B, stats)
+    return jax.jit(jax.value_and_grad(combination, has_aux=True))(_params())
+
+  (_, (ref_B, ref_stats)), ref_grads = run(fused_head.Strategy())
+  assert ref_stats == {}
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+  for name, strategy in strategies.items():
+    (_, (sums_B, stats)), grads = run(strategy)
+    np.testing.assert_allclose(sums_B, ref_B, rtol=LOSS_RTOL, err_msg=name)
+    if strategy.masked_only:
+      assert float(stats["masked_head_overflow"]) == float(name == "overflow"), name
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=GRAD_RTOL,
+                                                         atol=GRAD_ATOL * scale, err_msg=name),
+                 grads, ref_grads)
+
+
 @pytest.mark.parametrize("cont_time,chunk,groups",
                          [(True, 12, 2), pytest.param(True, 0, 1, marks=_SLOW),
                           pytest.param(False, 0, 2, marks=_SLOW),
@@ -126,7 +176,8 @@ def test_capacity_holds_the_real_draws(schedule, batch, groups, antithetic, cont
   positions, timesteps, draws = 1024, 10, 2000
   sched = schedules.get_schedule(schedule)
   per_group = batch // groups
-  capacity = losses.masked_capacity(sched, per_group, positions, antithetic, cont_time, timesteps)
+  capacity = fused_head.masked_capacity(sched, per_group, positions, antithetic, cont_time,
+                                        timesteps)
 
   @jax.jit
   def counts(keys):
@@ -185,16 +236,16 @@ def test_pack_positions_and_packed_sum():
   masked = np.zeros((2, 12), bool)
   masked[0, [1, 4, 5, 11]] = True  # Group 0: 4 masked (examples of 3 positions each).
   masked[1, [0, 2]] = True
-  pos, valid, count, slot = losses.pack_positions(jnp.asarray(masked), 5)
+  pos, valid, count, slot = fused_head.pack_positions(jnp.asarray(masked), 5)
   np.testing.assert_array_equal(count, [4, 2])
   np.testing.assert_array_equal(slot[0], [5, 0, 5, 5, 1, 2, 5, 5, 5, 5, 5, 3])
   np.testing.assert_array_equal(pos, [[1, 4, 5, 11, 11], [0, 2, 11, 11, 11]])
   np.testing.assert_array_equal(valid, [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
   values = jnp.asarray([[1.0, 2.0, 3.0, 4.0, jnp.nan], [5.0, 6.0, jnp.inf, 7.0, 8.0]])
-  sums = losses.packed_sum(values, pos, valid, positions=3, examples=4)
+  sums = fused_head.packed_sum(values, pos, valid, positions=3, examples=4)
   np.testing.assert_array_equal(sums, [[1.0, 5.0, 0.0, 4.0], [11.0, 0.0, 0.0, 0.0]])
   # Empty slots pass no gradient, not even a NaN one.
-  grad = jax.grad(lambda v: jnp.sum(losses.packed_sum(v, pos, valid, 3, 4)))(values)
+  grad = jax.grad(lambda v: jnp.sum(fused_head.packed_sum(v, pos, valid, 3, 4)))(values)
   np.testing.assert_array_equal(grad, np.asarray(valid, np.float32))
 
 
@@ -203,14 +254,14 @@ def test_gather_packed_gradient_is_the_gather_transpose():
   masked = np.zeros((2, 12), bool)
   masked[0, [1, 4, 5, 11]] = True
   masked[1, [0, 2]] = True
-  pos, valid, _, slot = losses.pack_positions(jnp.asarray(masked), 5)
+  pos, valid, _, slot = fused_head.pack_positions(jnp.asarray(masked), 5)
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.standard_normal((2, 12, 3)), jnp.float32)
   ct = jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32) * valid[..., None]
-  fast = jax.grad(lambda h: jnp.sum(losses.gather_packed(h, pos, slot) * ct))(h)
+  fast = jax.grad(lambda h: jnp.sum(fused_head.gather_packed(h, pos, slot) * ct))(h)
   plain = jax.grad(lambda h: jnp.sum(jnp.take_along_axis(h, pos[..., None], axis=1) * ct))(h)
   np.testing.assert_allclose(fast, plain, rtol=1e-6)
-  np.testing.assert_array_equal(losses.gather_packed(h, pos, slot),
+  np.testing.assert_array_equal(fused_head.gather_packed(h, pos, slot),
                                 jnp.take_along_axis(h, pos[..., None], axis=1))
 
 

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from md4_jax.diffusion import fused_head
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import model as model_lib
 from md4_jax.diffusion import schedules as schedules_lib
@@ -76,10 +77,13 @@ def log_stay_masked(w_V: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
   return w_V * (jnp.log(s) - jnp.log(t))[..., None]
 
 
-class GenMD4(model_lib.MD4):
-  """MD4 with a learnable polynomial schedule per token value (see the module doc).
+class GenMD4(model_lib.MaskedDiffusion):
+  """MaskedDiffusion with a learnable polynomial schedule per token value (module doc).
 
-  Attributes (besides MD4's; `schedule` must be polynomial and supplies ε):
+  The `t` given to `nelbo` is a unit time u ∈ (0, 1] (t = t1 + (1 − t1)·u), and
+  its `noise` may hold K masks per example, [B, K, *data_shape].
+
+  Attributes (besides MaskedDiffusion's; `schedule` must be polynomial and supplies ε):
     power_init: every w_v at initialisation (> 0).
     t1: lower end of the time range (0 <= t1 < 1); the reconstruction term
       is taken there.
@@ -117,6 +121,63 @@ class GenMD4(model_lib.MD4):
     """Unit draws u ∈ (0, 1] -> t = t1 + (1 − t1)·u ∈ (t1, 1]."""
     return self.t1 + (1.0 - self.t1) * u
 
+  def _nelbo(self, x, cond, train, u, noise):
+    """(nelbo's per-example terms: loss_diff (mean over the K masks), loss_recon,
+    loss_prior, loss, and with K > 1 loss_score, the RLOO surrogate (zero value
+    in the gradient's sense: add it to the objective, never to the reported
+    loss); step statistics: power_min / power_mean / power_max of w)."""
+    # u ~ U(0, 1] (antithetic) and K masks' uniforms, unless given; t = t1 + (1 − t1)·u.
+    u, noise = self._checked_draw(x, u, noise)
+    noise_BxK = noise if noise.ndim == x.ndim + 1 else noise[:, None]
+    batch, num_masks = noise_BxK.shape[:2]
+    t = self.times(jnp.asarray(u, jnp.float32))
+    t_B1 = t.reshape((batch, 1) + (1,) * (x.ndim - 1))
+    # z_t ~ q(z_t | x), K times: position n kept with probability α_t^{x_n}, else the mask.
+    w = self.powers()
+    x_BxK = jnp.broadcast_to(x[:, None], noise_BxK.shape)
+    w_x = w[x_BxK]
+    alpha_x = keep_probability(w_x, t_B1, self.eps)
+    z_t, masked = losses.forward_mask(x_BxK, alpha_x, noise_BxK, self.mask_id)
+    # (1 − t1)/t · Σ_{n masked} [−w_x·log μ_x − w_x + Σ_v w_v·μ_v], μ = p_θ(· | z_t).
+    nll, expected_w = self._predicted_terms(z_t, t, cond, train, x_BxK, w)
+    integrand = w_x * nll - w_x + expected_w
+    masked_sum = losses.masked_sum(integrand, masked, nll, batch * num_masks)
+    loss_k = (1.0 - self.t1) * masked_sum.reshape(batch, num_masks) / t[:, None]  # [B, K]
+    loss_diff = jnp.mean(loss_k, axis=1)
+    loss_recon = self.recon_terms(x)
+    loss_prior = jnp.full((batch,), losses.prior_loss(self.schedule, self.num_positions,
+                                                      self.vocab_size))
+    terms = {"loss_diff": loss_diff, "loss_recon": loss_recon, "loss_prior": loss_prior,
+             "loss": loss_diff + loss_recon + loss_prior}
+    if num_masks > 1:
+      terms["loss_score"] = self._score_surrogate(loss_k, masked, w_x, t_B1, alpha_x)
+    return terms, {"power_min": jnp.min(w), "power_mean": jnp.mean(w), "power_max": jnp.max(w)}
+
+  def _predicted_terms(self, z_BxK, t_B, cond, train, x_BxK, w_V):
+    """−log μ_x and Σ_v w_v·μ_v at every position of the K masked copies (one
+    network call on [B·K, ...], example-major): float32 [B, K, *data_shape] each."""
+    batch, num_masks = z_BxK.shape[:2]
+
+    def terms(logits, targets):
+      expected_w = jnp.einsum("...v,v->...", jax.nn.softmax(logits.astype(jnp.float32), -1), w_V)
+      return losses.token_nll(logits, targets), expected_w
+
+    flat = lambda a: a.reshape((batch * num_masks,) + a.shape[2:])
+    cond_flat = None if cond is None else jnp.repeat(cond, num_masks, axis=0)
+    out = fused_head.token_terms(self.network, flat(z_BxK), jnp.repeat(t_B, num_masks),
+                                 cond_flat, train, flat(x_BxK), terms, self.loss_chunk_size)
+    return jax.tree.map(lambda a: a.reshape(z_BxK.shape), out)
+
+  def _score_surrogate(self, loss_BxK, masked, w_x, t_B1, alpha_x):
+    """(1/K)·Σ_k stop_grad(ℓ_k − mean_{j≠k} ℓ_j)·log q(z_k | x): float32 [B]."""
+    batch, num_masks = loss_BxK.shape
+    log_mask = math.log1p(-self.eps) + w_x * jnp.log(t_B1)
+    log_q = jnp.sum(jnp.where(masked, log_mask, jnp.log(alpha_x)).reshape(batch, num_masks, -1),
+                    axis=-1)  # [B, K]
+    others = (jnp.sum(loss_BxK, axis=1, keepdims=True) - loss_BxK) / (num_masks - 1)
+    advantage = jax.lax.stop_gradient(loss_BxK - others)
+    return jnp.mean(advantage * log_q, axis=1)
+
   def recon_terms(self, x):
     """L_recon per example (float32 [B]): masked at t1 -> decoder ∝ 1 − α_{t1}^v."""
     batch = x.shape[0]
@@ -128,71 +189,6 @@ class GenMD4(model_lib.MD4):
     masked_prob = (1.0 - self.eps) * jnp.exp(w_x * log_t1)
     nll = jax.nn.logsumexp(w * log_t1) - w_x * log_t1
     return jnp.sum((masked_prob * nll).reshape(batch, -1), axis=-1)
-
-  def nelbo(self, x, cond=None, train: bool = False, t=None, noise=None):
-    """Per-example NELBO terms in nats (and the RLOO term when K > 1 masks).
-
-    Args:
-      x: int [B, *data_shape] clean tokens.
-      cond: optional int [B] labels.
-      train: dropout on.
-      t: optional float [B] unit times u ∈ (0, 1], mapped to t1 + (1 − t1)·u
-        (default: drawn from the 'sample' stream).
-      noise: optional float uniforms, [B, *data_shape] (one mask) or
-        [B, K, *data_shape] (K masks at the same t; default: K = num_masks
-        drawn). Position n of mask k is masked iff noise >= α_t^{x_n}.
-
-    Returns:
-      dict of float32 [B]: loss_diff (mean over the K masks), loss_recon,
-      loss_prior, loss (their sum, the NELBO), and with K > 1 loss_score,
-      the RLOO surrogate (zero value in the gradient's sense: add it to the
-      objective, never to the reported loss).
-    """
-    t, noise = self._checked_draw(x, t, noise)
-    batch = x.shape[0]
-    several = noise.ndim == x.ndim + 1
-    noise_BxK = noise if several else noise[:, None]
-    num_masks = noise_BxK.shape[1]
-    t = self.times(jnp.asarray(t, jnp.float32))
-    w = self.powers()
-    x_BxK = jnp.broadcast_to(x[:, None], noise_BxK.shape)
-    w_x = w[x_BxK]
-    t_b = t.reshape((batch, 1) + (1,) * (x.ndim - 1))
-    alpha_x = keep_probability(w_x, t_b, self.eps)
-    z, masked = losses.forward_mask(x_BxK, alpha_x, noise_BxK, self.mask_id)
-
-    def terms(logits, targets):  # −log μ_x and Σ_v w_v μ_v per position.
-      expected_w = jnp.einsum("...v,v->...", jax.nn.softmax(logits.astype(jnp.float32), -1), w)
-      return losses.token_nll(logits, targets), expected_w
-
-    flat = lambda a: a.reshape((batch * num_masks,) + a.shape[2:])
-    cond_flat = None if cond is None else jnp.repeat(cond, num_masks, axis=0)
-    nll, expected_w = self._token_terms(flat(z), jnp.repeat(t, num_masks), cond_flat, train,
-                                        flat(x_BxK), terms)
-    nll, expected_w = nll.reshape(z.shape), expected_w.reshape(z.shape)
-    integrand = w_x * nll - w_x + expected_w
-    per_mask = lambda a: jnp.sum(a.reshape(batch, num_masks, -1), axis=-1)
-    masked_sum = losses.masked_sum(integrand, masked, nll, batch * num_masks)
-    loss_k = (1.0 - self.t1) * masked_sum.reshape(batch, num_masks) / t[:, None]  # [B, K]
-    loss_diff = jnp.mean(loss_k, axis=1)
-    loss_recon = self.recon_terms(x)
-    loss_prior = jnp.full((batch,), losses.prior_loss(self.schedule, self.num_positions,
-                                                      self.vocab_size))
-    out = {"loss_diff": loss_diff, "loss_recon": loss_recon, "loss_prior": loss_prior,
-           "loss": loss_diff + loss_recon + loss_prior}
-    if num_masks > 1:
-      log_mask = math.log1p(-self.eps) + w_x * jnp.log(t_b)
-      log_q = per_mask(jnp.where(masked, log_mask, jnp.log(alpha_x)))  # [B, K]
-      others = (jnp.sum(loss_k, axis=1, keepdims=True) - loss_k) / (num_masks - 1)
-      advantage = jax.lax.stop_gradient(loss_k - others)
-      out["loss_score"] = jnp.mean(advantage * log_q, axis=1)
-    return out
-
-  def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
-    """Batch means of `nelbo`'s terms, plus power_min / power_mean / power_max of w."""
-    out = jax.tree.map(jnp.mean, self.nelbo(x, cond, train, t, noise))
-    w = self.powers()
-    return dict(out, power_min=jnp.min(w), power_mean=jnp.mean(w), power_max=jnp.max(w))
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -226,14 +222,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def build_model(config: ml_collections.ConfigDict, network) -> GenMD4:
   """The GenMD4 module described by `config` around `network`."""
   check_config(config)
-  model_lib.check_fused_head(config, network)
+  fused_head.check_network(config, network)
   return GenMD4(
       network=network,
       schedule=schedules_lib.get_schedule(config.noise_schedule),
       vocab_size=config.vocab_size,
       data_shape=tuple(config.data_shape),
-      cont_time=True,
-      timesteps=config.timesteps,
       antithetic_time_sampling=config.antithetic_time_sampling,
       loss_chunk_size=config.loss_chunk_size,
       power_init=float(config.power_init),

@@ -1,10 +1,25 @@
-"""MD4: a Flax module tying a denoising network to a masking schedule.
+"""MD4: masked diffusion, its negative ELBO, as in the paper (Shi et al. 2024, Sec. 4).
+
+For clean tokens x ∈ {0..V−1}^N and a schedule α(t) (the probability that a
+position is still unmasked at time t), `MD4.nelbo` estimates
+
+  t ~ U(0, 1] per example (antithetic: one uniform stratified across the batch),
+  z_t ~ q(z_t | x): each position kept with probability α(t), else the mask V,
+  L(x) = w(t) · Σ_{n: z_t,n = V} −log softmax(network(z_t, t))[n, x_n]
+         + L_recon + L_prior,          w(t) = −α'(t) / (1 − α(t))
+
+(T-step discrete time: t on the grid and w = T·(α_s − α_t)/(1 − α_t); see
+losses.diffusion_weight). The pieces are pure functions in `losses.py`. How the
+masked cross-entropy is evaluated (full logits, chunks of positions, or the
+masked positions only) is `fused_head.masked_nll`'s business: one call, the
+same numbers up to float summation order.
 
 The network is an attribute, so any backbone (or a test's toy network) plugs in
 with the contract `network(z_t, t, cond=None, train=False) -> logits[..., V]`
-(and, for a `contract.FusedHeadNetwork`, `network.features(...)`).
-The schedule is a `schedules.Schedule` object. Random streams: 'sample' (times
-and masks, drawn by `losses.draw_times_and_noise`), 'dropout' (in the network).
+(networks/contract.py). The schedule is a `schedules.Schedule` object. Random
+streams: 'sample' (times and masks, drawn by `losses.draw_times_and_noise`),
+'dropout' (in the network). `MaskedDiffusion` holds what MD4 and GenMD4
+(genmd4.py: a learned schedule per token) share.
 """
 
 import math
@@ -15,10 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4_jax.diffusion import fused_head
 from md4_jax.diffusion import losses
 from md4_jax.diffusion import schedules as schedules_lib
-from md4_jax.networks import contract
-from md4_jax.networks import layers
 
 
 def check_tokens(x: Any, vocab_size: int) -> None:
@@ -39,49 +53,34 @@ def check_tokens(x: Any, vocab_size: int) -> None:
     )
 
 
-class MD4(nn.Module):
-  """Masked diffusion model: negative ELBO and the network's predictions.
+class MaskedDiffusion(nn.Module):
+  """What MD4 and GenMD4 share: the network, the data, the draw of times and masks.
+
+  A subclass defines `_nelbo(x, cond, train, t, noise) -> (terms, stats)`: the
+  per-example terms of `nelbo` and step statistics for `__call__`.
 
   Attributes:
     network: (z_t [B, *data_shape], t [B], cond, train) -> logits [B, *data_shape, V].
     schedule: the masking schedule (e.g. schedules.get_schedule('cosine')).
     vocab_size: V; token ids in [0, V), the mask id is V.
     data_shape: shape of one example, e.g. (L,) or (H, W, C).
-    cont_time: continuous-time NELBO if True, else the T-step discrete one.
-    timesteps: T for the discrete-time loss.
     antithetic_time_sampling: stratify t across the batch.
     loss_chunk_size: if > 0 (the network must be a
       contract.FusedHeadNetwork), the head and the cross-entropy run this many
-      positions at a time (losses.chunked_nll), so the full [B, D, V] logits
-      never exist in the loss-and-gradient step. Equal to the plain loss up
-      to float summation order. 0 = plain.
-    masked_head: evaluate the fused head and the cross-entropy only at the
-      masked positions (network: a contract.FusedHeadNetwork). Only they enter
-      the NELBO, and there are N·(1 − α(t)) of them: half on average under the
-      linear schedule. Each group of B/head_groups consecutive examples packs
-      its masked positions into a buffer of static size C
-      (losses.masked_capacity, or head_capacity); if any group has more, the
-      step runs the full computation instead (jax.lax.cond), so the result
-      is always the plain loss up to float summation order. Composes with
-      loss_chunk_size (the packed buffer is what gets chunked).
-    head_groups: G, the packed groups: the number of batch shards (set by
-      train.build.setup), so the gather and the sums stay on each device. With
-      masked_head the antithetic times are interleaved across the G groups
-      (losses.antithetic_times), so each group sees a stratified sweep of t.
-    head_capacity: C override for one group (0 = losses.masked_capacity).
+      positions at a time (fused_head.py), so the full [B, D, V] logits never
+      exist in the loss-and-gradient step. 0 = plain.
   """
 
   network: nn.Module
   schedule: schedules_lib.Schedule
   vocab_size: int
   data_shape: tuple[int, ...]
-  cont_time: bool = True
-  timesteps: int = 1000
   antithetic_time_sampling: bool = True
   loss_chunk_size: int = 0
-  masked_head: bool = False
-  head_groups: int = 1
-  head_capacity: int = 0
+
+  # A schedule shared by every token: the samplers may draw reveal times
+  # without the network and skip idle steps (GenMD4 sets it).
+  per_token_schedule = False
 
   @property
   def mask_id(self) -> int:
@@ -91,10 +90,6 @@ class MD4(nn.Module):
   def num_positions(self) -> int:
     return math.prod(self.data_shape)
 
-  # A schedule shared by every token: the samplers may draw reveal times
-  # without the network and skip idle steps (GenMD4 overrides both).
-  per_token_schedule = False
-
   @property
   def masks_per_example(self) -> int:
     """Masks drawn per example and training step (losses.draw_times_and_noise)."""
@@ -102,17 +97,9 @@ class MD4(nn.Module):
 
   def time_groups(self, microbatches: int = 1) -> int:
     """Blocks of consecutive examples that each get a stratified share of the
-    antithetic times (losses.draw_times_and_noise): with masked_head every
-    packed group of every microbatch (microbatches·head_groups), else 1 (the
-    contiguous strata, bit for bit)."""
-    return microbatches * self.head_groups if self.masked_head else 1
-
-  def head_buffer_size(self, examples: int) -> int:
-    """C: masked positions one packed group of `examples` examples holds."""
-    if self.head_capacity > 0:
-      return min(self.head_capacity, examples * self.num_positions)
-    return losses.masked_capacity(self.schedule, examples, self.num_positions,
-                                  self.antithetic_time_sampling, self.cont_time, self.timesteps)
+    antithetic times (losses.draw_times_and_noise); 1 = contiguous strata."""
+    del microbatches
+    return 1
 
   def keep_probability(self, x, t):
     """α(t) of every position of x [B, *data_shape] at times t [B] (float32)."""
@@ -130,39 +117,26 @@ class MD4(nn.Module):
       x: int [B, *data_shape] clean tokens in [0, V).
       cond: optional int [B] labels.
       train: dropout on.
-      t: optional float [B] times (default: drawn from the 'sample' stream).
-      noise: optional float [B, *data_shape] mask uniforms (default: drawn).
+      t: optional float [B] times in (0, 1] (default: drawn from the 'sample'
+        stream; GenMD4 maps them into its time range).
+      noise: optional float [B, *data_shape] mask uniforms, position n masked
+        iff noise_n >= its keep probability (default: drawn; GenMD4 also takes
+        [B, K, *data_shape], K masks at the same t).
 
     Returns:
       dict of float32 [B]: loss_diff, loss_recon, loss_prior, loss (nats; the
-      sum is an upper bound on −log p(x), see losses.prior_loss).
+      sum is an upper bound on −log p(x), see losses.prior_loss), and the
+      model's extra terms (GenMD4: loss_score).
     """
     return self._nelbo(x, cond, train, t, noise)[0]
 
+  def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
+    """Batch means of `nelbo`'s terms and the model's step statistics."""
+    terms, stats = self._nelbo(x, cond, train, t, noise)
+    return dict(jax.tree.map(jnp.mean, terms), **stats)
+
   def _nelbo(self, x, cond, train, t, noise):
-    """(nelbo's per-example terms, step statistics: masked_head_overflow, a
-    float32 scalar, 1 when the masked head fell back to the full computation)."""
-    t, noise = self._checked_draw(x, t, noise)
-    schedule = self.schedule
-    batch = x.shape[0]
-    t, weight_B = losses.diffusion_weight(schedule, t, self.cont_time, self.timesteps)
-    z_t, masked = losses.forward_mask(x, schedule.alpha(t), noise, self.mask_id)
-    stats = {}
-    if self.masked_head:
-      nll_sum_B, overflow = self._masked_nll_sum(z_t, t, cond, train, x, masked)
-      stats["masked_head_overflow"] = overflow.astype(jnp.float32)
-    else:
-      nll = self._token_nll(z_t, t, cond, train, x)
-      nll_sum_B = losses.masked_sum(nll, masked, nll, batch)
-    loss_diff = weight_B * nll_sum_B
-    loss_recon = jnp.full((batch,), losses.recon_loss(schedule, self.num_positions, self.vocab_size))
-    loss_prior = jnp.full((batch,), losses.prior_loss(schedule, self.num_positions, self.vocab_size))
-    return {
-        "loss_diff": loss_diff,
-        "loss_recon": loss_recon,
-        "loss_prior": loss_prior,
-        "loss": loss_diff + loss_recon + loss_prior,
-    }, stats
+    raise NotImplementedError
 
   def _checked_draw(self, x, t, noise):
     """Checks x (tokens in range, example shape) and fills in t and the mask
@@ -181,127 +155,70 @@ class MD4(nn.Module):
       noise = drawn_noise if noise is None else noise
     return t, noise
 
-  def _token_nll(self, z_t, t, cond, train, x):
-    """−log p_θ(x | z_t) per position, float32 [B, *data_shape]."""
-    return self._token_terms(z_t, t, cond, train, x, losses.token_nll)
 
-  def _token_terms(self, z_t, t, cond, train, x, terms):
-    """terms(logits, x) per position: a pytree of float32 [B, *data_shape].
+class MD4(MaskedDiffusion):
+  """Masked diffusion with one schedule for every token: the module doc's NELBO.
 
-    With loss_chunk_size > 0 the fused head and `terms` run a chunk of
-    positions at a time (losses.chunked_nll); otherwise on the full logits.
-    """
-    if self.loss_chunk_size > 0:
-      feats = self._features(z_t, t, cond, train, f"loss_chunk_size={self.loss_chunk_size}")
-      batch = x.shape[0]
-      h_BxNxD = feats.h.reshape(batch, self.num_positions, feats.h.shape[-1])
-      out = self._head_terms(feats, h_BxNxD, x.reshape(batch, -1), terms)
-      return jax.tree.map(lambda a: a.reshape(x.shape), out)
-    return terms(self.predict(z_t, t, cond=cond, train=train), x)
+  Attributes (besides MaskedDiffusion's):
+    cont_time: continuous-time NELBO if True, else the T-step discrete one.
+    timesteps: T for the discrete-time loss.
+    masked_head: evaluate the fused head and the cross-entropy only at the
+      masked positions (fused_head.py's masked-only strategy; the network must
+      be a contract.FusedHeadNetwork): N·(1 − α(t)) of the N positions, half on
+      average under the linear schedule. A step with more masked positions
+      than the static buffer holds runs the full head instead, so the result is
+      always the plain loss up to float summation order; __call__ reports
+      masked_head_overflow (1 when it did). Composes with loss_chunk_size.
+    head_groups: G, the packed groups: the number of batch shards (set by
+      experiment.build.setup), so the gather and the sums stay on each device.
+      With masked_head the antithetic times are interleaved across the G groups
+      (losses.antithetic_times), so each group sees a stratified sweep of t.
+    head_capacity: C override for one group (0 = fused_head.masked_capacity).
+  """
 
-  def _features(self, z_t, t, cond, train, knob: str) -> contract.HeadInputs:
-    """The network's features and head (contract.FusedHeadNetwork); `knob` names
-    the setting that needs them, for the error."""
-    if not isinstance(self.network, contract.FusedHeadNetwork):
-      raise ValueError(f"{knob} needs a network with a fused head "
-                       f"(contract.FusedHeadNetwork); {type(self.network).__name__} is not.")
-    return self.network.features(z_t, t, cond=cond, train=train)
+  cont_time: bool = True
+  timesteps: int = 1000
+  masked_head: bool = False
+  head_groups: int = 1
+  head_capacity: int = 0
 
-  def _head_terms(self, feats: contract.HeadInputs, h_RxLxD, x_RxL, terms,
-                  packed: bool = False):
-    """terms(head(h), x) over rows of positions: [R, L, D], [R, L] -> [R, L] leaves
-    (a chunk of positions at a time with loss_chunk_size > 0).
+  def _nelbo(self, x, cond, train, t, noise):
+    """(nelbo's per-example terms, step statistics: with masked_head,
+    masked_head_overflow, a float32 scalar)."""
+    # t ~ U(0, 1] (antithetic) and the mask uniforms, unless given.
+    t, noise = self._checked_draw(x, t, noise)
+    # w(t) = −α'(t) / (1 − α(t)) (discrete time: t on the grid, its T-step weight).
+    t, weight_B = losses.diffusion_weight(self.schedule, t, self.cont_time, self.timesteps)
+    # z_t ~ q(z_t | x): each position kept with probability α(t), else the mask.
+    z_t, masked = losses.forward_mask(x, self.schedule.alpha(t), noise, self.mask_id)
+    # Σ_{n masked} −log p_θ(x_n | z_t), with the network (head strategy: fused_head.py).
+    nll_B, stats = fused_head.masked_nll(self.network, z_t, t, cond, train, x, masked,
+                                         self.head_strategy())
+    loss_diff = weight_B * nll_B
+    batch, positions = x.shape[0], self.num_positions
+    loss_recon = jnp.full((batch,), losses.recon_loss(self.schedule, positions, self.vocab_size))
+    loss_prior = jnp.full((batch,), losses.prior_loss(self.schedule, positions, self.vocab_size))
+    return {"loss_diff": loss_diff, "loss_recon": loss_recon, "loss_prior": loss_prior,
+            "loss": loss_diff + loss_recon + loss_prior}, stats
 
-    packed: h is a masked-head buffer [G, C, D]. It is cut into as many chunks as
-    the unpacked sequence would be (ceil(N / loss_chunk_size)), each of about C /
-    that many slots (a multiple of 8): the loop keeps its length and each chunk's
-    matmul shrinks with the buffer. (Chunks of loss_chunk_size slots would make
-    B times as many small matmuls, which on CPU cost what the packing saved.)
-    """
-    if self.loss_chunk_size > 0:
-      chunk = self.loss_chunk_size
-      if packed:
-        num_chunks = -(-self.num_positions // chunk)
-        chunk = 8 * -(-h_RxLxD.shape[1] // (8 * num_chunks))
-      return losses.chunked_nll(h_RxLxD, x_RxL, feats.logits, chunk, terms)
-    return terms(feats.logits(h_RxLxD), x_RxL)
+  def head_strategy(self) -> fused_head.Strategy:
+    """How the masked cross-entropy is evaluated (loss_chunk_size, masked_head)."""
+    return fused_head.Strategy(chunk_size=self.loss_chunk_size, masked_only=self.masked_head,
+                               groups=self.head_groups, capacity=self.head_buffer_size)
 
-  def _masked_nll_sum(self, z_t, t, cond, train, x, masked):
-    """Σ over each example's masked positions of −log p_θ(x_n | z_t), with the
-    head and the cross-entropy evaluated at masked positions only.
+  def time_groups(self, microbatches: int = 1) -> int:
+    """With masked_head every packed group of every microbatch
+    (microbatches·head_groups) gets a stratified share of the antithetic times,
+    else 1 (the contiguous strata, bit for bit)."""
+    return microbatches * self.head_groups if self.masked_head else 1
 
-    The B examples form G = head_groups groups of n = B/G consecutive ones; a
-    group's n·N positions are flattened and its masked ones packed in order
-    into C = head_buffer_size(n) slots (losses.pack_positions). The features
-    of those slots, [G, C, D] (gathered within the group, so under data
-    parallelism on its device), go through the head and token_nll (chunked
-    with loss_chunk_size); the per-example sums are segment sums of the
-    packed values by example id (losses.packed_sum), where empty slots add
-    exactly 0 to the loss and the gradients. Out-of-range tokens give a NaN
-    row as in the plain path (losses.out_of_range_rows; unmasked positions
-    are never scored).
-
-    When some group has more than C masked positions, jax.lax.cond takes the
-    full path instead (head on every position, losses.masked_sum), so no
-    position is ever dropped. That branch is rematerialised, so a step that
-    packs stores none of its [B, N, V] residuals (the compiled peak still
-    covers the fallback's own temporaries: chunk-sized with loss_chunk_size).
-
-    Returns:
-      (float32 [B] sums, bool scalar: the full path ran).
-    """
-    feats = self._features(z_t, t, cond, train, "masked_head")
-    batch, length, groups = x.shape[0], self.num_positions, self.head_groups
-    if batch % groups:
-      raise ValueError(f"masked_head packs head_groups={groups} groups of examples; the batch of "
-                       f"{batch} is not divisible by it.")
-    per_group = batch // groups
-    span = per_group * length
-    width = feats.h.shape[-1]
-    h_BxNxD = feats.h.reshape(batch, length, width)
-    x_BxN = x.reshape(batch, length)
-    masked_BxN = masked.reshape(batch, length)
-
-    def full(h_BxNxD):
-      nll_BxN = self._head_terms(feats, h_BxNxD, x_BxN, losses.token_nll)
-      return losses.masked_sum(nll_BxN, masked_BxN, nll_BxN, batch)
-
-    capacity = self.head_buffer_size(per_group)
-    if capacity >= span:  # Packing would save nothing.
-      return full(h_BxNxD), jnp.bool_(False)
-    pos_GxC, valid_GxC, count_G, slot_GxM = losses.pack_positions(
-        masked_BxN.reshape(groups, span), capacity)
-    overflow = jnp.any(count_G > capacity)
-
-    def packed(h_BxNxD):
-      h_GxMxD = h_BxNxD.reshape(groups, span, width)
-      h_GxCxD = losses.gather_packed(h_GxMxD, pos_GxC, slot_GxM)
-      h_GxCxD = layers.constrain(h_GxCxD, layers.ACTIVATION_BxLxD)
-      x_GxC = jnp.take_along_axis(x_BxN.reshape(groups, span), pos_GxC, axis=1)
-      nll_GxC = self._head_terms(feats, h_GxCxD, x_GxC, losses.token_nll, packed=True)
-      sums_B = losses.packed_sum(nll_GxC, pos_GxC, valid_GxC, length, per_group).reshape(batch)
-      return sums_B + losses.out_of_range_rows(x_BxN, self.vocab_size, batch)
-
-    return jax.lax.cond(overflow, jax.checkpoint(full), packed, h_BxNxD), overflow
-
-  def __call__(self, x, cond=None, train: bool = False, t=None, noise=None):
-    """Batch-mean NELBO terms, nats per example (see `nelbo`), and with
-    masked_head masked_head_overflow (1 if the step ran the full head)."""
-    terms, stats = self._nelbo(x, cond, train, t, noise)
-    return dict(jax.tree.map(jnp.mean, terms), **stats)
-
-
-def check_fused_head(config, network: nn.Module) -> None:
-  """Raises ValueError if loss_chunk_size > 0 or masked_head is on and `network`
-  has no fused head."""
-  if isinstance(network, contract.FusedHeadNetwork):
-    return
-  for knob, value, off in (("loss_chunk_size", config.loss_chunk_size, 0),
-                           ("masked_head", config.masked_head, False)):
-    if value:
-      raise ValueError(
-          f"config.{knob}={value!r} fuses the head with the loss, which network "
-          f"{config.network!r} ({type(network).__name__}) cannot do; set it to {off}.")
+  def head_buffer_size(self, examples: int) -> int:
+    """C: masked positions one packed group of `examples` examples holds."""
+    if self.head_capacity > 0:
+      return min(self.head_capacity, examples * self.num_positions)
+    return fused_head.masked_capacity(self.schedule, examples, self.num_positions,
+                                      self.antithetic_time_sampling, self.cont_time,
+                                      self.timesteps)
 
 
 def build_model(config, network: nn.Module) -> MD4:
@@ -311,7 +228,7 @@ def build_model(config, network: nn.Module) -> MD4:
     ValueError: a bad schedule name, or loss_chunk_size > 0 or masked_head
       with a network that is not a contract.FusedHeadNetwork.
   """
-  check_fused_head(config, network)
+  fused_head.check_network(config, network)
   return MD4(
       network=network,
       schedule=schedules_lib.get_schedule(config.noise_schedule),

@@ -1,6 +1,6 @@
 """Pure train / eval steps: `(state, batch) -> (state, metrics)`.
 
-`train.build.Experiment` binds the static arguments with functools.partial and
+`experiment.build.Experiment` binds the static arguments with functools.partial and
 jits them once over the mesh; nothing here knows about devices or the config.
 """
 
@@ -22,7 +22,8 @@ class NonFiniteError(FloatingPointError):
 
 
 def init_state(
-    rng: jax.Array, *, model: model_lib.MD4, optimizer: optax.GradientTransformation,
+    rng: jax.Array, *, model: model_lib.MaskedDiffusion,
+    optimizer: optax.GradientTransformation,
     batch_size: int, with_labels: bool,
 ) -> TrainState:
   """Initial TrainState with params (and their EMA/optimiser twins) still boxed.
@@ -62,8 +63,8 @@ def drop_labels(cond: jax.Array, rate: float, null_label: int, rng: jax.Array) -
   return jnp.where(jax.random.uniform(rng, cond.shape) < rate, null_label, cond)
 
 
-def compute_grads(model: model_lib.MD4, params, batch: Batch, rng: jax.Array, accum_steps: int = 1,
-                  label_dropout: float = 0.0):
+def compute_grads(model: model_lib.MaskedDiffusion, params, batch: Batch, rng: jax.Array,
+                  accum_steps: int = 1, label_dropout: float = 0.0):
   """Mean gradient and metrics of the NELBO over the batch.
 
   Times and mask noise are drawn for the whole batch first (antithetic across
@@ -135,7 +136,7 @@ def headline_params(ema_rate: float, warmup: bool, steps_taken: int) -> tuple[st
 
 
 def train_step(
-    state: TrainState, batch: Batch, *, model: model_lib.MD4,
+    state: TrainState, batch: Batch, *, model: model_lib.MaskedDiffusion,
     optimizer: optax.GradientTransformation, lr_schedule: Callable[[Any], Any],
     ema_rate: float, accum_steps: int = 1, skip_nonfinite: bool = False,
     debug_nan_at_step: int = -1, label_dropout: float = 0.0, ema_warmup: bool = False,
@@ -178,7 +179,7 @@ def train_step(
                        opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MD4,
+def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MaskedDiffusion,
               num_t_samples: int = 1) -> dict[str, jax.Array]:
   """Per-example NELBO estimates, each averaged over K stratified times.
 
@@ -191,7 +192,7 @@ def eval_step(params, batch: Batch, rng: jax.Array, *, model: model_lib.MD4,
     params: network parameters.
     batch: 'x' [B, ...], 'weight' [B] (0 = padding), optional 'label' [B].
     rng: key.
-    model: the MD4 module.
+    model: the MD4 or GenMD4 module.
     num_t_samples: K.
 
   Returns:

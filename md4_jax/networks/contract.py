@@ -28,7 +28,7 @@ class HeadInputs(NamedTuple):
 
   logits = h @ kernel + bias, computed by `linear_head` in h's dtype, so a loss
   can apply the head a chunk of positions at a time and never hold all
-  [B, N, V] logits (see diffusion/losses.chunked_nll).
+  [B, N, V] logits (see diffusion/fused_head.py).
 
   Attributes:
     h: [B, *data_shape, D] final features, in the activation dtype.
