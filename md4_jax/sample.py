@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,7 +38,7 @@ from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.metrics import sample_stats  # noqa: E402
 from md4_jax.metrics import pictures  # noqa: E402
 from md4_jax.run import workdir as workdir_lib  # noqa: E402
-from md4_jax.diffusion import samplers  # noqa: E402
+from md4_jax.diffusion import sampling  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
@@ -45,23 +46,14 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Samples per jitted call (
                                    "a multiple of the devices); more samples take several calls.")
 _STEPS = flags.DEFINE_integer("steps", None, "Grid steps (default: the config's sampling_steps; "
                               "first_hitting makes one call per token instead).")
-_SAMPLER = flags.DEFINE_enum("sampler", "ancestral", sorted(samplers.SAMPLERS), "Sampler.")
-_GRID = flags.DEFINE_enum("grid", None, list(samplers.GRIDS),
+_GRID = flags.DEFINE_enum("grid", None, list(sampling.GRIDS),
                           "Time grid (default: the config's sampling_grid).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Logits are divided by this.")
-_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus mass of the topp sampler.")
 _EXACT = flags.DEFINE_bool("exact", True, "Exact draws (False: the reference float32 step).")
 _CACHE = flags.DEFINE_bool("cache", None, "Call the network only at steps that reveal tokens "
-                           "(default: on where it applies; remdm and ordered run every step).")
+                           "(default: on for the samplers it applies to; see docs/sampling.md).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w (class-"
                                 "conditional runs trained with config.label_dropout > 0).")
-_ETA = flags.DEFINE_float("eta", 0.0, "remdm: remasking strength η (0 = the ancestral chain).")
-_REMASK = flags.DEFINE_enum("remask", "cap", list(samplers.REMASK_STRATEGIES),
-                            "remdm: σ strategy (cap, rescale, loop).")
-_LOOP = flags.DEFINE_list("loop", ["0.55", "0.05", "0.9"],
-                          "remdm --remask=loop: t_on,t_off,alpha_on.")
-_ORDER = flags.DEFINE_enum("order", "confidence", list(samplers.ORDERS),
-                           "ordered: which positions to reveal first.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text: tokens to keep fixed at the start; for text8, "
                               "'_' marks characters to generate (infilling).")
 _LABEL = flags.DEFINE_integer("label", None, "Class label for every sample (class-conditional "
@@ -79,6 +71,46 @@ _JUDGE = flags.DEFINE_string(
 _JUDGE_BATCH_SIZE = flags.DEFINE_integer("judge_batch_size", 8, "Rows per judge call.")
 flags.mark_flags_as_required(["workdir"])
 
+
+def define_sampler_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """--sampler, and the flags every registered sampler declares (`Sampler.flags`)."""
+  flags.DEFINE_enum("sampler", "ancestral", sorted(sampling.SAMPLERS), "Sampler.",
+                    flag_values=flag_values)
+  for entry in sampling.SAMPLERS.values():
+    for flag in entry.flags:
+      define = getattr(flags, f"DEFINE_{flag.kind}")
+      extra = {"enum_values": list(flag.choices)} if flag.kind == "enum" else {}
+      define(name=flag.name, default=flag.default, help=flag.help, flag_values=flag_values,
+             **extra)
+
+
+define_sampler_flags()
+
+
+def sampler_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> sampling.Sampler:
+  """The --sampler entry with the fields its own flags set."""
+  entry = sampling.get(flag_values["sampler"].value)
+  return entry.from_flags({f.name: flag_values[f.name].value for f in entry.flags})
+
+
+def output_stem(step: int, sampler: sampling.Sampler, steps: int, seed: int,
+                label: Optional[int]) -> str:
+  """The output files' name without extension, e.g. ckpt00001000_remdm_cap0.02_256steps_seed0."""
+  name = (f"ckpt{step:08d}_{sampler.name}_" + sampler.file_tag()
+          + (f"{steps}steps_" if sampler.on_grid else ""))
+  return name + f"seed{seed}" + (f"_label{label}" if label is not None else "")
+
+
+def sampler_info(sampler: sampling.Sampler, steps: int, grid: str,
+                 options: sampling.SamplerOptions, per_token_schedule: bool) -> dict:
+  """The JSON fields that describe the sampler and its options."""
+  return {
+      "sampler": sampler.name, "grid": grid, "steps": steps if sampler.on_grid else None,
+      "temperature": options.temperature, "exact": options.exact, **sampler.json_fields(),
+      "guidance": options.guidance,
+      # GenMD4 calls the network at every step: idle-step skipping does not apply.
+      "cache": options.cache and not per_token_schedule,
+  }
 
 
 def encode_prompt(codec, prompt: str, length: int, mask_id: int) -> np.ndarray:
@@ -122,29 +154,23 @@ def run(workdir: str) -> dict:
     judge = judge_lib.Judge(_JUDGE.value, batch_size=_JUDGE_BATCH_SIZE.value)
   step = int(jax.device_get(state.step))
   params = state.ema_params if _PARAMS.value == "ema" else state.params
-  sampler = _SAMPLER.value
+  sampler = sampler_from_flags()
   steps = steps or config.sampling_steps
   shards = parallel.batch_size_per_shard(mesh)
   batch = -(-min(num, _BATCH_SIZE.value) // shards) * shards  # Padded to the mesh.
   num_batches = -(-num // batch)
-  z_init = samplers.all_masked(model, batch)
+  z_init = sampling.all_masked(model, batch)
   if _PROMPT.value is not None:
     prompt = encode_prompt(codec, _PROMPT.value, model.num_positions, model.mask_id)
     z_init = jnp.broadcast_to(jnp.asarray(prompt), z_init.shape)
-  cache = _CACHE.value
-  if cache is None:
-    cache = samplers.get_sampler(sampler).chain is None
-  options = samplers.SamplerOptions(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                                    exact=_EXACT.value, cache=cache, eta=_ETA.value,
-                                    guidance=_GUIDANCE.value,
-                                    remask=_REMASK.value,
-                                    loop=tuple(float(v) for v in _LOOP.value),
-                                    order=_ORDER.value)
+  cache = sampler.caches if _CACHE.value is None else _CACHE.value
+  options = sampling.SamplerOptions(temperature=_TEMPERATURE.value, exact=_EXACT.value,
+                                    cache=cache, guidance=_GUIDANCE.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
   grid = _GRID.value or config.sampling_grid
   fn = experiment.sampler(steps=steps, sampler=sampler, grid=grid, options=options,
                           frames=frames)
-  labels = lambda offset: samplers.class_labels(config.classes, batch, _LABEL.value, offset)
+  labels = lambda offset: sampling.class_labels(config.classes, batch, _LABEL.value, offset)
   rng = jax.random.key(_SEED.value)
   start = time.time()
   compiled = fn.jitted.lower({"params": params}, rng, z_init, labels(0)).compile()
@@ -169,10 +195,7 @@ def run(workdir: str) -> dict:
            else info_record.exact_source(config).score(tokens))
 
   out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
-  variant = {"remdm": f"{options.remask}{options.eta:g}_", "ordered": f"{options.order}_"}
-  name = (f"ckpt{step:08d}_{sampler}_" + variant.get(sampler, "")
-          + ("" if sampler == "first_hitting" else f"{steps}steps_"))
-  name += f"seed{_SEED.value}" + (f"_label{_LABEL.value}" if _LABEL.value is not None else "")
+  name = output_stem(step, sampler, steps, _SEED.value, _LABEL.value)
   base = os.path.join(out_dir, name)
   files = [pictures.save_samples(tokens, base, model.vocab_size, codec)[0]]
   np.save(base + ".npy", tokens)
@@ -180,15 +203,8 @@ def run(workdir: str) -> dict:
   if frames:
     files += pictures.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
   info = {
-      "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
-      "grid": grid, "steps": None if sampler == "first_hitting" else steps,
-      "temperature": options.temperature, "top_p": options.top_p, "exact": options.exact,
-      **({"eta": options.eta, "remask": options.remask} if sampler == "remdm" else {}),
-      **({"loop": list(options.loop)} if sampler == "remdm" and options.remask == "loop" else {}),
-      **({"order": options.order} if sampler == "ordered" else {}),
-      "guidance": options.guidance,
-      # GenMD4 calls the network at every step: idle-step skipping does not apply.
-      "cache": options.cache and not model.per_token_schedule,
+      "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value,
+      **sampler_info(sampler, steps, grid, options, model.per_token_schedule),
       "seed": _SEED.value, "num_samples": num, "batch": batch,
       "num_batches": num_batches, "label": _LABEL.value, "prompt": _PROMPT.value,
       # Network calls on a batch = network evaluations per sample; mean over batches.
