@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -70,47 +69,7 @@ _JUDGE = flags.DEFINE_string(
     "directory; needs the `judge` extra). See md4_jax/judge.py for the protocol.")
 _JUDGE_BATCH_SIZE = flags.DEFINE_integer("judge_batch_size", 8, "Rows per judge call.")
 flags.mark_flags_as_required(["workdir"])
-
-
-def define_sampler_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """--sampler, and the flags every registered sampler declares (`Sampler.flags`)."""
-  flags.DEFINE_enum("sampler", "ancestral", sorted(sampling.SAMPLERS), "Sampler.",
-                    flag_values=flag_values)
-  for entry in sampling.SAMPLERS.values():
-    for flag in entry.flags:
-      define = getattr(flags, f"DEFINE_{flag.kind}")
-      extra = {"enum_values": list(flag.choices)} if flag.kind == "enum" else {}
-      define(name=flag.name, default=flag.default, help=flag.help, flag_values=flag_values,
-             **extra)
-
-
-define_sampler_flags()
-
-
-def sampler_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> sampling.Sampler:
-  """The --sampler entry with the fields its own flags set."""
-  entry = sampling.get(flag_values["sampler"].value)
-  return entry.from_flags({f.name: flag_values[f.name].value for f in entry.flags})
-
-
-def output_stem(step: int, sampler: sampling.Sampler, steps: int, seed: int,
-                label: Optional[int]) -> str:
-  """The output files' name without extension, e.g. ckpt00001000_remdm_cap0.02_256steps_seed0."""
-  name = (f"ckpt{step:08d}_{sampler.name}_" + sampler.file_tag()
-          + (f"{steps}steps_" if sampler.on_grid else ""))
-  return name + f"seed{seed}" + (f"_label{label}" if label is not None else "")
-
-
-def sampler_info(sampler: sampling.Sampler, steps: int, grid: str,
-                 options: sampling.SamplerOptions, per_token_schedule: bool) -> dict:
-  """The JSON fields that describe the sampler and its options."""
-  return {
-      "sampler": sampler.name, "grid": grid, "steps": steps if sampler.on_grid else None,
-      "temperature": options.temperature, "exact": options.exact, **sampler.json_fields(),
-      "guidance": options.guidance,
-      # GenMD4 calls the network at every step: idle-step skipping does not apply.
-      "cache": options.cache and not per_token_schedule,
-  }
+sampling.command.define_flags()  # --sampler, and each registered sampler's own flags.
 
 
 def encode_prompt(codec, prompt: str, length: int, mask_id: int) -> np.ndarray:
@@ -154,7 +113,7 @@ def run(workdir: str) -> dict:
     judge = judge_lib.Judge(_JUDGE.value, batch_size=_JUDGE_BATCH_SIZE.value)
   step = int(jax.device_get(state.step))
   params = state.ema_params if _PARAMS.value == "ema" else state.params
-  sampler = sampler_from_flags()
+  sampler = sampling.command.sampler_from_flags()
   steps = steps or config.sampling_steps
   shards = parallel.batch_size_per_shard(mesh)
   batch = -(-min(num, _BATCH_SIZE.value) // shards) * shards  # Padded to the mesh.
@@ -195,7 +154,7 @@ def run(workdir: str) -> dict:
            else info_record.exact_source(config).score(tokens))
 
   out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
-  name = output_stem(step, sampler, steps, _SEED.value, _LABEL.value)
+  name = sampling.command.output_stem(step, sampler, steps, _SEED.value, _LABEL.value)
   base = os.path.join(out_dir, name)
   files = [pictures.save_samples(tokens, base, model.vocab_size, codec)[0]]
   np.save(base + ".npy", tokens)
@@ -204,7 +163,8 @@ def run(workdir: str) -> dict:
     files += pictures.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
   info = {
       "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value,
-      **sampler_info(sampler, steps, grid, options, model.per_token_schedule),
+      **sampling.command.sampler_info(sampler, steps, grid, options,
+                                      model.per_token_schedule),
       "seed": _SEED.value, "num_samples": num, "batch": batch,
       "num_batches": num_batches, "label": _LABEL.value, "prompt": _PROMPT.value,
       # Network calls on a batch = network evaluations per sample; mean over batches.

@@ -247,9 +247,9 @@ def test_exact_draws_keep_a_rare_token_and_float32_draws_lose_it():
   model, variables = _fixed_model(np.log(np.tile(probs, (length, 1))))
   tokens, _ = _sample(model, variables, jax.random.key(6), batch_size=batch, steps=steps)
   counts = np.bincount(np.asarray(tokens).ravel(), minlength=3)
-  draws = batch * length
+  num_draws = batch * length
   for token, p in zip((1, 2), p_rare):
-    expected = draws * p
+    expected = num_draws * p
     assert abs(counts[token] - expected) < 4 * math.sqrt(expected), (token, counts, expected)
 
   # The float32 reference step (exact=False): one categorical over

@@ -17,19 +17,21 @@ import pytest
 from absl import flags
 
 import helpers
-from md4_jax import sample as sample_cli
 from md4_jax.diffusion import sampling
 from md4_jax.diffusion.sampling import base
+from md4_jax.diffusion.sampling import command
 from md4_jax.diffusion.sampling import registry
 
 V, L = 5, 6
-_SHARED_JSON = set(sample_cli.sampler_info(base.Sampler(), 8, "uniform",
-                                           sampling.SamplerOptions(), False))
+_SHARED_JSON = set(command.sampler_info(base.Sampler(), 8, "uniform", sampling.SamplerOptions(),
+                                        False))
 
 
 @pytest.mark.parametrize("name", sorted(sampling.SAMPLERS))
 def test_every_entry_is_complete_and_self_consistent(name):
   entry = sampling.SAMPLERS[name]
+  cli_flags = flags.FlagValues()
+  command.define_flags(cli_flags)  # As md4_jax.sample does.
   assert entry.name == name and sampling.get(name) is entry
   hash(entry)  # A static jit argument.
   fields = {f.name for f in dataclasses.fields(entry)}
@@ -37,7 +39,7 @@ def test_every_entry_is_complete_and_self_consistent(name):
     # Declared flags set fields, are defined by the CLI with their declared default,
     # and the defaults agree with the entry's.
     assert flag.name in fields, (name, flag.name)
-    assert flags.FLAGS[flag.name].default == flag.default, (name, flag.name)
+    assert cli_flags[flag.name].default == flag.default, (name, flag.name)
   assert entry.from_flags({f.name: f.default for f in entry.flags}) == entry
   # The entry runs with its defaults, and records its own options beside the shared ones.
   sampling.check_arguments(entry, 4, "uniform", sampling.SamplerOptions(cache=entry.caches))
@@ -71,7 +73,7 @@ def test_every_entry_is_complete_and_self_consistent(name):
 
 def test_registry_tags_and_flags_are_unique():
   entries = list(sampling.SAMPLERS.values())
-  stems = {sample_cli.output_stem(1, e, 8, 0, None) for e in entries}
+  stems = {command.output_stem(1, e, 8, 0, None) for e in entries}
   assert len(stems) == len(entries)
   declared = [f.name for e in entries for f in e.flags]
   assert len(declared) == len(set(declared))
@@ -145,12 +147,12 @@ def oneshot():
 def test_a_sampler_added_in_one_file_runs_through_sample_and_the_cli(oneshot):
   del oneshot
   flag_values = flags.FlagValues()
-  sample_cli.define_sampler_flags(flag_values)
+  command.define_flags(flag_values)
   flag_values(["sample", "--sampler=oneshot", "--oneshot_t=0.5"])
-  sampler = sample_cli.sampler_from_flags(flag_values)
+  sampler = command.sampler_from_flags(flag_values)
   assert sampler == OneShot(oneshot_t=0.5)
-  assert sample_cli.output_stem(7, sampler, 16, 0, 3) == "ckpt00000007_oneshot_t0.5_seed0_label3"
-  info = sample_cli.sampler_info(sampler, 16, "uniform", sampling.SamplerOptions(), False)
+  assert command.output_stem(7, sampler, 16, 0, 3) == "ckpt00000007_oneshot_t0.5_seed0_label3"
+  info = command.sampler_info(sampler, 16, "uniform", sampling.SamplerOptions(), False)
   assert info["sampler"] == "oneshot" and info["oneshot_t"] == 0.5 and info["steps"] is None
 
   model = helpers.md4(TimeToken(V), "linear", V, (L,))

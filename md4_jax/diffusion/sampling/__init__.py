@@ -10,8 +10,10 @@
   ordered.py        confidence-ordered (MaskGIT-style) unmasking
   registry.py       name -> Sampler: one `register` line per sampler
   driver.py         sample / reconstruct / checks, for any registered sampler
+  command.py        what md4_jax.sample takes from the registry: flags, file stem, JSON fields
 """
 
+from md4_jax.diffusion.sampling import command
 from md4_jax.diffusion.sampling.base import GRIDS
 from md4_jax.diffusion.sampling.base import Flag
 from md4_jax.diffusion.sampling.base import Sampler
