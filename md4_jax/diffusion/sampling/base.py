@@ -58,7 +58,7 @@ class Flag:
 
   Attributes:
     name: the flag, and the field of the sampler it sets.
-    kind: absl's DEFINE_<kind>: 'float', 'integer', 'string', 'enum' or 'list'.
+    kind: absl's DEFINE_<kind>: 'float', 'integer', 'bool', 'string', 'enum' or 'list'.
     default: the flag's default as the command line spells it.
     help: one line; say which sampler reads it.
     choices: the valid values of an 'enum' flag.
