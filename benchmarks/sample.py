@@ -31,7 +31,7 @@ from md4_jax.configs import digits
 from md4_jax.configs import text8
 from md4_jax.experiment import parallel
 from md4_jax.diffusion import model as model_lib
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 from md4_jax.diffusion import schedules
 from md4_jax.experiment import build
 
@@ -44,7 +44,7 @@ def _experiment_and_variables(config, mesh):
 def _time(experiment, variables, batch, repeats, **kwargs):
   """(compile seconds, median seconds per batch, NFE) of one sampler setting."""
   fn = experiment.sampler(**kwargs)
-  z = samplers.all_masked(experiment.model, batch)
+  z = sampling.all_masked(experiment.model, batch)
   start = time.time()
   compiled = fn.jitted.lower(variables, jax.random.key(0), z, None).compile()
   compile_s = time.time() - start
@@ -58,7 +58,7 @@ def _time(experiment, variables, batch, repeats, **kwargs):
 
 
 ROWS = {
-    # name: (sampler, SamplerOptions kwargs)
+    # name: (sampler, its own and the shared options: sampling.configure's keywords)
     "ancestral (every step)": ("ancestral", dict(cache=False)),
     "ancestral (skip idle)": ("ancestral", dict()),
     "ancestral (float32 ref.)": ("ancestral", dict(exact=False)),
@@ -102,13 +102,13 @@ def benchmark_speed(args):
   for title, config, batch, steps, rows in setups:
     experiment, variables = _experiment_and_variables(config, mesh)
     for row in rows:
-      sampler, opts = ROWS[row]
+      sampler, options = sampling.configure(ROWS[row][0], **ROWS[row][1])
       repeats = args.repeats if "1024" not in title else args.long_repeats
       compile_s, seconds, nfe = _time(
-          experiment, variables, batch, repeats, steps=steps if sampler != "first_hitting" else None,
-          sampler=sampler, grid="uniform", options=samplers.SamplerOptions(**opts))
-      shown_steps = steps if sampler != "first_hitting" else "-"
-      ratio = f"{steps / nfe:.2f}" if sampler != "first_hitting" else "-"
+          experiment, variables, batch, repeats, steps=steps if sampler.on_grid else None,
+          sampler=sampler, grid="uniform", options=options)
+      shown_steps = steps if sampler.on_grid else "-"
+      ratio = f"{steps / nfe:.2f}" if sampler.on_grid else "-"
       print(f"| {title} | {row} | {shown_steps} | {batch} | {nfe} | {ratio} | {compile_s:.1f} | "
             f"{seconds:.3g} | {batch / seconds:.3g} | {1000 * seconds / batch:.4g} |", flush=True)
 
@@ -133,9 +133,9 @@ def benchmark_exactness(args):
   print(f"\n{draws:.2e} positions, {steps} linear ancestral steps, one fixed distribution.\n")
   print("| path | " + " | ".join(f"p = {p:g}" for p in p_rare) + " | seconds |")
   print("|---|" + "---|" * (len(p_rare) + 1))
-  for name, options in (("exact (default)", samplers.SamplerOptions()),
-                        ("float32 reference (exact=False)", samplers.SamplerOptions(exact=False))):
-    fn = jax.jit(lambda v, r, o=options: samplers.sample(model, v, r, batch_size=batch, steps=steps,
+  for name, options in (("exact (default)", sampling.SamplerOptions()),
+                        ("float32 reference (exact=False)", sampling.SamplerOptions(exact=False))):
+    fn = jax.jit(lambda v, r, o=options: sampling.sample(model, v, r, batch_size=batch, steps=steps,
                                                          options=o)[0])
     start = time.time()
     tokens = np.asarray(fn(variables, jax.random.key(args.exact_seed)))

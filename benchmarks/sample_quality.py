@@ -35,20 +35,20 @@ from md4_jax.metrics import sample_stats
 from md4_jax.run import workdir as workdir_lib
 from md4_jax.data import digits as digits_data
 from md4_jax.data import synthetic
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 
 NO_CACHE = dict(cache=False)
-# name -> (sampler, SamplerOptions fields, grid sampler?)
+# name -> (sampler, its own and the shared options: sampling.configure's keywords)
 TEXT_SAMPLERS = {
-    "ancestral": ("ancestral", {}, True),
-    "topp0.9": ("topp", dict(top_p=0.9), True),
-    "remdm-cap0.02": ("remdm", dict(eta=0.02, remask="cap", **NO_CACHE), True),
-    "remdm-rescale0.1": ("remdm", dict(eta=0.1, remask="rescale", **NO_CACHE), True),
-    "remdm-loop0.05": ("remdm", dict(eta=0.05, remask="loop", **NO_CACHE), True),
-    "ordered-confidence": ("ordered", dict(order="confidence", **NO_CACHE), True),
-    "ordered-margin": ("ordered", dict(order="margin", **NO_CACHE), True),
-    "ordered-entropy": ("ordered", dict(order="entropy", **NO_CACHE), True),
-    "first_hitting": ("first_hitting", {}, False),
+    "ancestral": ("ancestral", {}),
+    "topp0.9": ("topp", dict(top_p=0.9)),
+    "remdm-cap0.02": ("remdm", dict(eta=0.02, remask="cap", **NO_CACHE)),
+    "remdm-rescale0.1": ("remdm", dict(eta=0.1, remask="rescale", **NO_CACHE)),
+    "remdm-loop0.05": ("remdm", dict(eta=0.05, remask="loop", **NO_CACHE)),
+    "ordered-confidence": ("ordered", dict(order="confidence", **NO_CACHE)),
+    "ordered-margin": ("ordered", dict(order="margin", **NO_CACHE)),
+    "ordered-entropy": ("ordered", dict(order="entropy", **NO_CACHE)),
+    "first_hitting": ("first_hitting", {}),
 }
 IMAGE_SAMPLERS = {
     "ancestral": ("ancestral", {}),
@@ -62,7 +62,7 @@ def _draw(experiment, variables, sampler, steps, options, num, seed, cond=None):
   shards = parallel.batch_size_per_shard(experiment.mesh)
   batch = -(-num // shards) * shards
   fn = experiment.sampler(steps=steps, sampler=sampler, options=options)
-  z = samplers.all_masked(experiment.model, batch)
+  z = sampling.all_masked(experiment.model, batch)
   if cond is not None:
     cond = np.resize(cond, batch)
   tokens, stats = fn(variables, jax.random.key(seed), z, cond)
@@ -75,11 +75,10 @@ def text_frontier(workdir, steps_list, num, names=None, seed=0):
   variables = {"params": state.ema_params}
   rows = []
   for name in names or TEXT_SAMPLERS:
-    sampler, fields, grid = TEXT_SAMPLERS[name]
-    for steps in (steps_list if grid else [None]):
+    sampler, options = sampling.configure(TEXT_SAMPLERS[name][0], **TEXT_SAMPLERS[name][1])
+    for steps in (steps_list if sampler.on_grid else [None]):
       start = time.time()
-      tokens, nfe = _draw(experiment, variables, sampler, steps,
-                          samplers.SamplerOptions(**fields), num, seed)
+      tokens, nfe = _draw(experiment, variables, sampler, steps, options, num, seed)
       score = source.score(tokens)
       rows.append({
           "sampler": name, "steps": steps, "nfe": nfe,
@@ -143,12 +142,12 @@ def image_frontier(workdir, steps_list, num, guidances, names=None, seed=0):
   variables = {"params": state.ema_params}
   rows = []
   for name in names or IMAGE_SAMPLERS:
-    sampler, fields = IMAGE_SAMPLERS[name]
+    sampler_name, fields = IMAGE_SAMPLERS[name]
     for guidance in guidances:
       if guidance and not config.label_dropout:
         continue  # Guidance needs a model trained with label dropout.
       for steps in steps_list:
-        options = samplers.SamplerOptions(guidance=guidance, **fields)
+        sampler, options = sampling.configure(sampler_name, guidance=guidance, **fields)
         tokens, nfe = _draw(experiment, variables, sampler, steps, options, num, seed,
                             cond=labels)
         pixels = tokens.reshape(num, -1).astype(np.float64)

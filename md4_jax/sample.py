@@ -37,7 +37,7 @@ from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.metrics import sample_stats  # noqa: E402
 from md4_jax.metrics import pictures  # noqa: E402
 from md4_jax.run import workdir as workdir_lib  # noqa: E402
-from md4_jax.diffusion import samplers  # noqa: E402
+from md4_jax.diffusion import sampling  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json + checkpoints/).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 16, "Number of samples.")
@@ -45,23 +45,14 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Samples per jitted call (
                                    "a multiple of the devices); more samples take several calls.")
 _STEPS = flags.DEFINE_integer("steps", None, "Grid steps (default: the config's sampling_steps; "
                               "first_hitting makes one call per token instead).")
-_SAMPLER = flags.DEFINE_enum("sampler", "ancestral", sorted(samplers.SAMPLERS), "Sampler.")
-_GRID = flags.DEFINE_enum("grid", None, list(samplers.GRIDS),
+_GRID = flags.DEFINE_enum("grid", None, list(sampling.GRIDS),
                           "Time grid (default: the config's sampling_grid).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Logits are divided by this.")
-_TOP_P = flags.DEFINE_float("top_p", 0.9, "Nucleus mass of the topp sampler.")
 _EXACT = flags.DEFINE_bool("exact", True, "Exact draws (False: the reference float32 step).")
 _CACHE = flags.DEFINE_bool("cache", None, "Call the network only at steps that reveal tokens "
-                           "(default: on where it applies; remdm and ordered run every step).")
+                           "(default: on for the samplers it applies to; see docs/sampling.md).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w (class-"
                                 "conditional runs trained with config.label_dropout > 0).")
-_ETA = flags.DEFINE_float("eta", 0.0, "remdm: remasking strength η (0 = the ancestral chain).")
-_REMASK = flags.DEFINE_enum("remask", "cap", list(samplers.REMASK_STRATEGIES),
-                            "remdm: σ strategy (cap, rescale, loop).")
-_LOOP = flags.DEFINE_list("loop", ["0.55", "0.05", "0.9"],
-                          "remdm --remask=loop: t_on,t_off,alpha_on.")
-_ORDER = flags.DEFINE_enum("order", "confidence", list(samplers.ORDERS),
-                           "ordered: which positions to reveal first.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Text: tokens to keep fixed at the start; for text8, "
                               "'_' marks characters to generate (infilling).")
 _LABEL = flags.DEFINE_integer("label", None, "Class label for every sample (class-conditional "
@@ -78,7 +69,7 @@ _JUDGE = flags.DEFINE_string(
     "directory; needs the `judge` extra). See md4_jax/judge.py for the protocol.")
 _JUDGE_BATCH_SIZE = flags.DEFINE_integer("judge_batch_size", 8, "Rows per judge call.")
 flags.mark_flags_as_required(["workdir"])
-
+sampling.command.define_flags()  # --sampler, and each registered sampler's own flags.
 
 
 def encode_prompt(codec, prompt: str, length: int, mask_id: int) -> np.ndarray:
@@ -122,29 +113,23 @@ def run(workdir: str) -> dict:
     judge = judge_lib.Judge(_JUDGE.value, batch_size=_JUDGE_BATCH_SIZE.value)
   step = int(jax.device_get(state.step))
   params = state.ema_params if _PARAMS.value == "ema" else state.params
-  sampler = _SAMPLER.value
+  sampler = sampling.command.sampler_from_flags()
   steps = steps or config.sampling_steps
   shards = parallel.batch_size_per_shard(mesh)
   batch = -(-min(num, _BATCH_SIZE.value) // shards) * shards  # Padded to the mesh.
   num_batches = -(-num // batch)
-  z_init = samplers.all_masked(model, batch)
+  z_init = sampling.all_masked(model, batch)
   if _PROMPT.value is not None:
     prompt = encode_prompt(codec, _PROMPT.value, model.num_positions, model.mask_id)
     z_init = jnp.broadcast_to(jnp.asarray(prompt), z_init.shape)
-  cache = _CACHE.value
-  if cache is None:
-    cache = samplers.get_sampler(sampler).chain is None
-  options = samplers.SamplerOptions(temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-                                    exact=_EXACT.value, cache=cache, eta=_ETA.value,
-                                    guidance=_GUIDANCE.value,
-                                    remask=_REMASK.value,
-                                    loop=tuple(float(v) for v in _LOOP.value),
-                                    order=_ORDER.value)
+  cache = sampler.caches if _CACHE.value is None else _CACHE.value
+  options = sampling.SamplerOptions(temperature=_TEMPERATURE.value, exact=_EXACT.value,
+                                    cache=cache, guidance=_GUIDANCE.value)
   frames = _FRAMES.value if _TRAJECTORY.value else 0
   grid = _GRID.value or config.sampling_grid
   fn = experiment.sampler(steps=steps, sampler=sampler, grid=grid, options=options,
                           frames=frames)
-  labels = lambda offset: samplers.class_labels(config.classes, batch, _LABEL.value, offset)
+  labels = lambda offset: sampling.class_labels(config.classes, batch, _LABEL.value, offset)
   rng = jax.random.key(_SEED.value)
   start = time.time()
   compiled = fn.jitted.lower({"params": params}, rng, z_init, labels(0)).compile()
@@ -169,10 +154,7 @@ def run(workdir: str) -> dict:
            else info_record.exact_source(config).score(tokens))
 
   out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
-  variant = {"remdm": f"{options.remask}{options.eta:g}_", "ordered": f"{options.order}_"}
-  name = (f"ckpt{step:08d}_{sampler}_" + variant.get(sampler, "")
-          + ("" if sampler == "first_hitting" else f"{steps}steps_"))
-  name += f"seed{_SEED.value}" + (f"_label{_LABEL.value}" if _LABEL.value is not None else "")
+  name = sampling.command.output_stem(step, sampler, steps, _SEED.value, _LABEL.value)
   base = os.path.join(out_dir, name)
   files = [pictures.save_samples(tokens, base, model.vocab_size, codec)[0]]
   np.save(base + ".npy", tokens)
@@ -180,15 +162,9 @@ def run(workdir: str) -> dict:
   if frames:
     files += pictures.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
   info = {
-      "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value, "sampler": sampler,
-      "grid": grid, "steps": None if sampler == "first_hitting" else steps,
-      "temperature": options.temperature, "top_p": options.top_p, "exact": options.exact,
-      **({"eta": options.eta, "remask": options.remask} if sampler == "remdm" else {}),
-      **({"loop": list(options.loop)} if sampler == "remdm" and options.remask == "loop" else {}),
-      **({"order": options.order} if sampler == "ordered" else {}),
-      "guidance": options.guidance,
-      # GenMD4 calls the network at every step: idle-step skipping does not apply.
-      "cache": options.cache and not model.per_token_schedule,
+      "workdir": workdir, "checkpoint_step": step, "params": _PARAMS.value,
+      **sampling.command.sampler_info(sampler, steps, grid, options,
+                                      model.per_token_schedule),
       "seed": _SEED.value, "num_samples": num, "batch": batch,
       "num_batches": num_batches, "label": _LABEL.value, "prompt": _PROMPT.value,
       # Network calls on a batch = network evaluations per sample; mean over batches.

@@ -28,7 +28,7 @@ from md4_jax.experiment import validation
 from md4_jax.run import workdir as workdir_lib
 from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 from md4_jax.diffusion import schedules
 from md4_jax.experiment import build
 
@@ -197,8 +197,8 @@ _POWERS = np.array([3.0, 0.4, 1.0, 2.0])
 
 
 def _draw(model, variables, steps, sampler="ancestral", batch=512,
-          options=samplers.SamplerOptions()):
-  fn = jax.jit(lambda v, r: samplers.sample(model, v, r, batch_size=batch, steps=steps,
+          options=sampling.SamplerOptions()):
+  fn = jax.jit(lambda v, r: sampling.sample(model, v, r, batch_size=batch, steps=steps,
                                             sampler=sampler, options=options))
   return fn(variables, jax.random.key(7))
 
@@ -215,9 +215,9 @@ def _grid_chain_law(pi, powers, steps):
 
 
 @pytest.mark.parametrize("sampler,options", [
-    ("ancestral", samplers.SamplerOptions()),
-    pytest.param("mean", samplers.SamplerOptions(), marks=pytest.mark.slow),
-    pytest.param("ancestral", samplers.SamplerOptions(exact=False), marks=pytest.mark.slow),
+    ("ancestral", sampling.SamplerOptions()),
+    pytest.param("mean", sampling.SamplerOptions(), marks=pytest.mark.slow),
+    pytest.param("ancestral", sampling.SamplerOptions(exact=False), marks=pytest.mark.slow),
 ])
 def test_constant_prediction_follows_the_per_token_reveal_law(sampler, options):
   """μ = π at every step: token v is revealed at rate π_v·w_v/t, so the final law is
@@ -255,10 +255,10 @@ def test_first_hitting_is_refused_and_reconstruction_masks_per_token():
   model, variables = _genmd4(helpers.FixedLogits(length, len(_PI)), len(_PI), (length,),
                              powers=_POWERS)
   with pytest.raises(ValueError, match="not exact for GenMD4.*ancestral"):
-    samplers.sample(model, variables, jax.random.key(0), batch_size=2, steps=None,
+    sampling.sample(model, variables, jax.random.key(0), batch_size=2, steps=None,
                     sampler="first_hitting")
   x = jnp.asarray(np.arange(length) % len(_PI))[None]
-  z_t, tokens, _ = samplers.reconstruct(model, variables, jax.random.key(1), x, 0.5, steps=4)
+  z_t, tokens, _ = sampling.reconstruct(model, variables, jax.random.key(1), x, 0.5, steps=4)
   z_t = np.asarray(z_t)[0]
   for v, w in enumerate(_POWERS):  # Masked with probability (1 − ε)·0.5^{w_v}.
     rate = np.mean(z_t[np.arange(length) % len(_PI) == v] == len(_PI))
@@ -346,7 +346,7 @@ def test_sharded_sampling_equals_one_device():
   z = np.full((16, 12), vocab, np.int32)
   z[:, :3] = np.arange(3)  # A prefix.
   kwargs = dict(steps=16, sampler="ancestral", frames=4)
-  one = jax.jit(lambda v, r, z: samplers.sample(model, v, r, z_init=z, **kwargs))(
+  one = jax.jit(lambda v, r, z: sampling.sample(model, v, r, z_init=z, **kwargs))(
       variables, jax.random.key(14), z)
   tokens, stats = experiment.sampler(**kwargs)(variables, jax.random.key(14), z)
   assert tokens.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 2)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from md4_jax import data as data_lib
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 from md4_jax.experiment import parallel
 from md4_jax.experiment import validation
 from md4_jax.metrics import evaluation
@@ -47,7 +47,7 @@ def test_old_workdir_restores_and_scores_what_it_scored(tmp_path):
   np.testing.assert_allclose(metrics["eval_loss"], then["eval_loss"], rtol=1e-4)
   n = jax.device_count()
   tokens, _ = experiment.sampler(steps=4)({"params": state.ema_params}, jax.random.key(0),
-                                          samplers.all_masked(experiment.model, n))
+                                          sampling.all_masked(experiment.model, n))
   tokens = np.asarray(parallel.gather(tokens))
   assert tokens.shape == (n, 8, 8, 1) and tokens.min() >= 0 and tokens.max() < config.vocab_size
 

@@ -19,7 +19,11 @@ from helpers import CopyLeft
 from md4_jax.experiment import parallel
 from md4_jax.metrics import sample_stats
 from md4_jax.diffusion import model as model_lib
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
+from md4_jax.diffusion.sampling import draws
+from md4_jax.diffusion.sampling import grid
+from md4_jax.diffusion.sampling import ordered
+from md4_jax.diffusion.sampling import remdm
 from md4_jax.diffusion import schedules
 from md4_jax.experiment import build
 
@@ -76,14 +80,14 @@ _fixed_model = helpers.fixed_logits_model
 
 
 def _init(model, batch=2):
-  z = samplers.all_masked(model, batch)
+  z = sampling.all_masked(model, batch)
   return model.init(jax.random.key(0), z, jnp.ones((batch,)), method=model_lib.MD4.predict)
 
 
 def _sample(model, variables, rng, z_init=None, fixed=None, cond=None, **static):
-  """samplers.sample jitted with the arrays as arguments (closed-over arrays
+  """sampling.sample jitted with the arrays as arguments (closed-over arrays
   would become constants that XLA spends the compile folding)."""
-  fn = jax.jit(lambda v, r, z, f, c: samplers.sample(model, v, r, z_init=z, fixed=f, cond=c,
+  fn = jax.jit(lambda v, r, z, f, c: sampling.sample(model, v, r, z_init=z, fixed=f, cond=c,
                                                      **static))
   return fn(variables, rng, z_init, fixed, cond)
 
@@ -98,12 +102,12 @@ _PROBS = np.stack([np.random.default_rng(i).permutation(_BASE_PROBS) for i in ra
 
 
 @pytest.mark.parametrize("sampler,options", [
-    ("ancestral", samplers.SamplerOptions()),
-    ("ancestral", samplers.SamplerOptions(cache=False, temperature=2.0)),
-    ("ancestral", samplers.SamplerOptions(exact=False)),
-    ("topp", samplers.SamplerOptions(top_p=0.85)),
-    ("mean", samplers.SamplerOptions(exact=False)),
-    ("first_hitting", samplers.SamplerOptions()),
+    ("ancestral", sampling.SamplerOptions()),
+    ("ancestral", sampling.SamplerOptions(cache=False, temperature=2.0)),
+    ("ancestral", sampling.SamplerOptions(exact=False)),
+    (grid.TopP(top_p=0.85), sampling.SamplerOptions()),
+    ("mean", sampling.SamplerOptions(exact=False)),
+    ("first_hitting", sampling.SamplerOptions()),
 ])
 def test_final_marginals_equal_the_prediction(sampler, options):
   model, variables = _fixed_model(np.log(_PROBS), schedule="cosine")
@@ -111,7 +115,7 @@ def test_final_marginals_equal_the_prediction(sampler, options):
   tokens, stats = _sample(model, variables, jax.random.key(1), batch_size=batch, steps=32,
                           sampler=sampler, grid="cosine", options=options)
   probs = _PROBS ** (1.0 / options.temperature)
-  if sampler == "topp":
+  if sampling.get(sampler).name == "topp":
     probs = np.where(probs >= np.sort(probs, axis=1)[:, -3:-2], probs, 0.0)
   probs = probs / probs.sum(axis=1, keepdims=True)
   counts = _counts(tokens, V)
@@ -161,7 +165,7 @@ def test_skipping_idle_steps_changes_nothing_but_the_nfe(time_weight):
   variables = _init(model)
 
   def run(cache, batch):
-    options = samplers.SamplerOptions(cache=cache)
+    options = sampling.SamplerOptions(cache=cache)
     return _sample(model, variables, jax.random.key(3), batch_size=batch, steps=steps,
                    options=options, frames=6)
 
@@ -243,9 +247,9 @@ def test_exact_draws_keep_a_rare_token_and_float32_draws_lose_it():
   model, variables = _fixed_model(np.log(np.tile(probs, (length, 1))))
   tokens, _ = _sample(model, variables, jax.random.key(6), batch_size=batch, steps=steps)
   counts = np.bincount(np.asarray(tokens).ravel(), minlength=3)
-  draws = batch * length
+  num_draws = batch * length
   for token, p in zip((1, 2), p_rare):
-    expected = draws * p
+    expected = num_draws * p
     assert abs(counts[token] - expected) < 4 * math.sqrt(expected), (token, counts, expected)
 
   # The float32 reference step (exact=False): one categorical over
@@ -258,16 +262,16 @@ def test_exact_draws_keep_a_rare_token_and_float32_draws_lose_it():
   g = jax.random.gumbel(jax.random.key(7), (1 << 22,), jnp.float32)
   assert float(jnp.max(g)) <= -math.log(-math.log1p(-2.0**-23)) + 1e-3
   # The exact noise reaches beyond it (P(g > 16) ≈ 1.1e-7 per draw) ...
-  assert float(jnp.max(samplers.exact_gumbel(jax.random.key(8), (1 << 25,)))) > 16.0
+  assert float(jnp.max(draws.exact_gumbel(jax.random.key(8), (1 << 25,)))) > 16.0
 
 
 def test_exact_gumbel_tails():
-  g = np.asarray(samplers.exact_gumbel(jax.random.key(9), (1 << 22,)), np.float64)
+  g = np.asarray(draws.exact_gumbel(jax.random.key(9), (1 << 22,)), np.float64)
   n = g.size
   for x in (-1.5, 0.0, 2.0, 8.0):  # P(g > x) = 1 − exp(−e^{−x}).
     p = -math.expm1(-math.exp(-x))
     assert abs(np.mean(g > x) - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-7, x
-  u = np.asarray(samplers.fine_uniform(jax.random.key(10), (1 << 22,)))
+  u = np.asarray(draws.fine_uniform(jax.random.key(10), (1 << 22,)))
   assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 1e-3
   assert np.sum(u < 2.0**-24) <= 5  # Resolved below float32's 2^-24 step.
 
@@ -285,7 +289,7 @@ def test_class_labels_and_reconstruction():
   variables = {"params": {"network": {"x": jnp.asarray(x)}}}
   t = 0.6
   for sampler in ("ancestral", "first_hitting"):
-    z_t, tokens, stats = jax.jit(lambda v, r, x: samplers.reconstruct(
+    z_t, tokens, stats = jax.jit(lambda v, r, x: sampling.reconstruct(
         model, v, r, x, t, steps=16, sampler=sampler, frames=3))(variables, jax.random.key(13), x)
     z_t = np.asarray(z_t)
     rate = np.mean(z_t == V)
@@ -298,9 +302,9 @@ def test_class_labels_and_reconstruction():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler, options", [
-    ("ancestral", samplers.SamplerOptions()), ("first_hitting", samplers.SamplerOptions()),
-    ("remdm", samplers.SamplerOptions(cache=False, eta=0.3, remask="rescale")),
-    ("ordered", samplers.SamplerOptions(cache=False, order="margin"))])
+    ("ancestral", sampling.SamplerOptions()), ("first_hitting", sampling.SamplerOptions()),
+    (remdm.ReMDM(eta=0.3, remask="rescale"), sampling.SamplerOptions(cache=False)),
+    (ordered.Ordered(order="margin"), sampling.SamplerOptions(cache=False))])
 def test_sharded_sampling_equals_one_device(sampler, options):
   mesh = parallel.make_mesh({"data": -1})
   assert parallel.batch_size_per_shard(mesh) == 8
@@ -312,7 +316,7 @@ def test_sharded_sampling_equals_one_device(sampler, options):
   z = np.full((batch, 12), V, np.int32)
   z[:, :3] = np.arange(3)  # A prefix.
   kwargs = dict(steps=64, sampler=sampler, frames=4, options=options)
-  one = jax.jit(lambda v, r, z: samplers.sample(model, v, r, z_init=z, **kwargs))(
+  one = jax.jit(lambda v, r, z: sampling.sample(model, v, r, z_init=z, **kwargs))(
       variables, jax.random.key(14), z)
   fn = experiment.sampler(**kwargs)
   tokens, stats = fn(variables, jax.random.key(14), z)
@@ -345,15 +349,15 @@ def test_unet_smoke_class_conditional_inpainting():
 def test_bad_arguments_raise():
   model, variables = _fixed_model(np.zeros((L, V)))
   with pytest.raises(ValueError, match="Unknown sampler"):
-    samplers.sample(model, variables, jax.random.key(0), batch_size=2, steps=4, sampler="nope")
+    sampling.sample(model, variables, jax.random.key(0), batch_size=2, steps=4, sampler="nope")
   with pytest.raises(ValueError, match="time grid"):
-    samplers.sample(model, variables, jax.random.key(0), batch_size=2, steps=4, grid="log")
+    sampling.sample(model, variables, jax.random.key(0), batch_size=2, steps=4, grid="log")
   with pytest.raises(ValueError, match="steps"):
-    samplers.sample(model, variables, jax.random.key(0), batch_size=2, steps=None)
+    sampling.sample(model, variables, jax.random.key(0), batch_size=2, steps=None)
   with pytest.raises(ValueError, match="batch_size or z_init"):
-    samplers.sample(model, variables, jax.random.key(0), steps=4)
+    sampling.sample(model, variables, jax.random.key(0), steps=4)
   with pytest.raises(ValueError, match="example shape"):
-    samplers.sample(model, variables, jax.random.key(0), z_init=np.zeros((2, 3), np.int32), steps=4)
+    sampling.sample(model, variables, jax.random.key(0), z_init=np.zeros((2, 3), np.int32), steps=4)
 
 
 def test_unigram_entropy():
@@ -368,31 +372,31 @@ def test_top_p_one_keeps_every_token_and_ties_keep_the_smallest_prefix():
   # p = 1 over a GPT-2-sized vocabulary: nothing may be cut (float32 cumulative
   # sums used to drop a tail of ~50 tokens with mass ~2e-7).
   logits = jax.random.normal(jax.random.key(0), (2, 50257)) * 3.0
-  kept = samplers.top_p_logits(logits, 1.0)
+  kept = draws.top_p_logits(logits, 1.0)
   assert bool(jnp.all(jnp.isfinite(kept)))
   np.testing.assert_array_equal(kept, logits)
   # Four tied tokens, p = 0.5: the smallest prefix reaching p is two tokens,
   # the lower ids first (the rule in the docstring), never all four.
   tied = jnp.log(jnp.asarray([[0.25, 0.25, 0.25, 0.25], [0.1, 0.3, 0.3, 0.3]]))
-  out = np.isfinite(np.asarray(samplers.top_p_logits(tied, 0.5)))
+  out = np.isfinite(np.asarray(draws.top_p_logits(tied, 0.5)))
   np.testing.assert_array_equal(out, [[True, True, False, False], [False, True, True, False]])
   # Mass exactly reached by a prefix: no extra token.
-  out = np.isfinite(np.asarray(samplers.top_p_logits(jnp.log(jnp.asarray([0.5, 0.3, 0.2])), 0.8)))
+  out = np.isfinite(np.asarray(draws.top_p_logits(jnp.log(jnp.asarray([0.5, 0.3, 0.2])), 0.8)))
   np.testing.assert_array_equal(out, [True, True, False])
   # Every kept set reaches p, and dropping its least likely token would not.
   probs = np.asarray(jax.nn.softmax(logits[:, :64]))
   for p in (0.1, 0.5, 0.9, 0.99):
-    keep = np.isfinite(np.asarray(samplers.top_p_logits(logits[:, :64], p)))
+    keep = np.isfinite(np.asarray(draws.top_p_logits(logits[:, :64], p)))
     for row, k in zip(probs, keep):
       assert row[k].sum() >= p - 1e-6 and row[k].sum() - row[k].min() < p
 
 
 def test_class_labels():
-  np.testing.assert_array_equal(samplers.class_labels(3, 5), [0, 1, 2, 0, 1])
-  np.testing.assert_array_equal(samplers.class_labels(3, 2, offset=4), [1, 2])
-  np.testing.assert_array_equal(samplers.class_labels(10, 3, label=7), [7, 7, 7])
-  assert samplers.class_labels(0, 4) is None
+  np.testing.assert_array_equal(sampling.class_labels(3, 5), [0, 1, 2, 0, 1])
+  np.testing.assert_array_equal(sampling.class_labels(3, 2, offset=4), [1, 2])
+  np.testing.assert_array_equal(sampling.class_labels(10, 3, label=7), [7, 7, 7])
+  assert sampling.class_labels(0, 4) is None
   with pytest.raises(ValueError, match="classes=0"):
-    samplers.class_labels(0, 4, label=1)
+    sampling.class_labels(0, 4, label=1)
   with pytest.raises(ValueError, match="label 10"):
-    samplers.class_labels(10, 4, label=10)
+    sampling.class_labels(10, 4, label=10)

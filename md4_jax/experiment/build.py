@@ -32,7 +32,7 @@ from md4_jax.experiment import optimizer as optimizer_lib
 from md4_jax.experiment import parallel
 from md4_jax.diffusion import genmd4
 from md4_jax.diffusion import model as model_lib
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 from md4_jax.experiment import state as state_lib
 from md4_jax.experiment import step as step_lib
 
@@ -151,22 +151,22 @@ class Experiment:
                     out_shardings=parallel.replicated(self.mesh))
 
   def sampler(
-      self, *, steps: Optional[int], sampler: str = "ancestral", grid: str = "uniform",
-      options: samplers.SamplerOptions = samplers.SamplerOptions(), t_start: float = 1.0,
-      frames: int = 0,
+      self, *, steps: Optional[int], sampler: sampling.SamplerLike = "ancestral",
+      grid: str = "uniform", options: sampling.SamplerOptions = sampling.SamplerOptions(),
+      t_start: float = 1.0, frames: int = 0,
   ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-    """`samplers.sample` jitted over the mesh with the batch split across its batch axes.
+    """`sampling.sample` jitted over the mesh with the batch split across its batch axes.
 
     Returns:
       fn(variables, rng, z_init, cond=None) -> (tokens, stats): z_init
-      [B, ...] (B divisible by the batch shards; see `samplers.all_masked` /
+      [B, ...] (B divisible by the batch shards; see `sampling.all_masked` /
       `masked_input`) and cond [B] are batch-sharded, tokens come back
       batch-sharded, stats['nfe'] replicated, stats['frames'] sharded on its
       batch axis. variables keep the sharding they have (e.g. restored) or
       are placed by jit. `fn.jitted` allows ahead-of-time lowering.
     """
-    samplers.check_arguments(sampler, steps, grid, options, t_start, frames)
-    samplers.check_model(self.model, sampler)
+    sampling.check_arguments(sampler, steps, grid, options, t_start, frames)
+    sampling.check_model(self.model, sampler)
     mesh = self.mesh
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
@@ -175,7 +175,7 @@ class Experiment:
       stats_sharding["frames"] = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
 
     def fn(variables, rng, z_init, cond):
-      return samplers.sample(self.model, variables, rng, z_init=z_init, cond=cond, steps=steps,
+      return sampling.sample(self.model, variables, rng, z_init=z_init, cond=cond, steps=steps,
                              sampler=sampler, grid=grid, options=options, t_start=t_start,
                              frames=frames)
 

@@ -10,7 +10,7 @@ import ml_collections
 
 from md4_jax import data as data_lib
 from md4_jax import networks
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 from md4_jax.experiment import build
 
 # Network sizes where 0 means "the default width".
@@ -65,9 +65,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(len(sizes) >= 1 and all(v > 0 for v in sizes), f"{group}.{field}", value,
                "> 0")
   networks.check_config(config)
-  if config.sampling_grid not in samplers.GRIDS:
+  if config.sampling_grid not in sampling.GRIDS:
     raise ValueError(f"Unknown sampling_grid {config.sampling_grid!r}; valid: "
-                     f"{sorted(samplers.GRIDS)}.")
+                     f"{sorted(sampling.GRIDS)}.")
   if config.nan_policy not in ("stop", "skip"):
     raise ValueError(f"Unknown nan_policy {config.nan_policy!r}; valid: 'stop', 'skip'.")
   build.check_model(config)

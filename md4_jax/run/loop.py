@@ -29,7 +29,7 @@ from md4_jax.run import saved_config
 from md4_jax.metrics import pictures
 from md4_jax.run import workdir as workdir_lib
 from md4_jax.diffusion import model as model_lib
-from md4_jax.diffusion import samplers
+from md4_jax.diffusion import sampling
 from md4_jax.experiment import build
 from md4_jax.experiment import validation
 from md4_jax.experiment import step as step_lib
@@ -328,8 +328,8 @@ def loop(run: Run) -> Outcome:
   train_step = experiment.train_step
   if config.num_samples > 0:
     sample_fn = experiment.sampler(steps=config.sampling_steps, grid=config.sampling_grid)
-    sample_z = samplers.all_masked(model, config.num_samples)
-    sample_cond = samplers.class_labels(config.classes, config.num_samples)
+    sample_z = sampling.all_masked(model, config.num_samples)
+    sample_cond = sampling.class_labels(config.classes, config.num_samples)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
   watcher = preemption.PreemptionWatcher()
 
