@@ -314,7 +314,7 @@ def get_config():
   config.num_samples = 16  # Samples drawn each time.
   config.sampling_steps = 100  # Reverse-chain steps for the periodic samples.
   # Time grid of the periodic samples and md4_jax.sample's default: uniform | cosine
-  # (samplers.GRIDS; the paper samples on the cosine grid).
+  # (sampling.GRIDS; the paper samples on the cosine grid).
   config.sampling_grid = "uniform"
   config.check_nans = True  # Check every step's loss/gradient for NaN/Inf.
   config.nan_policy = "stop"  # stop (exit non-zero, keep last good ckpt) | skip (drop the update).

@@ -38,7 +38,7 @@ loss_score, and log q does not depend on it). The K masked copies of a batch
 go through the network as one call on [B·K, ...] (example-major, so an
 example's copies stay on its device).
 
-Sampling (diffusion/samplers.py): a masked position moves from t to s < t to
+Sampling (diffusion/sampling/per_token.py): a masked position moves from t to s < t to
 token v with probability μ_v·(α_s^v − α_t^v)/(1 − α_t^v) = μ_v·(1 − (s/t)^{w_v})
 and stays masked with probability Σ_v μ_v·(s/t)^{w_v}: one (V+1)-way draw.
 """
