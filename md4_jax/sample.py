@@ -185,7 +185,7 @@ def run(workdir: str) -> dict:
 
 
 def main(argv):
-  cli.start(argv)
+  cli.start(argv, quiet=True)
   info = cli.run(lambda: run(_WORKDIR.value), "md4_jax.sample", memory_knobs="--batch_size (samples per call)")
   if "source_nll_bits_per_token" in info:
     print(f"Exact sample NLL under the source: {info['source_nll_bits_per_token']:.4f} ± "

@@ -50,3 +50,60 @@ def test_an_evaluation_time_grid_that_cannot_fit_is_refused_before_compiling(tmp
   with pytest.raises(ValueError, match=r"--num_t_samples=100000000000's time grid .* GiB on one "
                                        r"device, which has .* lower --num_t_samples"):
     evaluate.evaluate_checkpoint(workdir, num_t_samples=10**11)
+
+
+# ------------------------------------------------- sampling: no wrong answer with exit 0 ---
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from md4_jax.diffusion import sampling  # noqa: E402
+from md4_jax.experiment import build  # noqa: E402
+
+
+def test_guidance_needs_a_model_trained_with_label_dropout():
+  no_null = build.setup(helpers.digits_tiny("tiny_cond", label_dropout=0.0))
+  with pytest.raises(ValueError, match=r"label_dropout=0.0, so its null label was never trained"):
+    no_null.sampler(steps=4, options=sampling.SamplerOptions(guidance=1.0))
+  build.setup(helpers.digits_tiny("tiny_cond")).sampler(  # label_dropout 0.1: fine.
+      steps=4, options=sampling.SamplerOptions(guidance=1.0))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(guidance=float("inf")), "guidance must be a finite weight"),
+    (dict(guidance=1e38), "guidance must be a finite weight"),
+    (dict(guidance=float("nan")), "guidance must be a finite weight"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(temperature=-1.0), "temperature must be a finite number"),
+])
+def test_non_finite_and_overflowing_sampling_values_are_refused(options, message):
+  with pytest.raises(ValueError, match=message):
+    sampling.check_arguments("ancestral", 8, "uniform",
+                             sampling.SamplerOptions(**options, cache=True))
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first_hitting"])
+def test_a_near_zero_temperature_draws_the_argmax(sampler):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 5)).astype(np.float32)
+  model, variables = helpers.fixed_logits_model(logits)
+  tokens, _ = sampling.sample(model, variables, jax.random.key(0), batch_size=16, steps=8,
+                              sampler=sampler,
+                              options=sampling.SamplerOptions(temperature=1e-45))
+  np.testing.assert_array_equal(np.asarray(tokens), np.broadcast_to(logits.argmax(-1), (16, 6)))
+  # Not every token is 0 (what dividing by 1e-45 used to give).
+  assert len(set(logits.argmax(-1))) > 1
+
+
+@pytest.mark.slow
+def test_sample_errors_after_the_restore_are_one_quiet_line(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(helpers.REPO + "/tests/data/workdir_cea09dd_digits_tiny", workdir)
+  result = helpers.run_module("md4_jax.sample", f"--workdir={workdir}", "--guidance=1",
+                              "--num_samples=8")
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.strip().splitlines()]
+  assert lines == [lines[-1]] and "null label was never trained" in lines[-1], lines
+  assert not (workdir / "samples").exists()

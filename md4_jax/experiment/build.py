@@ -167,6 +167,11 @@ class Experiment:
     """
     sampling.check_arguments(sampler, steps, grid, options, t_start, frames)
     sampling.check_model(self.model, sampler)
+    if options.guidance > 0 and self.config.label_dropout <= 0:
+      raise ValueError(
+          f"guidance={options.guidance} needs a class-conditional model trained with label "
+          f"dropout (config.label_dropout > 0): this run has classes={self.config.classes}, "
+          f"label_dropout={self.config.label_dropout}, so its null label was never trained.")
     mesh = self.mesh
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)

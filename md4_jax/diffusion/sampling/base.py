@@ -24,6 +24,20 @@ REVEAL, TOKEN, TIME, POSITION, REFERENCE, REMASK, EXTRA_REVEAL, CLOCK = range(8)
 GRIDS = ("uniform", "cosine")
 
 
+# Below this temperature logits / temperature overflow float32 (1e-45 makes every logit inf);
+# the limit of the tempered distribution, the argmax, is computed instead.
+MIN_TEMPERATURE = 1e-6
+
+
+def temper(logits: jax.Array, temperature: float) -> jax.Array:
+  """float32 logits / temperature; for 0 < temperature < MIN_TEMPERATURE the τ -> 0 limit:
+  the argmax (ties kept) at 0 and every other token at -1e30, so any draw returns an argmax."""
+  logits = logits.astype(jnp.float32)
+  if 0 < temperature < MIN_TEMPERATURE:
+    return jnp.where(logits >= logits.max(axis=-1, keepdims=True), 0.0, -1e30)
+  return logits / temperature
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerOptions:
   """Options every sampler shares (hashable: pass it as a static argument).
@@ -33,7 +47,8 @@ class SamplerOptions:
 
   Attributes:
     temperature: logits are divided by this (> 0; 0 = argmax tokens, for the
-      samplers whose entry allows it) before a token is drawn.
+      samplers whose entry allows it) before a token is drawn. Below
+      MIN_TEMPERATURE every sampler draws the argmax (`temper`).
     exact: 48-bit exact reveal coins and Gumbel noise (see draws.py);
       False: the reference MD4 float32 step (biased against rare tokens;
       every step calls the network, `cache` does not apply).
@@ -193,7 +208,7 @@ class Chain:
 
   def tempered(self, logits: jax.Array) -> jax.Array:
     """float32 logits / temperature, then the sampler's `token_logits`."""
-    return self.sampler.token_logits(logits.astype(jnp.float32) / self.options.temperature)
+    return self.sampler.token_logits(temper(logits, self.options.temperature))
 
   def draw_tokens(self, logits, stream: int, index_B) -> jax.Array:
     """Per-example draws from the (tempered, truncated) logits [B, ..., V]."""

@@ -7,6 +7,7 @@ flattened data_shape), V vocabulary; the mask id is V.
 """
 
 import dataclasses
+import math
 from typing import Any, Optional, Union
 
 import jax
@@ -41,6 +42,11 @@ def configure(sampler: str, **fields: Any) -> tuple[base.Sampler, base.SamplerOp
   return dataclasses.replace(entry, **{k: v for k, v in fields.items() if k in own}), options
 
 
+# (1 + w)·log p(x|c) − w·log p(x|∅): beyond this w the difference of two huge float32 numbers
+# carries no information (and 1e38 overflows to inf).
+MAX_GUIDANCE = 1e4
+
+
 def check_arguments(sampler: SamplerLike, steps: Optional[int], grid: str,
                     options: base.SamplerOptions, t_start: float = 1.0, frames: int = 0) -> None:
   """Raises ValueError for arguments `sample` cannot run with (before any tracing)."""
@@ -58,11 +64,13 @@ def check_arguments(sampler: SamplerLike, steps: Optional[int], grid: str,
     argmax = sorted(n for n, s in registry.SAMPLERS.items() if s.argmax_at_zero_temperature)
     raise ValueError(f"temperature 0 (argmax tokens) is for {argmax}; {spec.name!r} needs "
                      "temperature > 0.")
-  if not options.temperature >= 0:
-    raise ValueError(f"temperature must be > 0 (or 0 for argmax tokens), got "
+  if not 0 <= options.temperature < math.inf:
+    raise ValueError(f"temperature must be a finite number > 0 (or 0 for argmax tokens), got "
                      f"{options.temperature}.")
-  if not options.guidance >= 0:
-    raise ValueError(f"guidance must be >= 0, got {options.guidance}.")
+  if not 0 <= options.guidance <= MAX_GUIDANCE:
+    raise ValueError(f"guidance must be a finite weight in [0, {MAX_GUIDANCE:g}], got "
+                     f"{options.guidance} (larger weights cancel or overflow float32 logits; "
+                     "useful values are about 0.1 to 10).")
   if not 0 < t_start <= 1:
     raise ValueError(f"t_start must lie in (0, 1], got {t_start}.")
   if frames < 0 or frames == 1:

@@ -62,7 +62,7 @@ def _ordered_chain(chain: base.Chain, z, frames, order: str):
       logits = chain.sampler.token_logits(logits)
       tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
-      logits = chain.sampler.token_logits(logits / options.temperature)
+      logits = chain.sampler.token_logits(base.temper(logits, options.temperature))
       keys = chain.keys(base.TOKEN, step_B)
       tokens = jax.vmap(lambda k, l: draws.categorical(k, l, options.exact))(keys, logits)
     masked = z == chain.mask_id
