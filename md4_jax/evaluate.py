@@ -189,6 +189,11 @@ def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
   if num_t_samples < 1:
     raise ValueError(f"--num_t_samples must be >= 1, got {num_t_samples}.")
   run_cfg = workdir_lib.load_config(workdir)
+  # The K x B time grid and K keys are built before the scan over K (4 + 8 bytes each).
+  grid_batch = batch_size or run_cfg.eval_batch_size
+  memory.check_fits(12.0 * num_t_samples * grid_batch,
+                    f"--num_t_samples={num_t_samples}'s time grid for a batch of {grid_batch}",
+                    "--num_t_samples (K = 8 is plenty for a report)")
   workdir_lib.checkpoint_step(workdir, step)  # No checkpoint or no such step: fail early.
   root = workdir if "://" in workdir else os.path.abspath(workdir)
   if batch_size is not None:
@@ -197,10 +202,6 @@ def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
   seed = run_cfg.seed if seed is None else seed
   mesh = mesh or workdir_lib.run_mesh(run_cfg)
   parallel.check_batch_size(run_cfg.eval_batch_size, mesh, "the evaluation batch (--batch_size)")
-  # The K x B time grid and K keys are built before the scan over K (4 + 8 bytes each).
-  memory.check_fits(12.0 * num_t_samples * run_cfg.eval_batch_size,
-                    f"--num_t_samples={num_t_samples}'s time grid for a batch of "
-                    f"{run_cfg.eval_batch_size}", "--num_t_samples (K = 8 is plenty for a report)")
   # Missing data or a bad split fails here, before the (slow) restore.
   configs, all_datasets = [], []
   for target in targets:

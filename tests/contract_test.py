@@ -32,6 +32,7 @@ def test_a_dtype_without_loss_scaling_is_refused(dtype):
     validation.validate(helpers.digits_tiny(dtype=dtype))
 
 
+@pytest.mark.slow  # A training subprocess (imports TensorFlow).
 def test_an_unknown_config_key_names_the_flag(tmp_path):
   result = helpers.run_module("md4_jax.train", helpers.TINY_DIGITS, f"--workdir={tmp_path / 'w'}",
                               "--config.unet.nonexistent=1")
@@ -46,7 +47,9 @@ def test_an_unknown_config_key_names_the_flag(tmp_path):
 
 def test_an_evaluation_time_grid_that_cannot_fit_is_refused_before_compiling(tmp_path):
   from md4_jax import evaluate  # pylint: disable=g-import-not-at-top
-  workdir = helpers.saved_workdir(tmp_path / "run", helpers.digits_tiny(), step=5)
+  from md4_jax.run import saved_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  saved_config.save_config(helpers.digits_tiny(), workdir)  # Refused before any checkpoint read.
   with pytest.raises(ValueError, match=r"--num_t_samples=100000000000's time grid .* GiB on one "
                                        r"device, which has .* lower --num_t_samples"):
     evaluate.evaluate_checkpoint(workdir, num_t_samples=10**11)

@@ -177,6 +177,7 @@ def test_two_trainings_on_one_workdir(tmp_path):
           == json.loads((alone / "final_metrics.json").read_text())["eval_loss"])
 
 
+@pytest.mark.slow  # Writes and restores a checkpoint (~15 s).
 def test_readers_never_see_a_checkpoint_still_being_written(tmp_path):
   # sample/evaluate take no lease and may run beside training: a step whose write is in
   # flight (orbax writes into a temporary directory and renames it when complete) is invisible.
