@@ -223,14 +223,5 @@ def build_model(config: ml_collections.ConfigDict, network) -> GenMD4:
   """The GenMD4 module described by `config` around `network`."""
   check_config(config)
   fused_head.check_network(config, network)
-  return GenMD4(
-      network=network,
-      schedule=schedules_lib.get_schedule(config.noise_schedule),
-      vocab_size=config.vocab_size,
-      data_shape=tuple(config.data_shape),
-      antithetic_time_sampling=config.antithetic_time_sampling,
-      loss_chunk_size=config.loss_chunk_size,
-      power_init=float(config.power_init),
-      t1=float(config.genmd4_t1),
-      num_masks=int(config.genmd4_num_masks),
-  )
+  return GenMD4(**model_lib.shared_fields(config, network), power_init=float(config.power_init),
+                t1=float(config.genmd4_t1), num_masks=int(config.genmd4_num_masks))

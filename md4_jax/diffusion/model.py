@@ -229,14 +229,13 @@ def build_model(config, network: nn.Module) -> MD4:
       with a network that is not a contract.FusedHeadNetwork.
   """
   fused_head.check_network(config, network)
-  return MD4(
-      network=network,
-      schedule=schedules_lib.get_schedule(config.noise_schedule),
-      vocab_size=config.vocab_size,
-      data_shape=tuple(config.data_shape),
-      cont_time=config.cont_time,
-      timesteps=config.timesteps,
-      antithetic_time_sampling=config.antithetic_time_sampling,
-      loss_chunk_size=config.loss_chunk_size,
-      masked_head=bool(config.masked_head),
-  )
+  return MD4(**shared_fields(config, network), cont_time=config.cont_time,
+             timesteps=config.timesteps, masked_head=bool(config.masked_head))
+
+
+def shared_fields(config, network: nn.Module) -> dict[str, Any]:
+  """The `MaskedDiffusion` fields every model reads from the config, around `network`."""
+  return dict(network=network, schedule=schedules_lib.get_schedule(config.noise_schedule),
+              vocab_size=config.vocab_size, data_shape=tuple(config.data_shape),
+              antithetic_time_sampling=config.antithetic_time_sampling,
+              loss_chunk_size=config.loss_chunk_size)

@@ -1,15 +1,7 @@
 """Denoising networks: (z_t, t, cond) -> logits, and the name -> class registry.
 
 Every network is a Flax linen module honouring the call contract of
-contract.py:
-
-  logits = network(z, t, cond=None, train=False)
-
-  z:      [B, *data_shape] int tokens in [0, V]; V = vocab_size is the mask id.
-  t:      [B] float times in [0, 1].
-  cond:   [B] int class labels in [0, classes), or None.
-  train:  enables dropout (rng stream 'dropout').
-  logits: [B, *data_shape, V] float32, over the V real tokens.
+contract.py, `logits = network(z, t, cond=None, train=False)`.
 
 `config.network` names a class in NETWORKS, and the config group of the same
 name holds its attributes:
