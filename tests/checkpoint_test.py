@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -117,15 +118,19 @@ def test_resume_falls_back_to_the_last_good_step_and_ends_bit_identical(tmp_path
   """Garbled latest checkpoint: the run falls back to the previous one, moves the bad one
   aside and finishes bit-identical to an uninterrupted run; config.json is not the truth."""
   base = dict(num_samples=0, eval_every_steps=0, sample_every_steps=0, checkpoint_every_steps=2,
-              log_loss_every_steps=2)
+              log_loss_every_steps=2, max_checkpoints_to_keep=3)
   reference = tmp_path / "reference"
   loop.run(helpers.digits_tiny(num_train_steps=8, **base), str(reference))
+  # The interrupted run: the reference as it stood at step 6 (checkpoints 4 and 6).
   workdir = tmp_path / "run"
-  loop.run(helpers.digits_tiny(num_train_steps=6, **base), str(workdir))
+  shutil.copytree(reference, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "8")
+  (workdir / "final_metrics.json").unlink(missing_ok=True)
+  assert helpers.checkpoint_steps(workdir) == [4, 6]
 
   # The run's identity lives in its checkpoints: without config.json a changed model is refused.
   os.remove(workdir / "config.json")
-  changed = helpers.digits_tiny(num_train_steps=6, **base)
+  changed = helpers.digits_tiny(num_train_steps=8, **base)
   changed.unet.channels = 16
   with pytest.raises(ValueError, match=r"unet.channels: 8 -> 16"):
     loop.run(changed, str(workdir))

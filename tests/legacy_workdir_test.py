@@ -65,7 +65,7 @@ def test_old_workdir_resumes_training(tmp_path):
   assert helpers.checkpoint_steps(workdir)[-1] == 6
 
 
-@pytest.mark.slow  # A training subprocess.
+@pytest.mark.slow  # A fresh process importing TensorFlow; reliability_test checks md4_jax.train.
 def test_the_first_training_command_is_an_alias(tmp_path):
   # `md4_jax.main` parses the training flags and reaches the same config checks.
   result = helpers.run_module("md4_jax.main", helpers.TINY_DIGITS, f"--workdir={tmp_path / 'w'}",
