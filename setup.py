@@ -36,6 +36,8 @@ _JUDGE = ["safetensors>=0.8.0", "tokenizers>=0.22.2", "huggingface_hub>=0.36.2"]
 
 _TEST = [
     "pytest>=9.2.0", "chex>=0.1.92",
+    # Two workers on a 2-core machine: subprocess tests mostly wait on their child process.
+    "pytest-xdist>=3.8.0",
     # The notebooks run as tests.
     "nbclient>=0.11.0", "nbformat>=5.11.1", "ipykernel>=7.4.0", "matplotlib>=3.11.2",
     "scipy>=1.17.1",  # Chi-square p-values in the sampler tests.

@@ -15,7 +15,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -262,6 +261,9 @@ def _setup_holding(config, workdir, allow_config_change, experiment, datasets, l
   num_params = experiment.num_params
   save_run_info(config, workdir, num_params)
   logging.info("Config:\n%s", config)
+  # clu's writers import TensorFlow (~10-30 s): only once a run is really starting, so a bad
+  # input is refused without it.
+  from clu import metric_writers, parameter_overview  # pylint: disable=g-import-not-at-top
   parameter_overview.log_parameter_overview(state.params)
   logging.info("Parameters: %d", num_params)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -337,6 +339,7 @@ def loop(run: Run) -> Outcome:
   total = config.num_train_steps
   step = int(state.step)
   initial_step = step
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_loss_every_steps)
   log = _MetricLog(writer, not config.check_nans, model.num_positions, metric)
