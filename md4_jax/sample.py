@@ -33,6 +33,7 @@ from absl import app, flags, logging  # noqa: E402
 from md4_jax import cli  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
 from md4_jax.metrics import judge as judge_lib  # noqa: E402
+from md4_jax.experiment import memory  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.metrics import sample_stats  # noqa: E402
 from md4_jax.metrics import pictures  # noqa: E402
@@ -118,6 +119,12 @@ def run(workdir: str) -> dict:
   shards = parallel.batch_size_per_shard(mesh)
   batch = -(-min(num, _BATCH_SIZE.value) // shards) * shards  # Padded to the mesh.
   num_batches = -(-num // batch)
+  # Refused before compiling: one batch's float32 logits on a device, all tokens on the host.
+  memory.check_fits(4.0 * batch // shards * model.num_positions * model.vocab_size,
+                    f"a sampling batch of {batch} ({model.num_positions} positions x "
+                    f"{model.vocab_size} logits each)", "--batch_size")
+  memory.check_fits(4.0 * num_batches * batch * model.num_positions,
+                    f"--num_samples={num} samples' tokens", "--num_samples", device=jax.devices("cpu")[0])
   z_init = sampling.all_masked(model, batch)
   if _PROMPT.value is not None:
     prompt = encode_prompt(codec, _PROMPT.value, model.num_positions, model.mask_id)

@@ -1,5 +1,6 @@
 """Every command on the one-line contract: bad input, out of memory -> one line, exit 2."""
 
+import os
 import pytest
 
 import helpers
@@ -110,3 +111,27 @@ def test_sample_errors_after_the_restore_are_one_quiet_line(tmp_path):
   lines = [l for l in result.stderr.strip().splitlines()]
   assert lines == [lines[-1]] and "null label was never trained" in lines[-1], lines
   assert not (workdir / "samples").exists()
+
+
+@pytest.mark.slow  # A subprocess that imports TensorFlow's gfile.
+@pytest.mark.parametrize("command", ["md4_jax.evaluate", "md4_jax.sample"])
+def test_an_unreachable_bucket_is_one_line(command):
+  # No network here (or no such bucket where there is one): one line, exit 2, no traceback.
+  result = helpers.run_module(command, "--workdir=gs://md4-jax-no-such-bucket/run")
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"{command}: error:"), lines
+  assert "gs://md4-jax-no-such-bucket/run" in lines[0]
+  assert not os.path.exists(os.path.join(helpers.REPO, "gs:"))  # No folder named after the URL.
+
+
+@pytest.mark.slow  # A sampling subprocess.
+def test_a_sampling_batch_that_cannot_fit_is_refused_before_compiling(tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  shutil.copytree(helpers.REPO + "/tests/data/workdir_cea09dd_digits_tiny", workdir)
+  result = helpers.run_module("md4_jax.sample", f"--workdir={workdir}",
+                              "--num_samples=3000000000", "--batch_size=3000000000")
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "lower --batch_size." in lines[0], lines

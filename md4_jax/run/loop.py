@@ -67,6 +67,7 @@ def schedule_summary(model, params, writer=None, step: int = 0) -> dict[str, flo
 def check_workdir_path(workdir: str) -> None:
   """Raises ValueError if `workdir` cannot become a directory (nothing is created)."""
   if "://" in workdir:
+    workdir_lib.check_reachable(workdir)
     return
   path = epath.Path(workdir)
   for ancestor in (path, *path.parents):

@@ -21,12 +21,26 @@ from md4_jax.experiment import build
 from md4_jax.experiment import state as state_lib
 
 
+def check_reachable(path: str, flag: str = "--workdir") -> None:
+  """Raises OSError (one line) if a remote path (gs://...) cannot be read: no network, no
+  credentials, no such bucket, or no client for its scheme. Local paths pass."""
+  if "://" not in path:
+    return
+  try:
+    epath.Path(path).exists()
+  except Exception as e:  # pylint: disable=broad-except  (each client has its own errors)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise OSError(f"{flag}={path} cannot be reached ({reason}); check the network, the bucket "
+                  "name and the credentials (gcloud auth application-default login).") from None
+
+
 def stored_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
   """The config the run in `workdir` was started with, or None if there is no run.
 
   The newest checkpoint that stores one is the truth; config.json (its readable
   copy) counts only for a run without checkpoints.
   """
+  check_reachable(workdir)
   directory = checkpoint_lib.checkpoint_dir(workdir)
   if epath.Path(directory).is_dir():
     ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
