@@ -135,3 +135,9 @@ def test_a_sampling_batch_that_cannot_fit_is_refused_before_compiling(tmp_path):
   assert result.returncode == 2, result.stderr
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and "lower --batch_size." in lines[0], lines
+
+
+def test_a_remdm_loop_needs_three_numbers():
+  from md4_jax.diffusion.sampling import remdm  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"takes three numbers t_on,t_off,alpha_on.*got 0.5\."):
+    remdm.ReMDM(remask="loop", loop=(0.5,)).check(1.0)

@@ -135,6 +135,9 @@ class ReMDM(base.Sampler):
                        f"{', '.join(REMASK_STRATEGIES)}.")
     if not 0 <= self.eta <= 1:
       raise ValueError(f"eta must lie in [0, 1], got {self.eta}.")
+    if len(self.loop) != 3:
+      raise ValueError(f"loop (--loop) takes three numbers t_on,t_off,alpha_on, e.g. "
+                       f"0.55,0.05,0.9; got {','.join(str(v) for v in self.loop)}.")
     t_on, t_off, alpha_on = self.loop
     if self.remask == "loop" and not (0 < t_off < t_on < 1 and 0 < alpha_on < 1
                                       and t_start == 1):
