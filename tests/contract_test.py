@@ -1,6 +1,7 @@
 """Every command on the one-line contract: bad input, out of memory -> one line, exit 2."""
 
 import os
+import re
 import pytest
 
 import helpers
@@ -141,3 +142,81 @@ def test_a_remdm_loop_needs_three_numbers():
   from md4_jax.diffusion.sampling import remdm  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"takes three numbers t_on,t_off,alpha_on.*got 0.5\."):
     remdm.ReMDM(remask="loop", loop=(0.5,)).check(1.0)
+
+
+# --------------------------------------- the table: each hostile input through its command ---
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+  """A digits run, a conditional run trained without label dropout, and zero-shot sets whose
+  summary disagrees with the shards or whose shard is truncated."""
+  import json as json_lib  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from md4_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from zero_shot_test import byte_encode_batch, write_raw  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("hostile")
+  shutil.copytree(helpers.REPO + "/tests/data/workdir_cea09dd_digits_tiny", root / "digits")
+  helpers.saved_workdir(root / "cond", helpers.digits_tiny("tiny_cond", label_dropout=0.0))
+  raw = write_raw(root)["ptb"]
+  for name in ("mismatch", "truncated"):
+    prepare.prepare_zero_shot("ptb", str(raw), byte_encode_batch, data_dir=str(root / name / "ptb"),
+                              eos_id=0, seq_len=8)
+  summary = root / "mismatch" / "ptb" / "summary.json"
+  summary.write_text(json_lib.dumps({**json_lib.loads(summary.read_text()), "protocol": "bos_eos",
+                                     "blocks": 99}))
+  shard = next((root / "truncated" / "ptb").glob("*.array_record"))
+  shard.write_bytes(shard.read_bytes()[:40])
+  shutil.copytree(root / "mismatch", root / "bad_summary")
+  (root / "bad_summary" / "ptb" / "summary.json").write_text("{oops")
+  return root
+
+
+ROWS = {
+    "guidance without label dropout": ("md4_jax.sample", ["--workdir={r}/cond", "--guidance=1"],
+                                       "null label was never trained"),
+    "guidance=inf": ("md4_jax.sample", ["--workdir={r}/digits", "--guidance=inf"],
+                     "guidance must be a finite weight"),
+    "guidance=1e38": ("md4_jax.sample", ["--workdir={r}/digits", "--guidance=1e38"],
+                      "guidance must be a finite weight"),
+    "zero-shot summary disagrees": ("md4_jax.evaluate", [
+        "--workdir={r}/digits", "--zero_shot=ptb", "--zero_shot_dir={r}/mismatch"], "ptb"),
+    "truncated zero-shot shard": ("md4_jax.evaluate", [
+        "--workdir={r}/digits", "--zero_shot=ptb", "--zero_shot_dir={r}/truncated"],
+                                  "does not match the checksum"),
+    "invalid summary.json": ("md4_jax.evaluate", [
+        "--workdir={r}/digits", "--zero_shot=ptb", "--zero_shot_dir={r}/bad_summary"],
+                             "is not valid JSON"),
+    "num_t_samples=1e8": ("md4_jax.evaluate", ["--workdir={r}/digits",
+                                               "--num_t_samples=100000000"],
+                          "lower --num_t_samples"),
+    "num_samples=3e9": ("md4_jax.sample", ["--workdir={r}/digits", "--num_samples=3000000000",
+                                           "--batch_size=3000000000"], "lower --batch_size"),
+    "remdm loop=0.5": ("md4_jax.sample", ["--workdir={r}/digits", "--sampler=remdm",
+                                          "--remask=loop", "--loop=0.5"], "three numbers"),
+    "judge=/no/such/dir": ("md4_jax.sample", ["--workdir={r}/digits", "--judge=/no/such/dir"],
+                           "--judge"),
+    "dtype=float16": ("md4_jax.train", [helpers.TINY_DIGITS, "--workdir={r}/new",
+                                        "--config.dtype=float16"], "use bfloat16"),
+    "unknown config key": ("md4_jax.train", [helpers.TINY_DIGITS, "--workdir={r}/new",
+                                             "--config.nonexistent=1"], "no field 'nonexistent'"),
+}
+
+
+@pytest.mark.slow  # One subprocess per row.
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_every_hostile_input_is_one_line_exit_2_and_creates_nothing(hostile, row):
+  module, args, message = ROWS[row]
+  before = sorted(str(p) for p in hostile.rglob("*"))
+  result = helpers.run_module(module, *[a.format(r=hostile) for a in args], "--num_samples=8"
+                              if module == "md4_jax.sample" and not any(
+                                  a.startswith("--num_samples") for a in args) else "--seed=0"
+                              if module != "md4_jax.train" else "--config.seed=0")
+  lines = result.stderr.strip().splitlines()
+  if module == "md4_jax.train":  # Training logs its progress at INFO (absl: "I1205 ...").
+    lines = [l for l in lines if not re.match(r"I\d{4} ", l)]
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  prog = "md4_jax" if module == "md4_jax.train" else module
+  assert len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), lines
+  assert message in lines[0], lines[0]
+  assert sorted(str(p) for p in hostile.rglob("*")) == before  # Nothing created.
