@@ -21,6 +21,7 @@ i)), with a progress line each.
 import json
 import math
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -151,8 +152,9 @@ def run(workdir: str) -> dict:
     if frames and trajectory is None:
       trajectory = parallel.gather(stats["frames"])[:, :num]
     if num_batches > 1:
-      logging.info("Batch %d/%d: %d samples, NFE %d, %.1f s elapsed.", i + 1, num_batches, batch,
-                   nfes[-1], time.time() - start)
+      # Progress on stderr whatever the log level (the command starts quiet).
+      print(f"Batch {i + 1}/{num_batches}: {batch} samples, NFE {nfes[-1]}, "
+            f"{time.time() - start:.1f} s elapsed.", file=sys.stderr, flush=True)
   sample_seconds = time.time() - start
   tokens = np.concatenate(outputs)[:num]
   entropy = sample_stats.unigram_entropy(tokens)

@@ -85,8 +85,6 @@ def test_a_training_corpus_without_the_prepare_extra_names_it(tmp_path, monkeypa
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--dataset=ptb", "--seq_len=0"], "--seq_len"),
-    (["--dataset=ptb", "--seq_len=-3"], "--seq_len"),
-    (["--dataset=ptb", "--raw={tmp}/empty.txt"], "is empty"),
     (["--dataset=ptb", "--raw={tmp}/empty.txt", "--tokenizer={tmp}/bad_tokenizer.json"],
      "is not a Hugging Face tokenizer.json"),
 ])
