@@ -424,7 +424,7 @@ def load_tokenizer(path: str, eos_token: str):
   try:
     tokenizer = tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # pylint: disable=broad-except  (the Rust library's own type)
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    reason = cli.one_line(e, 200)
     raise ValueError(f"--tokenizer={path} is not a Hugging Face tokenizer.json ({reason}).") from None
   eos_id = tokenizer.token_to_id(eos_token)
   if eos_id is None:

@@ -42,6 +42,7 @@ import zipfile
 import numpy as np
 import tqdm
 
+from md4_jax import cli
 from md4_jax.data import tokenized
 
 PROTOCOLS = ("join", "bos_eos")
@@ -360,7 +361,7 @@ def verify_prepared(data_dir: str, name: str, shards: Sequence[str]) -> dict:
       records = reader.read_all()
       reader.close()
     except Exception as e:  # pylint: disable=broad-except  (the C++ reader's own errors)
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+      reason = cli.one_line(e, 200)
       raise ValueError(f"{shard} is unreadable ({reason}); prepare the set again.") from None
     lengths = {len(r) for r in records}
     if lengths - {record_bytes}:

@@ -14,6 +14,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
+from md4_jax import cli
 from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.experiment import parallel
 from md4_jax.run import saved_config
@@ -29,7 +30,7 @@ def check_reachable(path: str, flag: str = "--workdir") -> None:
   try:
     epath.Path(path).exists()
   except Exception as e:  # pylint: disable=broad-except  (each client has its own errors)
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    reason = cli.one_line(e, 300)
     raise OSError(f"{flag}={path} cannot be reached ({reason}); check the network, the bucket "
                   "name and the credentials (gcloud auth application-default login).") from None
 
