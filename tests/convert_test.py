@@ -1,0 +1,462 @@
+"""md4_jax.convert: reference (google-deepmind/md4) checkpoints into md4_jax workdirs.
+
+Each test writes a synthetic checkpoint in the reference's orbax layout
+(<dir>/checkpoints/<step>/train_state: rng, step, params, ema_params, opt_state of
+optax.chain(identity, adamw), state) under the reference's Flax names, stated here by
+hand from its networks (not from md4_jax/run/reference.py's tables), converts it, and
+checks the restored md4_jax state and logits against md4_jax parameters built here
+from the same seeded arrays.
+"""
+
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from md4_jax import cli
+from md4_jax.configs import base
+from md4_jax.configs import cifar10
+from md4_jax.configs import synthetic_text
+from md4_jax.diffusion import sampling
+from md4_jax.experiment import build
+from md4_jax.experiment import parallel
+from md4_jax.run import reference
+from md4_jax.run import workdir as workdir_lib
+from tests import helpers
+
+
+@flax.struct.dataclass
+class RefTrainState:
+  """The reference's TrainState fields (md4/train.py)."""
+
+  rng: Any
+  step: Any
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  state: Any
+
+
+def _text_config():
+  """The paper's transformer design (adaLN from a narrow c, GLU, RoPE, outside embedding)
+  at a tiny size, on the synthetic source (trains and evaluates offline)."""
+  config = synthetic_text.get_config("tiny")
+  base.paper_transformer(config, embed_dim=16)
+  tc = config.transformer
+  tc.width, tc.depth, tc.num_heads, tc.cond_dim = 32, 2, 4, 16
+  config.num_train_steps, config.num_samples = 9, 0
+  return config
+
+
+def _unet_config():
+  """The paper's VDM UNet (one resolution, FiLM shift, middle attention) at a tiny size."""
+  config = cifar10.get_config("")
+  uc = config.unet
+  uc.channels, uc.channel_mult, uc.num_res_blocks = 32, (1,), 1
+  uc.attn_resolutions, uc.embed_dim, uc.cond_dim = (), 8, 32
+  config.batch_size = config.eval_batch_size = 8
+  return config
+
+
+def _one_device():
+  """Conversions in the fast tests place the state on one device: saving a state replicated
+  over the 8 forced CPU devices costs ~4x the time, and any mesh restores it."""
+  return parallel.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def _normal(rng, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+  return {k: (0.3 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    *parents, last = path.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return out
+
+
+def _swap_halves(kernel: np.ndarray, order: str) -> np.ndarray:
+  """The reference's [sin | cos] rows in md4_jax's order (identity for 'sin_cos')."""
+  if order == "sin_cos":
+    return kernel
+  half = kernel.shape[0] // 2
+  return np.concatenate([kernel[half:2 * half], kernel[:half], kernel[2 * half:]])
+
+
+# ------------------------------------------------ the text transformer ---
+
+def _text_reference_shapes(config) -> dict[str, tuple]:
+  """The reference's names and shapes (md4/models/backward.py, md4/networks/transformer.py)
+  of the text transformer with outside embedding and adaLN from the time embedding."""
+  tc = config.transformer
+  v, e, d, c, n = config.vocab_size, tc.embed_dim, tc.width, tc.cond_dim, tc.depth
+  hidden = 32 * -(-int(2 * 4 * d / 3) // 32)
+  t = "classifier/Transformer_0"
+  shapes = {
+      "classifier/Embed_0/embedding": (v + 1, e),
+      "classifier/CondEmbedding_0/dense0/kernel": (c, 4 * c),
+      "classifier/CondEmbedding_0/dense0/bias": (4 * c,),
+      "classifier/CondEmbedding_0/Dense_0/kernel": (4 * c, c),
+      "classifier/CondEmbedding_0/Dense_0/bias": (c,),
+      f"{t}/Dense_0/kernel": (e, d), f"{t}/Dense_0/bias": (d,),
+      f"{t}/Dense_1/kernel": (c, 2 * d), f"{t}/Dense_1/bias": (2 * d,),
+      f"{t}/Dense_2/kernel": (d, v),
+  }
+  for i in range(n):
+    b = f"{t}/TransformerBlock_{i}"
+    shapes.update({f"{b}/attention/{w}/kernel": (d, d) for w in ("wq", "wk", "wv", "wo")})
+    shapes.update({f"{b}/feed_forward/w1/kernel": (d, hidden),
+                   f"{b}/feed_forward/w3/kernel": (d, hidden),
+                   f"{b}/feed_forward/w2/kernel": (hidden, d),
+                   f"{b}/Dense_0/kernel": (c, 6 * d), f"{b}/Dense_0/bias": (6 * d,)})
+  return shapes
+
+
+def _text_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
+  """md4_jax's parameters from the reference's, restated here by hand."""
+  tc = config.transformer
+  d, h, c, n = tc.width, tc.num_heads, tc.cond_dim, tc.depth
+  t = "classifier/Transformer_0"
+  order = reference.sinusoid_order(config)
+  ours = {
+      "network/token_embedding/embedding": ref["classifier/Embed_0/embedding"],
+      "network/embed_proj/kernel": ref[f"{t}/Dense_0/kernel"],
+      "network/embed_proj/bias": ref[f"{t}/Dense_0/bias"],
+      "network/conditioning/time/dense_0/kernel": _swap_halves(
+          ref["classifier/CondEmbedding_0/dense0/kernel"], order),
+      "network/conditioning/time/dense_0/bias": ref["classifier/CondEmbedding_0/dense0/bias"],
+      "network/conditioning/time/dense_1/kernel": ref["classifier/CondEmbedding_0/Dense_0/kernel"],
+      "network/conditioning/time/dense_1/bias": ref["classifier/CondEmbedding_0/Dense_0/bias"],
+      "network/final_modulation/dense/kernel": ref[f"{t}/Dense_1/kernel"].reshape(c, 2, d),
+      "network/final_modulation/dense/bias": ref[f"{t}/Dense_1/bias"].reshape(2, d),
+      "network/head/kernel": ref[f"{t}/Dense_2/kernel"],
+  }
+  for i in range(n):
+    b, o = f"{t}/TransformerBlock_{i}", f"network/block_{i}"
+    for name, w in (("query", "wq"), ("key", "wk"), ("value", "wv")):
+      ours[f"{o}/attn/{name}/kernel"] = ref[f"{b}/attention/{w}/kernel"].reshape(d, h, d // h)
+    ours[f"{o}/attn/out/kernel"] = ref[f"{b}/attention/wo/kernel"].reshape(h, d // h, d)
+    ours[f"{o}/mlp/wi_gate/kernel"] = ref[f"{b}/feed_forward/w1/kernel"]
+    ours[f"{o}/mlp/wi_up/kernel"] = ref[f"{b}/feed_forward/w3/kernel"]
+    ours[f"{o}/mlp/wo/kernel"] = ref[f"{b}/feed_forward/w2/kernel"]
+    ours[f"{o}/modulation/dense/kernel"] = ref[f"{b}/Dense_0/kernel"].reshape(c, 6, d)
+    ours[f"{o}/modulation/dense/bias"] = ref[f"{b}/Dense_0/bias"].reshape(6, d)
+  return ours
+
+
+# ----------------------------------------------------------- the UNet ---
+
+def _unet_reference_shapes(config, ours_shapes) -> dict[str, tuple]:
+  """The reference's VDM UNet (md4/networks/unet.py) with one block per side: ResBlock_0
+  (down), ResBlock_1, SelfAttention_0, ResBlock_2 (middle), ResBlock_3..4 (up, reading
+  the concatenated skip, so with a skip Dense)."""
+  uc = config.unet
+  ch, c, e = uc.channels, uc.cond_dim, uc.embed_dim
+  u = "classifier/UNet5DWrapper_0/UNet_0"
+  shapes = {
+      "classifier/Embed_0/embedding": (config.vocab_size + 1, e),
+      "classifier/CondEmbedding_0/dense0/kernel": (c, 4 * c),
+      "classifier/CondEmbedding_0/dense0/bias": (4 * c,),
+      "classifier/CondEmbedding_0/Dense_0/kernel": (4 * c, c),
+      "classifier/CondEmbedding_0/Dense_0/bias": (c,),
+      f"{u}/Conv_0/kernel": (3, 3, 3 * e, ch), f"{u}/Conv_0/bias": (ch,),
+      f"{u}/GroupNorm_0/scale": (ch,), f"{u}/GroupNorm_0/bias": (ch,),
+      f"{u}/Conv_1/kernel": (3, 3, ch, 3 * config.vocab_size),
+      f"{u}/Conv_1/bias": (3 * config.vocab_size,),
+      f"{u}/SelfAttention_0/GroupNorm_0/scale": (ch,),
+      f"{u}/SelfAttention_0/GroupNorm_0/bias": (ch,),
+  }
+  mha = f"{u}/SelfAttention_0/MultiHeadDotProductAttention_0"
+  for name in ("query", "key", "value"):
+    shapes[f"{mha}/{name}/kernel"] = (ch, 1, ch)
+  shapes[f"{mha}/out/kernel"] = (1, ch, ch)
+  # The reference's attention has biases; they are part of the network when md4_jax's has them.
+  for name in ("query", "key", "value", "out"):
+    if f"network/mid_attn/attn/{name}/bias" in ours_shapes:
+      shapes[f"{mha}/{name}/bias"] = (ch,) if name == "out" else (1, ch)
+  for k, cin in enumerate((ch, ch, ch, 2 * ch, 2 * ch)):
+    r = f"{u}/ResBlock_{k}"
+    shapes.update({f"{r}/GroupNorm_0/scale": (cin,), f"{r}/GroupNorm_0/bias": (cin,),
+                   f"{r}/Conv_0/kernel": (3, 3, cin, ch), f"{r}/Conv_0/bias": (ch,),
+                   f"{r}/Dense_0/kernel": (c, ch),
+                   f"{r}/GroupNorm_1/scale": (ch,), f"{r}/GroupNorm_1/bias": (ch,),
+                   f"{r}/Conv_1/kernel": (3, 3, ch, ch), f"{r}/Conv_1/bias": (ch,)})
+    if cin != ch:
+      shapes.update({f"{r}/Dense_1/kernel": (cin, ch), f"{r}/Dense_1/bias": (ch,)})
+  return shapes
+
+
+def _unet_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
+  u = "classifier/UNet5DWrapper_0/UNet_0"
+  order = reference.sinusoid_order(config)
+  ours = {
+      "network/value_embedding/embedding": ref["classifier/Embed_0/embedding"],
+      "network/conditioning/time/dense_0/kernel": _swap_halves(
+          ref["classifier/CondEmbedding_0/dense0/kernel"], order),
+      "network/conditioning/time/dense_0/bias": ref["classifier/CondEmbedding_0/dense0/bias"],
+      "network/conditioning/time/dense_1/kernel": ref["classifier/CondEmbedding_0/Dense_0/kernel"],
+      "network/conditioning/time/dense_1/bias": ref["classifier/CondEmbedding_0/Dense_0/bias"],
+  }
+  for leaf in ("kernel", "bias"):
+    ours[f"network/stem/{leaf}"] = ref[f"{u}/Conv_0/{leaf}"]
+    ours[f"network/out_conv/{leaf}"] = ref[f"{u}/Conv_1/{leaf}"]
+  for leaf in ("scale", "bias"):
+    ours[f"network/out_norm/{leaf}"] = ref[f"{u}/GroupNorm_0/{leaf}"]
+    ours[f"network/mid_attn/norm/{leaf}"] = ref[f"{u}/SelfAttention_0/GroupNorm_0/{leaf}"]
+  mha = f"{u}/SelfAttention_0/MultiHeadDotProductAttention_0"
+  for name in ("query", "key", "value", "out"):
+    for leaf in ("kernel", "bias"):
+      if f"{mha}/{name}/{leaf}" in ref:
+        ours[f"network/mid_attn/attn/{name}/{leaf}"] = ref[f"{mha}/{name}/{leaf}"]
+  blocks = {0: "down_0_res_0", 1: "mid_res_0", 2: "mid_res_1", 3: "up_0_res_0", 4: "up_0_res_1"}
+  for k, ours_name in blocks.items():
+    r, o = f"{u}/ResBlock_{k}", f"network/{ours_name}"
+    for a, b in (("norm_0", "GroupNorm_0"), ("norm_1", "GroupNorm_1")):
+      ours[f"{o}/{a}/scale"], ours[f"{o}/{a}/bias"] = ref[f"{r}/{b}/scale"], ref[f"{r}/{b}/bias"]
+    for a, b in (("conv_0", "Conv_0"), ("conv_1", "Conv_1")):
+      ours[f"{o}/{a}/kernel"], ours[f"{o}/{a}/bias"] = ref[f"{r}/{b}/kernel"], ref[f"{r}/{b}/bias"]
+    ours[f"{o}/film/kernel"] = ref[f"{r}/Dense_0/kernel"]
+    if f"{r}/Dense_1/kernel" in ref:  # The skip: a Dense there, a 1x1 convolution here.
+      ours[f"{o}/skip/kernel"] = ref[f"{r}/Dense_1/kernel"][None, None]
+      ours[f"{o}/skip/bias"] = ref[f"{r}/Dense_1/bias"]
+  return ours
+
+
+# --------------------------------------------------------- the writer ---
+
+def write_reference(directory, step: int, params: dict, ema: dict = None,
+                    with_adam: bool = True) -> tuple[dict, dict]:
+  """A reference-layout checkpoint at <directory>/checkpoints/<step>/train_state.
+
+  params, ema: flat {reference name: array}. Returns the flat Adam (mu, nu) written."""
+  nested = _nest(params)
+  optimizer = optax.chain(optax.identity(), optax.adamw(optax.linear_schedule(0.0, 1e-3, 10)))
+  opt_state = optimizer.init(nested)
+  rng = np.random.default_rng(7)
+  mu = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+  nu = {k: rng.random(v.shape).astype(np.float32) for k, v in params.items()}
+  if with_adam:
+    adam = opt_state[1][0]._replace(count=jnp.asarray(step, jnp.int32), mu=_nest(mu), nu=_nest(nu))
+    opt_state = (opt_state[0], (adam,) + tuple(opt_state[1][1:]))
+  else:
+    opt_state = (opt_state[0], ())
+  state = RefTrainState(rng=jax.random.PRNGKey(0), step=step, params=nested,
+                        ema_params=None if ema is None else _nest(ema), opt_state=opt_state,
+                        state={})
+  state = jax.tree.map(np.asarray, state)
+  manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"),
+                                  item_names=(reference.TRAIN_STATE,),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(**{reference.TRAIN_STATE: ocp.args.PyTreeSave(state)}))
+  manager.wait_until_finished()
+  manager.close()
+  return mu, nu
+
+
+def _flat_state(tree) -> dict[str, np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+          for path, leaf in leaves}
+
+
+def _logits_pair(config, direct: dict, restored: dict, z, t):
+  """The network's logits on the weights given directly and on the restored ones (one jitted
+  function, the direct weights placed like the restored ones)."""
+  network = build.build_model(config).network
+  apply = jax.jit(lambda p: network.apply({"params": p}, z, t))
+  direct = jax.tree.map(lambda a, like: jax.device_put(a, like.sharding), direct, restored)
+  return np.asarray(apply(direct)), np.asarray(apply(restored))
+
+
+def _setup_text(tmp_path, step=7):
+  config = _text_config()
+  ref = _normal(np.random.default_rng(0), _text_reference_shapes(config))
+  ema = {k: 0.5 * v for k, v in ref.items()}
+  mu, nu = write_reference(str(tmp_path / "ref"), step, ref, ema)
+  return config, ref, ema, mu, nu
+
+
+# ------------------------------------------------------------- tests ---
+
+def test_text_transformer_converts_with_ema_and_adam_moments(tmp_path):
+  config, ref, ema, mu, nu = _setup_text(tmp_path)
+  workdir = str(tmp_path / "run")
+  record = reference.convert(str(tmp_path / "ref"), config, workdir, mesh=_one_device())
+  assert record["step"] == 7 and record["ema"] == "reference"
+  assert record["adam_moments"] == "reference"
+  _, _, state = workdir_lib.restore_run(workdir, mesh=_one_device())  # Checksums verified.
+  assert int(state.step) == 7
+  want = _text_ours(ref, config)
+  got = _flat_state(state.params)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  for k, v in _text_ours(ema, config).items():
+    np.testing.assert_array_equal(_flat_state(state.ema_params)[k], v, err_msg=k)
+  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda n: isinstance(
+      n, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+  assert int(adam.count) == 7
+  for k, v in _text_ours(nu, config).items():
+    np.testing.assert_array_equal(_flat_state(adam.nu)[k], v, err_msg=k)
+  # The restored model computes what the same model computes on the weights given directly.
+  z = np.random.default_rng(1).integers(0, config.vocab_size + 1,
+                                        (2,) + tuple(config.data_shape)).astype(np.int32)
+  t = jnp.array([0.3, 0.8])
+  direct, restored = _logits_pair(config, _nest(want)["network"], state.params["network"], z, t)
+  np.testing.assert_allclose(restored, direct, rtol=1e-6, atol=1e-6)
+  assert np.abs(direct).max() > 1e-2  # Non-trivial logits (the head is not zero).
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["transformer"]["cond_dim"] == 16
+
+
+def test_unet_converts_and_computes_the_same_logits(tmp_path):
+  config = _unet_config()
+  experiment = build.setup(config)
+  ours_shapes = reference.checkpoint_lib.array_shapes(experiment.abstract_state.params)
+  ref = _normal(np.random.default_rng(2), _unet_reference_shapes(config, ours_shapes))
+  write_reference(str(tmp_path / "ref"), 3, ref, ema=None, with_adam=False)
+  workdir = str(tmp_path / "run")
+  record = reference.convert(str(tmp_path / "ref" / "checkpoints"), config, workdir,
+                             mesh=_one_device())
+  assert record["ema"] == "copied from params" and record["adam_moments"] == "zeros"
+  _, _, state = workdir_lib.restore_run(workdir, mesh=_one_device())
+  want = _unet_ours(ref, config)
+  assert set(_flat_state(state.params)) == set(want)
+  z = np.random.default_rng(3).integers(0, 257, (2,) + tuple(config.data_shape)).astype(np.int32)
+  t = jnp.array([0.2, 0.9])
+  direct, restored = _logits_pair(config, _nest(want)["network"], state.ema_params["network"],
+                                  z, t)
+  np.testing.assert_allclose(restored, direct, rtol=1e-5, atol=1e-5)
+  assert np.abs(direct).max() > 1e-2
+
+
+@pytest.mark.parametrize("order", ["cos_sin", "sin_cos"])
+def test_time_rows_turn_the_reference_sinusoid_into_either_order(order):
+  """x_ref @ W_ref == x_ours @ converted W for the same frequencies, label rows untouched."""
+  f, hidden, label = 8, 5, 3
+  rng = np.random.default_rng(4)
+  w_ref = rng.standard_normal((f + label, hidden))
+  args = np.outer([0.0, 0.37, 1.5], np.exp(-np.arange(f // 2)))
+  y = rng.standard_normal((3, label))
+  sin_cos = np.concatenate([np.sin(args), np.cos(args), y], axis=1)
+  ours = (sin_cos if order == "sin_cos" else
+          np.concatenate([np.cos(args), np.sin(args), y], axis=1))
+  converted = reference._time_rows(w_ref, f, order)  # pylint: disable=protected-access
+  np.testing.assert_allclose(ours @ converted, sin_cos @ w_ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ("drop", "classifier/Transformer_0/TransformerBlock_1/feed_forward/w3/kernel"),
+    ("misshape", "classifier/Transformer_0/TransformerBlock_0/attention/wq/kernel"),
+    ("extra", "classifier/Transformer_0/RMSNorm_0/scale"),
+])
+def test_mismatched_checkpoint_is_one_line_and_exit_2(tmp_path, capsys, edit, needle):
+  config = _text_config()
+  ref = _normal(np.random.default_rng(0), _text_reference_shapes(config))
+  if edit == "drop":
+    del ref[needle]
+  elif edit == "misshape":
+    ref[needle] = np.ascontiguousarray(ref[needle][:, :-4])
+  else:
+    ref[needle] = np.ones((32,), np.float32)
+  write_reference(str(tmp_path / "ref"), 1, ref, with_adam=False)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(lambda: reference.convert(str(tmp_path / "ref"), config, workdir),
+            "md4_jax.convert")
+  assert exit_info.value.code == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and needle in err, err
+  assert not os.path.exists(workdir)  # Nothing written.
+
+
+def test_non_empty_workdir_is_refused(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(lambda: reference.convert(str(tmp_path / "nowhere"), _text_config(), str(workdir)),
+            "md4_jax.convert")
+  assert exit_info.value.code == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "not empty" in err
+  assert os.listdir(workdir) == ["notes.txt"]
+
+
+CONFIG_FILE = '''
+from md4_jax.configs import base, synthetic_text
+
+def get_config(arg=None):
+  config = synthetic_text.get_config("tiny")
+  base.paper_transformer(config, embed_dim=16)
+  tc = config.transformer
+  tc.width, tc.depth, tc.num_heads, tc.cond_dim = 32, 2, 4, 16
+  config.num_train_steps, config.num_samples = 9, 0
+  return config
+'''
+
+
+@pytest.mark.slow
+def test_cli_converts_then_training_resumes_and_evaluation_and_sampling_run(tmp_path):
+  from md4_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from md4_jax.run import loop  # pylint: disable=g-import-not-at-top
+  config, ref, _, _, _ = _setup_text(tmp_path, step=7)
+  config_file = tmp_path / "paper_tiny.py"
+  config_file.write_text(CONFIG_FILE)
+  workdir = str(tmp_path / "run")
+  done = helpers.run_module("md4_jax.convert", f"--from_reference={tmp_path / 'ref'}",
+                            f"--config={config_file}", f"--workdir={workdir}",
+                            "--config.eval_batch_size=40", devices=1)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "Converted reference step 7" in done.stdout
+  config.eval_batch_size = 40
+  # Training continues from the reference's step 7 to 9.
+  loop.run(config, workdir)
+  assert helpers.checkpoint_steps(workdir) == [7, 9]
+  report = evaluate.evaluate_checkpoint(workdir, num_t_samples=1)  # The latest step.
+  assert report["step"] == 9 and np.isfinite(report["nelbo"])
+  # Sampling as md4_jax.sample does it (restore_run, then the experiment's jitted sampler).
+  _, experiment, state = workdir_lib.restore_run(workdir)
+  # Two small steps moved the reference's weights (std 0.3) by far less than their size.
+  embedding = np.asarray(state.params["network"]["token_embedding"]["embedding"])
+  moved = np.abs(embedding - ref["classifier/Embed_0/embedding"]).max()
+  assert 0 < moved < 0.05, moved
+  z = sampling.all_masked(experiment.model, 8)
+  tokens, stats = experiment.sampler(steps=4)({"params": state.ema_params}, jax.random.key(0), z)
+  tokens = np.asarray(tokens)
+  assert tokens.shape == (8,) + tuple(config.data_shape) and int(stats["nfe"]) == 4
+  assert tokens.min() >= 0 and tokens.max() < config.vocab_size  # Every mask revealed.
+
+
+@pytest.mark.parametrize("name, variant", [("text8", ""), ("text8", "genmd4"),
+                                           ("cifar10", ""), ("imagenet64", "")])
+def test_every_paper_network_parameter_has_its_own_reference_name(name, variant):
+  """Paper widths at reduced depth (shapes only): every md4_jax parameter maps to a distinct
+  reference name of the same size, under the reference's module names for that network."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f"md4_jax.configs.{name}").get_config(variant)
+  config.transformer.depth = config.unet.num_res_blocks = config.uvit.num_res_blocks = 2
+  config.uvit.depth = 2
+  ours = reference.checkpoint_lib.array_shapes(build.setup(config).abstract_state.params)
+  names = reference.reference_names(ours, reference.TABLES[config.network],
+                                    reference.context(config))
+  refs = [n for n, _, _ in names.values()]
+  assert len(set(refs)) == len(refs)
+  for path, (_, _, shape) in names.items():
+    assert np.prod(shape) == np.prod(ours[path]), path
+  last = {"transformer": "classifier/Transformer_0/TransformerBlock_1/",
+          "unet": "classifier/UNet5DWrapper_0/UNet_0/ResBlock_6/",  # 2 down, 2 middle, 3 up.
+          "uvit": "classifier/UNet5DWrapper_0/UNet_0/ResBlock_4/"}[config.network]  # 2 + 3.
+  assert any(r.startswith(last) for r in refs)
+  assert all(r.startswith(("classifier/", "noise_schedule/w")) for r in refs)
