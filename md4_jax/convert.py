@@ -42,7 +42,7 @@ flags.mark_flags_as_required(["from_reference", "config", "workdir"])
 
 
 def main(argv):
-  cli.start(argv)
+  cli.start(argv, quiet=True)  # The one result line (or one error line) is the output.
   record = cli.run(lambda: reference.convert(_FROM.value, _CONFIG.value, _WORKDIR.value,
                                              step=_STEP.value), PROG)
   print(f"Converted reference step {record['step']} ({record['parameters']:,} parameters; EMA "

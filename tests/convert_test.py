@@ -255,10 +255,13 @@ def write_reference(directory, step: int, params: dict, ema: dict = None,
                         ema_params=None if ema is None else _nest(ema), opt_state=opt_state,
                         state={})
   state = jax.tree.map(np.asarray, state)
-  manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"),
-                                  item_names=(reference.TRAIN_STATE,),
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(step, args=ocp.args.Composite(**{reference.TRAIN_STATE: ocp.args.PyTreeSave(state)}))
+  # The reference's calls (md4/train.py): the legacy manager with one PyTreeCheckpointer per
+  # item (its data iterator's item is left out: md4_jax does not read it).
+  manager = ocp.CheckpointManager(
+      os.path.join(directory, "checkpoints"),
+      checkpointers={reference.TRAIN_STATE: ocp.PyTreeCheckpointer()},
+      options=ocp.CheckpointManagerOptions(max_to_keep=5, create=True))
+  manager.save(step, items={reference.TRAIN_STATE: state})
   manager.wait_until_finished()
   manager.close()
   return mu, nu
