@@ -93,8 +93,9 @@ class Context:
   sinusoid_order: str
 
 
-# (our path regex, reference path from the match and the context, transform).
-Rule = tuple[str, Callable[[re.Match, Context], str], str]
+# (our path regex, reference path from the match and the context, transform: a name of the
+# module docstring's list, or a function of the match that returns one).
+Rule = tuple[str, Callable[[re.Match, Context], str], "str | Callable[[re.Match], str]"]
 
 
 def _time_rules() -> list[Rule]:
@@ -153,7 +154,8 @@ def _unet_res(inner: str, c: Context) -> str:
 
 
 def _unet_kind(m: re.Match) -> str:
-  return "conv1x1" if m[0].split("/")[-2] == "skip" and m[0].endswith("kernel") else "same"
+  """The residual block's skip kernel is a 1x1 convolution here, a Dense there."""
+  return "conv1x1" if m[0].endswith("/skip/kernel") else "same"
 
 
 _RES_INNER = r"((?:norm_0|conv_0|film|norm_1|conv_1|skip)/(?:kernel|bias|scale))"
@@ -167,12 +169,12 @@ UNET: list[Rule] = _time_rules() + [
      "same"),
     (r"network/stem/(kernel|bias)", lambda m, c: f"{_IMAGE}/Conv_0/{m[1]}", "same"),
     (r"network/down_0_res_(\d+)/" + _RES_INNER,
-     lambda m, c: f"{_IMAGE}/ResBlock_{int(m[1])}/{_unet_res(m[2], c)}", "by_name"),
+     lambda m, c: f"{_IMAGE}/ResBlock_{int(m[1])}/{_unet_res(m[2], c)}", _unet_kind),
     (r"network/mid_res_([01])/" + _RES_INNER,
-     lambda m, c: f"{_IMAGE}/ResBlock_{c.blocks + int(m[1])}/{_unet_res(m[2], c)}", "by_name"),
+     lambda m, c: f"{_IMAGE}/ResBlock_{c.blocks + int(m[1])}/{_unet_res(m[2], c)}", _unet_kind),
     (r"network/up_0_res_(\d+)/" + _RES_INNER,
      lambda m, c: f"{_IMAGE}/ResBlock_{c.blocks + 2 + int(m[1])}/{_unet_res(m[2], c)}",
-     "by_name"),
+     _unet_kind),
     (r"network/mid_attn/norm/(scale|bias)",
      lambda m, c: f"{_IMAGE}/SelfAttention_0/GroupNorm_0/{m[1]}", "same"),
     # Both are Flax DenseGeneral layouts ([C, H, Dh], [H, Dh, C]); the biases map when
@@ -194,10 +196,11 @@ def _uvit_res(inner: str) -> str:
           "skip": "Dense_0"}[layer] + "/" + leaf
 
 
-def _uvit_kind(inner: str) -> str:
-  if inner.startswith("norm_"):
+def _uvit_kind(m: re.Match) -> str:
+  """Conditional GroupNorms: (scale, shift) chunks; the skip kernel: a 1x1 convolution."""
+  if m[2].startswith("norm_"):
     return "fuse_last"
-  return "conv1x1" if inner == "skip/kernel" else "same"
+  return "conv1x1" if m[2] == "skip/kernel" else "same"
 
 
 _UVIT_INNER = r"((?:norm_0/modulation|conv_0|norm_1/modulation|conv_1|skip)/(?:kernel|bias))"
@@ -210,10 +213,10 @@ UVIT: list[Rule] = _time_rules() + [
      "same"),
     (r"network/stem/(kernel|bias)", lambda m, c: f"{_IMAGE}/Conv_0/{m[1]}", "same"),
     (r"network/down_res_(\d+)/" + _UVIT_INNER,
-     lambda m, c: f"{_IMAGE}/ResBlock_{int(m[1])}/{_uvit_res(m[2])}", "uvit_by_name"),
+     lambda m, c: f"{_IMAGE}/ResBlock_{int(m[1])}/{_uvit_res(m[2])}", _uvit_kind),
     (r"network/up_res_(\d+)/" + _UVIT_INNER,
      lambda m, c: f"{_IMAGE}/ResBlock_{c.blocks + int(m[1])}/{_uvit_res(m[2])}",
-     "uvit_by_name"),
+     _uvit_kind),
     (r"network/out_norm/modulation/(kernel|bias)",
      lambda m, c: f"{_IMAGE}/CondGroupNorm_0/Dense_0/{m[1]}", "fuse_last"),
     (r"network/out_conv/(kernel|bias)", lambda m, c: f"{_IMAGE}/Conv_1/{m[1]}", "same"),
@@ -274,12 +277,8 @@ def reference_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
   return ours
 
 
-def _kind(kind: str, match: re.Match) -> str:
-  if kind == "by_name":
-    return _unet_kind(match)
-  if kind == "uvit_by_name":
-    return _uvit_kind(match[2])
-  return kind
+def _kind(kind, match: re.Match) -> str:
+  return kind(match) if callable(kind) else kind
 
 
 # ------------------------------------------------------------ the config ---
