@@ -27,6 +27,7 @@ from md4_jax.configs import synthetic_text
 from md4_jax.diffusion import sampling
 from md4_jax.experiment import build
 from md4_jax.experiment import parallel
+from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.run import reference
 from md4_jax.run import workdir as workdir_lib
 from tests import helpers
@@ -326,7 +327,7 @@ def test_text_transformer_converts_with_ema_and_adam_moments(tmp_path):
 def test_unet_converts_and_computes_the_same_logits(tmp_path):
   config = _unet_config()
   experiment = build.setup(config)
-  ours_shapes = reference.checkpoint_lib.array_shapes(experiment.abstract_state.params)
+  ours_shapes = checkpoint_lib.array_shapes(experiment.abstract_state.params)
   ref = _normal(np.random.default_rng(2), _unet_reference_shapes(config, ours_shapes))
   write_reference(str(tmp_path / "ref"), 3, ref, ema=None, with_adam=False)
   workdir = str(tmp_path / "run")
@@ -451,7 +452,7 @@ def test_every_paper_network_parameter_has_its_own_reference_name(name, variant)
   config = importlib.import_module(f"md4_jax.configs.{name}").get_config(variant)
   config.transformer.depth = config.unet.num_res_blocks = config.uvit.num_res_blocks = 2
   config.uvit.depth = 2
-  ours = reference.checkpoint_lib.array_shapes(build.setup(config).abstract_state.params)
+  ours = checkpoint_lib.array_shapes(build.setup(config).abstract_state.params)
   names = reference.reference_names(ours, reference.TABLES[config.network],
                                     reference.context(config))
   refs = [n for n, _, _ in names.values()]
