@@ -54,12 +54,20 @@ def paper_scale_loop(config: ml_collections.ConfigDict) -> ml_collections.Config
   return config
 
 
+# The MD4 paper's function, initialisation and dropout in every network group (the reference
+# implementation's choices); md4_jax's own are base.get_config()'s values (OWN_DESIGN).
+PAPER_DESIGN = dict(sinusoid="md4", label_cond="concat", param_init="md4")
+OWN_DESIGN = dict(sinusoid="dit", label_cond="add", param_init="md4_jax")
+
+
 def paper_transformer(config: ml_collections.ConfigDict, embed_dim: int = 0
                       ) -> ml_collections.ConfigDict:
   """The MD4 paper's text transformer (GPT-2 small: 12 x 768, 12 heads unless the
   caller changes them): RoPE, sigmoid GLU with hidden 8/3 x width rounded up to 32,
-  conditioning width 64 read through a sigmoid, time MLP 64 -> 256 -> 64, zero-initialised
-  head without bias. embed_dim: token embedding width (text8: 64, projected to 768)."""
+  conditioning width 64 read through a sigmoid, time MLP 64 -> 256 -> 64 on the paper's
+  sinusoid, zero-initialised head without bias, LayerNorm eps 1e-5, channel dropout plus
+  attention-probability dropout, the paper's init. embed_dim: token embedding width (text8:
+  64, projected to 768)."""
   config.network = "transformer"
   config.time_embedding = "md4"
   tc = config.transformer
@@ -69,13 +77,56 @@ def paper_transformer(config: ml_collections.ConfigDict, embed_dim: int = 0
   tc.positions = "rope"
   tc.embed_dim = embed_dim
   tc.head_bias, tc.zero_init_head = False, True
+  tc.update(PAPER_DESIGN, norm_eps=1e-5, dropout="channel")
+  return config
+
+
+def paper_unet(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MD4 paper's CIFAR-10 UNet (VDM-style, no downsampling): 128 channels, 32 residual
+  blocks down and 33 up at full resolution, attention (with q/k/v/out biases) in the middle
+  block only, the 128-wide time embedding read as a shift, values embedded in 128 dims,
+  zero-initialised output, the paper's sinusoid and init."""
+  config.network = "unet"
+  config.time_embedding = "md4"
+  uc = config.unet
+  uc.channels = 128
+  uc.channel_mult = (1,)  # One resolution: no downsampling.
+  uc.num_res_blocks = 32
+  uc.attn_resolutions = ()  # Self-attention in the middle block only.
+  uc.embed_dim = 128
+  uc.cond_dim = 128
+  uc.film = "shift"
+  uc.zero_init_output = True
+  uc.update(PAPER_DESIGN, attn_bias=True)
+  return config
+
+
+def paper_uvit(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The MD4 paper's ImageNet 64x64 UViT: 8 residual blocks of 256 channels, h = DiT(h) with
+  20 blocks of width 768, 12 heads, 2x2 patches, 9 residual blocks up; the DiT's dropout
+  (channel mask on the attention output, attention probabilities, element-wise in the MLP),
+  the paper's sinusoid and init."""
+  config.network = "uvit"
+  config.time_embedding = "md4"
+  vc = config.uvit
+  vc.channels = 256
+  vc.num_res_blocks = 8
+  vc.embed_dim = 256
+  vc.patch_size = 2
+  vc.width = 768
+  vc.depth = 20
+  vc.num_heads = 12
+  vc.mlp_ratio = 4.0
+  vc.cond_dim = 256
+  vc.update(PAPER_DESIGN, dit_residual=False, dropout="dit")
   return config
 
 
 def wide_cond_transformer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """md4_jax's own transformer design at the same depth, width and heads (the `:wide_cond`
   variants): conditioning as wide as the model through swish (adaLN from a 768-wide
-  vector), SwiGLU, learned absolute positions, DiT time MLP, a head with bias."""
+  vector), SwiGLU, learned absolute positions, DiT time MLP and sinusoid, a head with bias,
+  LayerNorm eps 1e-6, element-wise dropout, md4_jax's init."""
   config.time_embedding = "dit"
   tc = config.transformer
   tc.cond_dim, tc.cond_act = 0, "swish"
@@ -83,18 +134,21 @@ def wide_cond_transformer(config: ml_collections.ConfigDict) -> ml_collections.C
   tc.positions = "learned"
   tc.embed_dim = 0
   tc.head_bias, tc.zero_init_head = True, False
+  tc.update(OWN_DESIGN, norm_eps=1e-6, dropout="element")
   return config
 
 
 def wide_cond_unet(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """md4_jax's own UNet conditioning at the same channels and blocks (`:wide_cond`): scale +
-  shift from swish(c) after the second GroupNorm, c 4 x channels wide from the DiT time MLP,
-  a lecun-initialised output conv."""
+  shift from swish(c) after the second GroupNorm, c 4 x channels wide from the DiT time MLP
+  and sinusoid, a lecun-initialised output conv, a bias-free zero-initialised middle
+  attention, md4_jax's init."""
   config.time_embedding = "dit"
   uc = config.unet
   uc.cond_dim = 0  # 4 x channels.
   uc.film = "scale_shift"
   uc.zero_init_output = False
+  uc.update(OWN_DESIGN, attn_bias=False)
   return config
 
 
@@ -266,6 +320,19 @@ def get_config():
   config.transformer.embed_dim = 0  # Token embedding width, projected to width (0 = width).
   config.transformer.head_bias = True  # Bias on the output head.
   config.transformer.zero_init_head = False  # Zero-initialised output head.
+  # The paper's function, init and dropout (docs/networks.md; the paper configs set the
+  # reference implementation's choices, in brackets; these defaults are md4_jax's own).
+  # Time sinusoid: dit (10000^(-i/half), [cos | sin]) | md4 (10000^(-i/(half-1)), [sin | cos]).
+  config.transformer.sinusoid = "dit"
+  # Class labels: add (to the time MLP's output) | concat (to the sinusoid, before the MLP).
+  config.transformer.label_cond = "add"
+  config.transformer.norm_eps = 1e-6  # LayerNorm epsilon [1e-5].
+  # element (on the attention and MLP outputs) | channel (one mask per example and channel
+  # shared across positions, plus attention probabilities) | dit (the paper's DiT blocks).
+  config.transformer.dropout = "element"
+  # md4_jax (embeddings std 0.02, lecun MLP) | md4 (Flax default embeddings, 1/sqrt(width);
+  # MLP kernels with variance 2 / (depth * fan_in)).
+  config.transformer.param_init = "md4_jax"
   # UNet (images).
   config.unet = ml_collections.ConfigDict()
   config.unet.channels = 32  # Base channel count.
@@ -278,6 +345,12 @@ def get_config():
   # shift (the paper's/VDM: + Dense(c) after the first conv, zero-initialised, no bias).
   config.unet.film = "scale_shift"
   config.unet.zero_init_output = False  # Zero-initialised output conv (the paper's: True).
+  config.unet.sinusoid = "dit"  # Time sinusoid: dit | md4 (as config.transformer.sinusoid).
+  config.unet.label_cond = "add"  # Class labels: add | concat (as config.transformer).
+  config.unet.attn_bias = False  # q/k/v/out biases in the attention blocks [True].
+  # md4_jax (value embedding std 1, attention outputs zero-initialised) | md4 (Flax default
+  # embeddings, 1/sqrt(embed_dim); lecun attention outputs).
+  config.unet.param_init = "md4_jax"
   # UViT (images; the paper's ImageNet 64x64 network): residual blocks around a DiT.
   config.uvit = ml_collections.ConfigDict()
   config.uvit.channels = 32  # Channels of the convolutional path.
@@ -289,6 +362,13 @@ def get_config():
   config.uvit.num_heads = 4  # DiT attention heads.
   config.uvit.mlp_ratio = 4.0  # DiT MLP hidden = mlp_ratio * width (GELU).
   config.uvit.cond_dim = 0  # Conditioning width (0 = channels).
+  config.uvit.sinusoid = "dit"  # Time sinusoid: dit | md4 (as config.transformer.sinusoid).
+  config.uvit.label_cond = "add"  # Class labels: add | concat (as config.transformer).
+  config.uvit.dit_residual = True  # h + DiT(h) (True) | the paper's h = DiT(h) [False].
+  config.uvit.dropout = "element"  # DiT blocks: element | dit [the paper's] | channel.
+  # md4_jax (value embedding std 1, position table rows first) | md4 (Flax default
+  # embeddings, 1/sqrt(embed_dim); the column half of the position table first).
+  config.uvit.param_init = "md4_jax"
 
   # ---------------------------------------------------------- optimiser ---
   config.learning_rate = 1e-3  # Peak learning rate (after warmup).

@@ -2,7 +2,8 @@
 
 The paper's network (204.6M parameters): a UViT, 8 residual blocks of 256 channels at
 64x64 (conditional GroupNorm), a DiT of 20 blocks of width 768 and 12 heads on 2x2
-patches (1024 tokens) in the middle, 9 residual blocks up. `:best_likelihood` is the
+patches (1024 tokens) in the middle (h = DiT(h)), 9 residual blocks up; the paper's time
+sinusoid, initialisation and dropout (base.paper_uvit). `:best_likelihood` is the
 variant behind the paper's best number (24 residual blocks + 12 DiT blocks). Linear
 schedule, the paper's recipe (lr 2e-4, warmup 100, b2 0.99, weight decay 0.01, dropout
 0.1, batch 512, 2M steps, EMA 0.9999, 256 sampling steps on the cosine grid). The MD4
@@ -26,18 +27,8 @@ def get_config(arg=None):
   config.random_flip = False
 
   config.noise_schedule = "linear"
-  config.network = "uvit"
-  config.time_embedding = "md4"
+  base.paper_uvit(config)
   vc = config.uvit
-  vc.channels = 256
-  vc.num_res_blocks = 8
-  vc.embed_dim = 256
-  vc.patch_size = 2
-  vc.width = 768
-  vc.depth = 20
-  vc.num_heads = 12
-  vc.mlp_ratio = 4.0
-  vc.cond_dim = 256
   base.paper_recipe(config, learning_rate=2e-4, warmup_steps=100, b2=0.99, weight_decay=0.01,
                     dropout_rate=0.1, batch_size=512, num_train_steps=2_000_000,
                     sampling_steps=256)

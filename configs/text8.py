@@ -2,7 +2,8 @@
 
 The paper's network (88.7M parameters): a 12-layer, width-768, 12-head transformer with
 RoPE, sigmoid GLU, 64-wide conditioning and characters embedded in 64 dims (projected
-to 768); linear schedule; the paper's recipe (lr 5e-4, warmup 2000, weight decay 0.03,
+to 768), the paper's time sinusoid, LayerNorm eps, initialisation and dropout; linear
+schedule; the paper's recipe (lr 5e-4, warmup 2000, weight decay 0.03,
 dropout 0.05, batch 512, 1M steps, EMA 0.9999, 1000 sampling steps on the cosine grid).
 The data is the canonical 100M-character file, split 90M/5M/5M.
 

@@ -54,7 +54,17 @@ def resolve_attention_impl(name: str, dtype, head_dim: int) -> Optional[str]:
   return "cudnn" if fused else "xla"
 
 
-def xla_attention(q: Array, k: Array, v: Array) -> Array:
+def drop_probabilities(p: Array, rate: float, key: Optional[Array]) -> Array:
+  """Attention probabilities with each entry dropped at `rate` and the rest scaled by
+  1 / (1 - rate) (nn.Dropout's law; the MD4 paper's attention dropout). Identity without a key."""
+  if key is None or rate <= 0.0:
+    return p
+  keep = jax.random.bernoulli(key, 1.0 - rate, p.shape)
+  return jnp.where(keep, p / jnp.asarray(1.0 - rate, p.dtype), jnp.zeros((), p.dtype))
+
+
+def xla_attention(q: Array, k: Array, v: Array, dropout_rate: float = 0.0,
+                  dropout_key: Optional[Array] = None) -> Array:
   """Full (bidirectional) softmax attention in plain XLA ops, heads folded into the batch.
 
   softmax(q k^T / sqrt(K)) v computed as [B*H, L, K] batched matmuls with a
@@ -65,6 +75,8 @@ def xla_attention(q: Array, k: Array, v: Array) -> Array:
 
   Args:
     q, k, v: [B, L, H, K] (k, v may have another length S).
+    dropout_rate: attention-probability dropout (with `dropout_key`; drop_probabilities).
+    dropout_key: PRNG key of the dropout mask; None = no dropout.
 
   Returns:
     [B, L, H, K] in q's dtype.
@@ -76,12 +88,14 @@ def xla_attention(q: Array, k: Array, v: Array) -> Array:
   k_NxSxK, v_NxSxK = fold(k, span), fold(v, span)
   s_NxLxS = jax.lax.dot_general(q_NxLxK, k_NxSxK, (((2,), (2,)), ((0,), (0,))),
                                 preferred_element_type=jnp.float32)
-  p_NxLxS = jax.nn.softmax(s_NxLxS, axis=-1).astype(v.dtype)
+  p_NxLxS = drop_probabilities(jax.nn.softmax(s_NxLxS, axis=-1), dropout_rate, dropout_key)
+  p_NxLxS = p_NxLxS.astype(v.dtype)
   o_NxLxK = jax.lax.dot_general(p_NxLxS, v_NxSxK, (((2,), (1,)), ((0,), (0,))))
   return jnp.swapaxes(o_NxLxK.reshape(b, h, length, d), 1, 2).astype(q.dtype)
 
 
-def chunked_attention(q: Array, k: Array, v: Array, chunk: int) -> Array:
+def chunked_attention(q: Array, k: Array, v: Array, chunk: int, dropout_rate: float = 0.0,
+                      dropout_key: Optional[Array] = None) -> Array:
   """jax.nn.dot_product_attention (XLA) a chunk of queries at a time.
 
   A rematerialised lax.map over query chunks: each query row sees all keys,
@@ -91,20 +105,29 @@ def chunked_attention(q: Array, k: Array, v: Array, chunk: int) -> Array:
   Args:
     q, k, v: [B, L, H, K].
     chunk: queries per chunk; L not divisible by it runs unchunked.
+    dropout_rate, dropout_key: attention-probability dropout as in xla_attention (one key
+      per chunk, folded in from `dropout_key`).
 
   Returns:
     [B, L, H, K].
   """
   b, length, h, d = q.shape
   if length <= chunk or length % chunk:
-    return xla_attention(q, k, v)
-  q_NxBxCxHxK = q.reshape(b, length // chunk, chunk, h, d).swapaxes(0, 1)
+    return xla_attention(q, k, v, dropout_rate, dropout_key)
+  num_chunks = length // chunk
+  q_NxBxCxHxK = q.reshape(b, num_chunks, chunk, h, d).swapaxes(0, 1)
+  if dropout_key is None:
+    keys = jnp.zeros((num_chunks,), jnp.int32)  # Unused placeholders.
+  else:
+    keys = jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(jnp.arange(num_chunks))
 
   @jax.checkpoint
-  def one_chunk(q_BxCxHxK):
-    return xla_attention(q_BxCxHxK, k, v)
+  def one_chunk(args):
+    q_BxCxHxK, key = args
+    return xla_attention(q_BxCxHxK, k, v, dropout_rate,
+                         None if dropout_key is None else key)
 
-  o_NxBxCxHxK = jax.lax.map(one_chunk, q_NxBxCxHxK)
+  o_NxBxCxHxK = jax.lax.map(one_chunk, (q_NxBxCxHxK, keys))
   return o_NxBxCxHxK.swapaxes(0, 1).reshape(b, length, h, d)
 
 
@@ -118,8 +141,11 @@ class SelfAttention(nn.Module):
     attention_impl: one of ATTENTION_IMPLS ('auto': cuDNN flash attention on
       GPU in half precision, the XLA path elsewhere).
     rope: rotary position embedding on queries and keys (`apply_rope`).
-    qkv_bias: biases on the query/key/value projections (DiT); the output
-      projection never has one.
+    qkv_bias: biases on the query/key/value projections (DiT, the paper's UNet).
+    out_bias: a bias on the output projection (the paper's UNet).
+    dropout_rate: attention-probability dropout with train=True (the MD4 paper's text
+      transformer and DiT blocks). It needs the probabilities: the XLA or chunked kernel
+      ('auto' takes XLA then; 'cudnn' is refused).
   """
 
   num_heads: int
@@ -127,11 +153,13 @@ class SelfAttention(nn.Module):
   attention_impl: str = "xla"
   rope: bool = False
   qkv_bias: bool = False
+  out_bias: bool = False
+  dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array) -> Array:
+  def __call__(self, x_BxLxD: Array, train: bool = False) -> Array:
     """[B, L, D] -> [B, L, D]; every position attends to every position."""
     width = x_BxLxD.shape[-1]
     if width % self.num_heads:
@@ -149,16 +177,22 @@ class SelfAttention(nn.Module):
     v_BxLxHxK = project("value")
     if self.rope:
       q_BxLxHxK, k_BxLxHxK = apply_rope(q_BxLxHxK), apply_rope(k_BxLxHxK)
+    key = self.make_rng("dropout") if train and self.dropout_rate > 0.0 else None
     if self.attention_impl == "chunked":
       o_BxLxHxK = chunked_attention(
-          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, ATTENTION_CHUNK
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, ATTENTION_CHUNK, self.dropout_rate, key
       )
     else:
       impl = resolve_attention_impl(
           self.attention_impl, q_BxLxHxK.dtype, head_dim
       )
+      if key is not None and impl != "xla":
+        if self.attention_impl != "auto":
+          raise ValueError(f"attention_impl {self.attention_impl!r} has no attention-"
+                           "probability dropout: use xla, chunked or auto.")
+        impl = "xla"
       if impl == "xla":
-        o_BxLxHxK = xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK)
+        o_BxLxHxK = xla_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, self.dropout_rate, key)
       else:
         o_BxLxHxK = jax.nn.dot_product_attention(
             q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, implementation=impl
@@ -169,7 +203,7 @@ class SelfAttention(nn.Module):
         axis=(-2, -1),
         kernel_init=self.out_kernel_init,
         name="out",
-        **kw,
+        **{**kw, "use_bias": self.out_bias},
     )(o_BxLxHxK)
 
 

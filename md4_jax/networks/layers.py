@@ -173,11 +173,11 @@ def dense(
 
 
 def layer_norm(
-    *, dtype: Dtype, param_dtype: Dtype, affine: bool = True, name=None
+    *, dtype: Dtype, param_dtype: Dtype, affine: bool = True, epsilon: float = 1e-6, name=None
 ) -> nn.LayerNorm:
   """LayerNorm over the last axis; `affine=False` for adaLN (no scale/bias)."""
   return nn.LayerNorm(
-      epsilon=1e-6,
+      epsilon=epsilon,
       use_scale=affine,
       use_bias=affine,
       dtype=dtype,
@@ -186,6 +186,12 @@ def layer_norm(
       bias_init=partitioned(nn.initializers.zeros, ("norm",)),
       name=name,
   )
+
+
+def dropout(rate: float, channel: bool = False, name=None) -> nn.Dropout:
+  """Dropout at `rate`: element by element, or (`channel`) one mask per example and channel
+  shared across every position of [B, L, C] activations (the MD4 paper's Dropout1d)."""
+  return nn.Dropout(rate, broadcast_dims=(1,) if channel else (), name=name)
 
 
 def num_groups(channels: int, max_groups: int = 32) -> int:

@@ -50,7 +50,7 @@ features and the head's parameters to the loss (contract.HeadInputs).
 """
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,6 +81,48 @@ MLPS = {
 COND_ACTS = {"swish": nn.swish, "sigmoid": nn.sigmoid}
 
 POSITIONS = ("learned", "rope")  # Learned absolute embeddings | rotary (attention.apply_rope).
+
+
+class Dropouts(NamedTuple):
+  """Where a block drops, at the network's dropout_rate (see DROPOUTS)."""
+  channel_attn: bool      # The attention output: one mask per example and channel, shared
+                          # across positions (layers.dropout), or element by element.
+  channel_mlp: bool       # The MLP output: likewise.
+  probabilities: bool     # Attention probabilities, element by element.
+  mlp_hidden: bool        # The MLP's hidden activations, element by element.
+  embeddings: bool        # Unprojected token embeddings (embed_dim 0), element by element.
+
+
+# dropout value -> where the blocks drop (layers.dropout).
+DROPOUTS = {
+    # The MD4 paper's text transformer: channel masks on the attention and MLP outputs, plus
+    # attention probabilities (and the token embeddings when they are not projected).
+    "channel": Dropouts(True, True, True, False, True),
+    # The MD4 paper's DiT blocks (UViT): a channel mask on the attention output, attention
+    # probabilities, element-wise after the GELU and after the MLP output.
+    "dit": Dropouts(True, False, True, True, False),
+    # md4_jax's own: element-wise on the attention and MLP outputs.
+    "element": Dropouts(False, False, False, False, False),
+}
+
+
+def check_dropout_kwargs(kwargs: Mapping[str, Any], group: str) -> None:
+  """A known `dropout`, and no attention-probability dropout on the cuDNN kernel."""
+  layers.check_choice(kwargs["dropout"], DROPOUTS, f"{group}.dropout")
+  if (DROPOUTS[kwargs["dropout"]].probabilities and kwargs["dropout_rate"] > 0
+      and kwargs["attention_impl"] == "cudnn"):
+    raise ValueError(f"{group}.dropout={kwargs['dropout']!r} drops attention probabilities, "
+                     "which the cudnn kernel cannot: use attention_impl auto, xla or chunked, "
+                     f"or {group}.dropout='element'.")
+
+
+def mlp_kernel_init(init: str, depth: int):
+  """The MLP kernels' initialiser: 'md4' (the paper's depth-scaled init) a truncated normal
+  of variance 2 / (depth * fan_in); 'md4_jax' lecun normal (variance 1 / fan_in)."""
+  conditioning.check_init(init)
+  if init == "md4":
+    return nn.initializers.variance_scaling(2.0 / depth, "fan_in", "truncated_normal")
+  return nn.initializers.lecun_normal()
 
 
 def mlp_hidden(mlp: str, width: int, mlp_ratio: float, multiple_of: int = 8) -> int:
@@ -140,18 +182,23 @@ class MLP(nn.Module):
   Attributes:
     hidden: hidden width.
     mlp: key of MLPS.
+    kernel_init: initialiser of every kernel (mlp_kernel_init).
+    hidden_dropout_rate: element-wise dropout of the hidden activations (train=True).
   """
 
   hidden: int
   mlp: str = "swiglu"
+  kernel_init: Any = nn.initializers.lecun_normal()
+  hidden_dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD: Array) -> Array:
+  def __call__(self, x_BxLxD: Array, train: bool = False) -> Array:
     """[B, L, D] -> [B, L, D]."""
     act, gated = MLPS[self.mlp]
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=not gated)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=not gated,
+              kernel_init=self.kernel_init)
     width = x_BxLxD.shape[-1]
     if gated:
       gate_BxLxF = layers.dense(self.hidden, ("embed", "mlp"), name="wi_gate", **kw)(x_BxLxD)
@@ -159,6 +206,8 @@ class MLP(nn.Module):
       h_BxLxF = act(gate_BxLxF) * up_BxLxF
     else:
       h_BxLxF = act(layers.dense(self.hidden, ("embed", "mlp"), name="wi", **kw)(x_BxLxD))
+    if self.hidden_dropout_rate > 0:
+      h_BxLxF = layers.dropout(self.hidden_dropout_rate)(h_BxLxF, deterministic=not train)
     return layers.dense(width, ("mlp", "embed"), name="wo", **kw)(h_BxLxF)
 
 
@@ -174,6 +223,9 @@ class TransformerBlock(nn.Module):
     rope: rotary position embedding in the attention.
     cond_act: key of COND_ACTS.
     qkv_bias: biases on the query/key/value projections.
+    norm_eps: epsilon of the two LayerNorms.
+    dropout: key of DROPOUTS (where dropout_rate applies).
+    mlp_kernel_init: initialiser of the MLP's kernels.
   """
 
   num_heads: int
@@ -184,6 +236,9 @@ class TransformerBlock(nn.Module):
   rope: bool = False
   cond_act: str = "swish"
   qkv_bias: bool = False
+  norm_eps: float = 1e-6
+  dropout: str = "element"
+  mlp_kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -193,24 +248,29 @@ class TransformerBlock(nn.Module):
   ) -> Array:
     """[B, L, D] (and [B, C] conditioning or None) -> [B, L, D]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    layers.check_choice(self.dropout, DROPOUTS, "dropout")
+    drops, rate = DROPOUTS[self.dropout], self.dropout_rate
     width = x_BxLxD.shape[-1]
     shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
         6, width, self.cond_act, name="modulation", **kw
     )(c_BxC)
 
-    h_BxLxD = layers.layer_norm(affine=False, name="norm_attn", **kw)(x_BxLxD)
+    norm = lambda name: layers.layer_norm(affine=False, epsilon=self.norm_eps, name=name, **kw)
+    h_BxLxD = norm("norm_attn")(x_BxLxD)
     h_BxLxD = conditioning.modulate(h_BxLxD, shift_a, scale_a)
     h_BxLxD = attention.SelfAttention(
         self.num_heads, attention_impl=self.attention_impl, rope=self.rope,
-        qkv_bias=self.qkv_bias, name="attn", **kw
-    )(h_BxLxD)
-    h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
+        qkv_bias=self.qkv_bias, dropout_rate=rate if drops.probabilities else 0.0,
+        name="attn", **kw
+    )(h_BxLxD, train)
+    h_BxLxD = layers.dropout(rate, drops.channel_attn)(h_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD + gate_a * h_BxLxD
 
-    h_BxLxD = layers.layer_norm(affine=False, name="norm_mlp", **kw)(x_BxLxD)
+    h_BxLxD = norm("norm_mlp")(x_BxLxD)
     h_BxLxD = conditioning.modulate(h_BxLxD, shift_m, scale_m)
-    h_BxLxD = MLP(self.mlp_hidden, self.mlp, name="mlp", **kw)(h_BxLxD)
-    h_BxLxD = nn.Dropout(self.dropout_rate)(h_BxLxD, deterministic=not train)
+    h_BxLxD = MLP(self.mlp_hidden, self.mlp, self.mlp_kernel_init,
+                  rate if drops.mlp_hidden else 0.0, name="mlp", **kw)(h_BxLxD, train)
+    h_BxLxD = layers.dropout(rate, drops.channel_mlp)(h_BxLxD, deterministic=not train)
     return layers.constrain(x_BxLxD + gate_m * h_BxLxD, layers.ACTIVATION_BxLxD)
 
 
@@ -270,6 +330,13 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
       the width by a Dense with bias (the paper's text8 network: 64).
     head_bias: bias on the output head.
     zero_init_head: zero-initialised head kernel (uniform first prediction).
+    sinusoid: the time sinusoid (conditioning.SINUSOIDS): md4 (the paper's) | dit.
+    label_cond: where the label embedding joins (conditioning.LABEL_CONDS): concat | add.
+    norm_eps: epsilon of every LayerNorm (the paper's 1e-5; md4_jax's 1e-6).
+    dropout: where dropout_rate applies (DROPOUTS): channel (the paper's) | element.
+    param_init: conditioning.INITS: 'md4' (the paper's) initialises the token and label embeddings
+      with Flax's default (std 1 / sqrt(embed width)) and the MLP kernels depth-scaled
+      (variance 2 / (depth * fan_in)); 'md4_jax' with std 0.02 and lecun normal.
   """
 
   vocab_size: int
@@ -295,6 +362,11 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
   embed_dim: int = 0
   head_bias: bool = True
   zero_init_head: bool = False
+  sinusoid: str = "dit"
+  label_cond: str = "add"
+  norm_eps: float = 1e-6
+  dropout: str = "element"
+  param_init: str = "md4_jax"
 
   @classmethod
   def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
@@ -302,6 +374,8 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
     layers.check_choice(kwargs["mlp"], MLPS, f"{group}.mlp")
     layers.check_choice(kwargs["cond_act"], COND_ACTS, f"{group}.cond_act")
     layers.check_choice(kwargs["positions"], POSITIONS, f"{group}.positions")
+    conditioning.check_kwargs(kwargs, group)
+    check_dropout_kwargs(kwargs, group)
 
   @property
   def max_length(self) -> int:
@@ -345,11 +419,15 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
 
     layers.check_choice(self.positions, POSITIONS, "positions")
     layers.check_choice(self.cond_act, COND_ACTS, "cond_act")
+    layers.check_choice(self.dropout, DROPOUTS, "dropout")
     c_BxC = conditioning.Conditioning(
         self.cond_dim or self.width,
         self.time_features,
         self.num_classes,
         self.time_embedding,
+        self.sinusoid,
+        self.label_cond,
+        self.param_init,
         name="conditioning",
         **kw,
     )(t, cond, batch_size)
@@ -359,13 +437,15 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
         self.vocab_size + 1,
         embed_dim,
         embedding_init=layers.partitioned(
-            nn.initializers.normal(stddev=0.02), ("vocab", "embed")
+            conditioning.embedding_init(self.param_init, 0.02), ("vocab", "embed")
         ),
         name="token_embedding",
         **kw,
     )(z_BxL)
     if embed_dim != self.width:
       x_BxLxD = layers.dense(self.width, (None, "embed"), name="embed_proj", **kw)(x_BxLxD)
+    elif DROPOUTS[self.dropout].embeddings:  # As the paper's code (its embed_input).
+      x_BxLxD = layers.dropout(self.dropout_rate)(x_BxLxD, deterministic=not train)
     if self.positions == "learned":
       pos_LxD = self.param(
           "pos_embedding",
@@ -386,6 +466,9 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
         mlp=self.mlp,
         rope=self.positions == "rope",
         cond_act=self.cond_act,
+        norm_eps=self.norm_eps,
+        dropout=self.dropout,
+        mlp_kernel_init=mlp_kernel_init(self.param_init, self.depth),
         **kw,
     )
     if self.scan_layers:
@@ -412,7 +495,8 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
     shift, scale = AdaLNModulation(
         2, self.width, self.cond_act, name="final_modulation", **kw
     )(c_BxC)
-    x_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(x_BxLxD)
+    x_BxLxD = layers.layer_norm(affine=False, epsilon=self.norm_eps, name="final_norm",
+                                **kw)(x_BxLxD)
     x_BxLxD = conditioning.modulate(x_BxLxD, shift, scale)
     feats = head_lib.LinearHead(self.vocab_size, use_bias=self.head_bias,
                               zero_init=self.zero_init_head, name="head", **kw).inputs(x_BxLxD)

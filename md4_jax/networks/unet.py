@@ -253,10 +253,16 @@ class AttnBlock(nn.Module):
 
   Attributes:
     num_heads: attention heads (must divide the channel count).
+    bias: biases on the query/key/value/output projections (the paper's, nn.MultiHead-
+      DotProductAttention's), as `bias` parameters of those Dense layers.
+    out_kernel_init: the output projection's initialiser (zeros: the block starts as the
+      identity; the paper's is lecun normal, nn.MultiHeadDotProductAttention's default).
   """
 
   num_heads: int = 1
   attention_impl: str = "xla"
+  bias: bool = False
+  out_kernel_init: Any = nn.initializers.zeros
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -268,8 +274,10 @@ class AttnBlock(nn.Module):
     h = layers.group_norm(c, name="norm", **kw)(x_BxHxWxC)
     h_BxLxC = attention.SelfAttention(
         self.num_heads,
-        out_kernel_init=nn.initializers.zeros,
+        out_kernel_init=self.out_kernel_init,
         attention_impl=self.attention_impl,
+        qkv_bias=self.bias,
+        out_bias=self.bias,
         name="attn",
         **kw,
     )(h.reshape(b, hh * ww, c))
@@ -299,6 +307,15 @@ class UNet(nn.Module):
     film: key of FILMS.
     time_embedding: widths of the time MLP (conditioning.TIME_EMBEDDINGS).
     zero_init_output: zero-initialised output conv (uniform first prediction).
+    sinusoid: the time sinusoid (conditioning.SINUSOIDS): md4 (the paper's) | dit.
+    label_cond: where the label embedding joins (conditioning.LABEL_CONDS): concat | add.
+    attn_bias: q/k/v/output biases in the attention blocks (the paper's middle attention).
+    param_init: conditioning.INITS: 'md4' (the paper's) initialises the value and label embeddings
+      with Flax's default (std 1 / sqrt(embed width)) and the attention outputs lecun normal;
+      'md4_jax' the value embedding with std 1, labels 0.02, attention outputs zero.
+
+  Dropout (dropout_rate) is element-wise before each residual block's second conv, as in the
+  paper's UNet; its attention has none.
   """
 
   vocab_size: int
@@ -319,12 +336,17 @@ class UNet(nn.Module):
   film: str = "scale_shift"
   time_embedding: str = "dit"
   zero_init_output: bool = False
+  sinusoid: str = "dit"
+  label_cond: str = "add"
+  attn_bias: bool = False
+  param_init: str = "md4_jax"
 
   @classmethod
   def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
-    """Images (H, W, C) and a known FiLM (one-line ValueErrors naming `group`)."""
+    """Images (H, W, C) and known choices (one-line ValueErrors naming `group`)."""
     check_image_shape(kwargs["data_shape"], group)
     layers.check_choice(kwargs["film"], FILMS, f"{group}.film")
+    conditioning.check_kwargs(kwargs, group)
 
   @nn.compact
   def __call__(
@@ -363,6 +385,9 @@ class UNet(nn.Module):
         self.time_features,
         self.num_classes,
         self.time_embedding,
+        self.sinusoid,
+        self.label_cond,
+        self.param_init,
         name="conditioning",
         **kw,
     )(t, cond, b)
@@ -380,8 +405,11 @@ class UNet(nn.Module):
       )(h, c_BxE, train)
 
     def attn(h, name):
+      out_init = (nn.initializers.lecun_normal() if self.param_init == "md4"
+                  else nn.initializers.zeros)
       return attn_cls(
-          self.num_heads, attention_impl=self.attention_impl, name=name, **kw
+          self.num_heads, attention_impl=self.attention_impl, bias=self.attn_bias,
+          out_kernel_init=out_init, name=name, **kw
       )(h)
 
     def maybe_attn(h, name):
@@ -396,7 +424,7 @@ class UNet(nn.Module):
         self.vocab_size + 1,
         self.embed_dim,
         embedding_init=layers.partitioned(
-            nn.initializers.normal(stddev=1.0), ("vocab", "embed")
+            conditioning.embedding_init(self.param_init, 1.0), ("vocab", "embed")
         ),
         name="value_embedding",
         **kw,

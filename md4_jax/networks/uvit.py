@@ -9,8 +9,9 @@ a zero-initialised Dense of c). The middle is a DiT: p x p patches embedded by a
 strided conv into `width`-wide tokens, a learned positional embedding initialised
 with 2-D sin-cos, `depth` adaLN-zero transformer blocks (transformer.TransformerBlock
 with the ViT MLP: Dense -> GELU -> Dense, biases on q/k/v) and a final adaLN +
-zero-initialised Dense back to p x p x channels, unpatchified and added to its input
-(the middle is the identity at initialisation). The up path has
+zero-initialised Dense back to p x p x channels, unpatchified: h = DiT(h), as in the paper
+(with `dit_residual=True`, md4_jax's own design, h + DiT(h) instead: the identity at
+initialisation). The up path has
 `num_res_blocks + 1` residual blocks, each reading the matching down-path output
 concatenated to its input; a conditional GroupNorm, swish and a zero-initialised
 3x3 conv give C * V logits per pixel.
@@ -36,10 +37,11 @@ Array = jax.Array
 Dtype = Any
 
 
-def sincos_2d(grid: int, width: int) -> np.ndarray:
-  """[grid * grid, width] 2-D sin-cos position features (MAE/DiT): half the
-  features encode the row, half the column, each half [sin, cos] over
-  frequencies 10000^(-k / (width/4))."""
+def sincos_2d(grid: int, width: int, column_first: bool = False) -> np.ndarray:
+  """[grid * grid, width] 2-D sin-cos position features (MAE/DiT) of the row-major tokens:
+  half the features encode the row, half the column (the row half first, or the column half
+  with `column_first`, as the paper's code), each half [sin, cos] over frequencies
+  10000^(-k / (width/4))."""
   if width % 4:
     raise ValueError(f"2-D sin-cos embedding needs width % 4 == 0, got {width}.")
   omega = 1.0 / 10_000 ** (np.arange(width // 4, dtype=np.float64) / (width / 4))
@@ -49,7 +51,8 @@ def sincos_2d(grid: int, width: int) -> np.ndarray:
     angles = pos.reshape(-1)[:, None] * omega[None, :]
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
-  return np.concatenate([one_axis(rows), one_axis(cols)], axis=1).astype(np.float32)
+  halves = [one_axis(cols), one_axis(rows)] if column_first else [one_axis(rows), one_axis(cols)]
+  return np.concatenate(halves, axis=1).astype(np.float32)
 
 
 class CondGroupNorm(nn.Module):
@@ -97,7 +100,12 @@ class ResBlock(nn.Module):
 
 class DiT(nn.Module):
   """Patchify -> positional embedding -> `depth` adaLN-zero blocks -> adaLN + zero-init
-  Dense -> unpatchify: [B, H, W, C] -> [B, H, W, C]."""
+  Dense -> unpatchify: [B, H, W, C] -> [B, H, W, C].
+
+  Attributes (besides the stack's sizes):
+    dropout: transformer.DROPOUTS key of the blocks.
+    column_first: the position table's column half first (sincos_2d).
+  """
 
   patch_size: int
   width: int
@@ -107,6 +115,8 @@ class DiT(nn.Module):
   dropout_rate: float = 0.0
   attention_impl: str = "xla"
   remat_policy: str = "none"
+  dropout: str = "element"
+  column_first: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -122,7 +132,8 @@ class DiT(nn.Module):
                 kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                (None, None, "mlp", "embed")),
                 bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)), **kw)(x_BxHxWxC)
-    pos_init = lambda *_: jnp.asarray(sincos_2d(grid, self.width), self.param_dtype)
+    pos_init = lambda *_: jnp.asarray(sincos_2d(grid, self.width, self.column_first),
+                                      self.param_dtype)
     pos_LxD = self.param("pos_embedding", layers.partitioned(pos_init, ("length", "embed")),
                          (grid * grid, self.width), self.param_dtype)
     h_BxLxD = h.reshape(b, grid * grid, self.width) + pos_LxD[None].astype(self.dtype)
@@ -133,7 +144,8 @@ class DiT(nn.Module):
           num_heads=self.num_heads,
           mlp_hidden=transformer.mlp_hidden("gelu", self.width, self.mlp_ratio),
           dropout_rate=self.dropout_rate, attention_impl=self.attention_impl, mlp="gelu",
-          qkv_bias=True, cond_act="swish", name=f"block_{i}", **kw)(h_BxLxD, c_BxE, train)
+          qkv_bias=True, cond_act="swish", dropout=self.dropout, name=f"block_{i}",
+          **kw)(h_BxLxD, c_BxE, train)
     shift, scale = transformer.AdaLNModulation(2, self.width, "swish", name="final_modulation",
                                                **kw)(c_BxE)
     h_BxLxD = layers.layer_norm(affine=False, name="final_norm", **kw)(h_BxLxD)
@@ -156,6 +168,14 @@ class UViT(nn.Module):
     width, depth, num_heads, mlp_ratio: the DiT stack.
     cond_dim: conditioning width (0 = channels).
     time_embedding: widths of the time MLP (conditioning.TIME_EMBEDDINGS).
+    sinusoid: the time sinusoid (conditioning.SINUSOIDS): md4 (the paper's) | dit.
+    label_cond: where the label embedding joins (conditioning.LABEL_CONDS): concat | add.
+    dit_residual: h + DiT(h) (md4_jax's own) instead of the paper's h = DiT(h).
+    dropout: where dropout_rate applies in the DiT blocks (transformer.DROPOUTS): dit (the
+      paper's) | element; the residual blocks drop element by element either way.
+    param_init: conditioning.INITS: 'md4' (the paper's) initialises the value and label embeddings
+      with Flax's default (std 1 / sqrt(embed width)) and puts the column half of the
+      position table first; 'md4_jax' std 1 (values), 0.02 (labels), rows first.
     num_classes, time_features, dropout_rate, dtype, param_dtype, remat_policy,
     attention_impl: as in unet.UNet.
   """
@@ -178,11 +198,18 @@ class UViT(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   attention_impl: str = "xla"
+  sinusoid: str = "dit"
+  label_cond: str = "add"
+  dit_residual: bool = True
+  dropout: str = "element"
+  param_init: str = "md4_jax"
 
   @classmethod
   def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
-    """Images (H, W, C) (a one-line ValueError naming `group`)."""
+    """Images (H, W, C) and known choices (one-line ValueErrors naming `group`)."""
     unet.check_image_shape(kwargs["data_shape"], group)
+    conditioning.check_kwargs(kwargs, group)
+    transformer.check_dropout_kwargs(kwargs, group)
 
   @nn.compact
   def __call__(self, z: Array, t: Array, cond: Optional[Array] = None,
@@ -193,16 +220,17 @@ class UViT(nn.Module):
       raise ValueError(f"UViT expects z of shape [B, H, W, C], got {z.shape}.")
     b, height, width, c = z.shape
     c_BxE = conditioning.Conditioning(self.cond_dim or self.channels, self.time_features,
-                                self.num_classes, self.time_embedding, name="conditioning",
-                                **kw)(t, cond, b)
+                                      self.num_classes, self.time_embedding, self.sinusoid,
+                                      self.label_cond, self.param_init, name="conditioning",
+                                      **kw)(t, cond, b)
     res_cls = layers.remat(ResBlock, self.remat_policy, static_argnums=(3,))
 
     def constrain(h):
       return layers.constrain(h, layers.ACTIVATION_BxHxWxC)
 
     e = nn.Embed(self.vocab_size + 1, self.embed_dim,
-                 embedding_init=layers.partitioned(nn.initializers.normal(stddev=1.0),
-                                                   ("vocab", "embed")),
+                 embedding_init=layers.partitioned(
+                     conditioning.embedding_init(self.param_init, 1.0), ("vocab", "embed")),
                  name="value_embedding", **kw)(z)
     h = constrain(conv(self.channels, name="stem", **kw)(e.reshape(b, height, width, -1)))
     skips = [h]
@@ -210,9 +238,10 @@ class UViT(nn.Module):
       h = constrain(res_cls(self.channels, self.dropout_rate, name=f"down_res_{i}", **kw)(
           h, c_BxE, train))
       skips.append(h)
-    h = h + DiT(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
-                self.dropout_rate, self.attention_impl, self.remat_policy, name="dit",
-                **kw)(h, c_BxE, train)
+    dit_BxHxWxC = DiT(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
+                      self.dropout_rate, self.attention_impl, self.remat_policy, self.dropout,
+                      self.param_init == "md4", name="dit", **kw)(h, c_BxE, train)
+    h = h + dit_BxHxWxC if self.dit_residual else dit_BxHxWxC
     for i in range(self.num_res_blocks + 1):
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       h = constrain(res_cls(self.channels, self.dropout_rate, name=f"up_res_{i}", **kw)(

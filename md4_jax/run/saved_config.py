@@ -84,6 +84,11 @@ DEFAULTED_KEYS = frozenset({
     "unet.cond_dim", "unet.film", "unet.zero_init_output",
     "uvit.channels", "uvit.num_res_blocks", "uvit.embed_dim", "uvit.patch_size", "uvit.width",
     "uvit.depth", "uvit.num_heads", "uvit.mlp_ratio", "uvit.cond_dim",
+    # md4_jax's own function, init and dropout: what every run saved before these keys did.
+    "transformer.sinusoid", "transformer.label_cond", "transformer.norm_eps",
+    "transformer.dropout", "transformer.param_init",
+    "unet.sinusoid", "unet.label_cond", "unet.attn_bias", "unet.param_init",
+    "uvit.sinusoid", "uvit.label_cond", "uvit.dit_residual", "uvit.dropout", "uvit.param_init",
 })
 
 # {dotted key: value} for keys whose old runs did something other than today's base
