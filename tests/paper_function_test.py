@@ -30,6 +30,7 @@ from md4_jax.networks import attention
 from md4_jax.networks import conditioning
 from md4_jax.networks import transformer
 from md4_jax.networks import uvit
+from tests import paper_numpy
 
 
 def _text8(**overrides):
@@ -129,23 +130,13 @@ def _traced_modules(config, module_type, train=False, batch=2):
   return modules
 
 
-def paper_sinusoid(t, dim):
-  """The MD4 paper's time features of t in [0, 1] (its backward.py, in numpy): 1000 t times
-  frequencies 10000^(-i / (half - 1)), [sin | cos], a zero pad for odd widths."""
-  half = dim // 2
-  freqs = np.exp(-np.log(10_000.0) * np.arange(half) / (half - 1))
-  args = 1000.0 * np.asarray(t, np.float64)[:, None] * freqs[None]
-  emb = np.concatenate([np.sin(args), np.cos(args)], axis=1)
-  return np.pad(emb, ((0, 0), (0, dim % 2)))
-
-
 # ------------------------------------------------------------------------------- function ---
 
 def test_time_sinusoid_is_the_papers_formula():
   t = jnp.array([0.0, 1e-3, 0.37, 0.999, 1.0])
   for dim in (64, 65, 128):
     np.testing.assert_allclose(conditioning.timestep_embedding(t, dim, sinusoid="md4"),
-                               paper_sinusoid(t, dim), atol=2e-4)
+                               paper_numpy.sinusoid(t, dim), atol=2e-4)
   # md4_jax's own ('dit'): 10000^(-i / half) in [cos | sin].
   freqs = np.exp(-np.log(10_000.0) * np.arange(32) / 32)
   args = 1000.0 * np.asarray(t)[:, None] * freqs
@@ -158,45 +149,7 @@ def test_time_sinusoid_is_the_papers_formula():
 @pytest.mark.parametrize("make,width", [(_text8, 64), (_cifar10, 128), (_imagenet64, 16)])
 def test_each_paper_network_feeds_the_papers_sinusoid_to_its_time_mlp(make, width):
   t, _, seen = _run_until(make(), stop=TIME_MLP)
-  np.testing.assert_allclose(seen[TIME_MLP][0], paper_sinusoid(t, width), atol=2e-4)
-
-
-def _layer_norm(x, eps):
-  mean = x.mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + eps)
-
-
-def _rope(x):
-  """[B, L, H, K]: pairs (x_2i, x_2i+1) turned by the angle position * 10000^(-2i / K)."""
-  _, length, _, k = x.shape
-  angle = np.arange(length)[:, None] * 10_000.0 ** (-np.arange(0, k, 2) / k)
-  cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
-  re, im = x[..., 0::2], x[..., 1::2]
-  out = np.empty_like(x)
-  out[..., 0::2], out[..., 1::2] = re * cos - im * sin, re * sin + im * cos
-  return out
-
-
-def paper_block(p, x, c, eps=1e-5):
-  """The MD4 paper's text block in numpy: adaLN-zero from sigmoid(c), attention with RoPE,
-  sigmoid GLU; x [B, L, D], c [B, C]."""
-  sigmoid = lambda a: 1 / (1 + np.exp(-a))
-  mod = np.einsum("bc,ckd->bkd", sigmoid(c), p["modulation"]["dense"]["kernel"])
-  mod = (mod + p["modulation"]["dense"]["bias"])[:, :, None]  # [B, 6, 1, D].
-  shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (mod[:, i] for i in range(6))
-  a = p["attn"]
-  h = _layer_norm(x, eps) * (1 + scale_a) + shift_a
-  q, k, v = (np.einsum("bld,dhk->blhk", h, a[n]["kernel"]) for n in ("query", "key", "value"))
-  q, k = _rope(q), _rope(k)
-  s = np.einsum("blhk,bmhk->bhlm", q, k) / np.sqrt(q.shape[-1])
-  w = np.exp(s - s.max(-1, keepdims=True))
-  w /= w.sum(-1, keepdims=True)
-  o = np.einsum("bhlm,bmhk->blhk", w, v)
-  x = x + gate_a * np.einsum("blhk,hkd->bld", o, a["out"]["kernel"])
-  m = p["mlp"]
-  h = _layer_norm(x, eps) * (1 + scale_m) + shift_m
-  glu = sigmoid(h @ m["wi_gate"]["kernel"]) * (h @ m["wi_up"]["kernel"])
-  return x + gate_m * (glu @ m["wo"]["kernel"])
+  np.testing.assert_allclose(seen[TIME_MLP][0], paper_numpy.sinusoid(t, width), atol=2e-4)
 
 
 def test_one_text_block_is_the_papers_block():
@@ -213,14 +166,15 @@ def test_one_text_block_is_the_papers_block():
       lambda a: (0.3 * rng.standard_normal(a.shape)).astype(np.float32), params)
   got = block.apply(params, x, c, False)
   p64 = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
-  np.testing.assert_allclose(got, paper_block(p64, x.astype(np.float64), c), rtol=1e-4,
+  np.testing.assert_allclose(got, paper_numpy.block(p64, x.astype(np.float64), c), rtol=1e-4,
                              atol=1e-5)
   # eps is part of the function: 1e-6 gives another output on a near-constant input.
   x_flat = (1e-3 * rng.standard_normal((2, 6, 16))).astype(np.float32)
   np.testing.assert_allclose(block.apply(params, x_flat, c, False),
-                             paper_block(p64, x_flat.astype(np.float64), c), rtol=1e-4, atol=1e-5)
-  assert not np.allclose(paper_block(p64, x_flat, c, 1e-5), paper_block(p64, x_flat, c, 1e-6),
-                         rtol=1e-3)
+                             paper_numpy.block(p64, x_flat.astype(np.float64), c), rtol=1e-4,
+                             atol=1e-5)
+  assert not np.allclose(paper_numpy.block(p64, x_flat, c, 1e-5),
+                         paper_numpy.block(p64, x_flat, c, 1e-6), rtol=1e-3)
 
 
 def test_paper_text_transformer_norms_use_eps_1e5():
@@ -265,14 +219,15 @@ def test_class_labels_are_concatenated_with_the_sinusoid_before_the_time_mlp():
   label = np.asarray(seen[("conditioning", "label")][1])
   assert seen[TIME_MLP][0].shape == (32, 256)
   np.testing.assert_allclose(seen[TIME_MLP][0],
-                             np.concatenate([paper_sinusoid(t, 128), label], axis=1), atol=2e-4)
+                             np.concatenate([paper_numpy.sinusoid(t, 128), label], axis=1),
+                             atol=2e-4)
   # One embedding row per label, with the paper's init: Flax's default, std 1 / sqrt(128).
   rows = {int(y): tuple(e) for y, e in zip(cond, label)}
   assert all(rows[int(y)] == tuple(e) for y, e in zip(cond, label))
   np.testing.assert_allclose(np.std(list(rows.values())), 1 / math.sqrt(128), rtol=0.1)
   config.unet.label_cond = "add"  # md4_jax's own: added after the time MLP.
   t, _, seen = _run_until(config, stop=TIME_MLP)
-  np.testing.assert_allclose(seen[TIME_MLP][0], paper_sinusoid(t, 128), atol=2e-4)
+  np.testing.assert_allclose(seen[TIME_MLP][0], paper_numpy.sinusoid(t, 128), atol=2e-4)
 
 
 # ------------------------------------------------------------------------- initialisation ---
