@@ -15,9 +15,11 @@ md4_jax's names (md4_jax/run/reference.py has the tables), with checksums. Then
   python -m md4_jax.evaluate --workdir=/tmp/t8_from_reference
   python -m md4_jax.train --config=configs/text8.py --workdir=/tmp/t8_from_reference
 
-sample, evaluate and continue training it. A checkpoint that does not match the
-config (a missing, extra or misshapen parameter) or a non-empty --workdir: one line,
-exit 2. See docs/convert.md.
+sample, evaluate and continue training it. The config must compute the reference's
+function (the paper configs do): one with md4_jax's own time sinusoid, label joining,
+text LayerNorm epsilon or UViT DiT residual is refused, naming the --config overrides
+to add. That, a checkpoint that does not match the config (a missing, extra or
+misshapen parameter) or a non-empty --workdir: one line, exit 2. See docs/convert.md.
 """
 
 import os

@@ -5,12 +5,19 @@ Each test writes a synthetic checkpoint in the reference's orbax layout
 optax.chain(identity, adamw), state) under the reference's Flax names, stated here by
 hand from its networks (not from md4_jax/run/reference.py's tables), converts it, and
 checks the restored md4_jax state and logits against md4_jax parameters built here
-from the same seeded arrays.
+from the same seeded arrays: the text transformer (MD4 and GenMD4), the UNet and the
+UViT. The restored text block equals the numpy re-statement of the paper's block
+(tests/paper_numpy.py) on the reference's weights; a config whose network computes
+another function from the same names and shapes (md4_jax's own sinusoid, LayerNorm
+epsilon, DiT residual, label joining) is refused, naming the overrides.
 """
 
 import json
 import os
+import re
+import sys
 from typing import Any
+from unittest import mock
 
 import flax
 import jax
@@ -19,18 +26,20 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from absl import flags
 
 from md4_jax import cli
 from md4_jax.configs import base
 from md4_jax.configs import cifar10
+from md4_jax.configs import imagenet64
 from md4_jax.configs import synthetic_text
-from md4_jax.diffusion import sampling
 from md4_jax.experiment import build
 from md4_jax.experiment import parallel
 from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.run import reference
 from md4_jax.run import workdir as workdir_lib
 from tests import helpers
+from tests import paper_numpy
 
 
 @flax.struct.dataclass
@@ -87,14 +96,6 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _swap_halves(kernel: np.ndarray, order: str) -> np.ndarray:
-  """The reference's [sin | cos] rows in md4_jax's order (identity for 'sin_cos')."""
-  if order == "sin_cos":
-    return kernel
-  half = kernel.shape[0] // 2
-  return np.concatenate([kernel[half:2 * half], kernel[:half], kernel[2 * half:]])
-
-
 # ------------------------------------------------ the text transformer ---
 
 def _text_reference_shapes(config) -> dict[str, tuple]:
@@ -129,13 +130,11 @@ def _text_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
   tc = config.transformer
   d, h, c, n = tc.width, tc.num_heads, tc.cond_dim, tc.depth
   t = "classifier/Transformer_0"
-  order = reference.sinusoid_order(config)
   ours = {
       "network/token_embedding/embedding": ref["classifier/Embed_0/embedding"],
       "network/embed_proj/kernel": ref[f"{t}/Dense_0/kernel"],
       "network/embed_proj/bias": ref[f"{t}/Dense_0/bias"],
-      "network/conditioning/time/dense_0/kernel": _swap_halves(
-          ref["classifier/CondEmbedding_0/dense0/kernel"], order),
+      "network/conditioning/time/dense_0/kernel": ref["classifier/CondEmbedding_0/dense0/kernel"],
       "network/conditioning/time/dense_0/bias": ref["classifier/CondEmbedding_0/dense0/bias"],
       "network/conditioning/time/dense_1/kernel": ref["classifier/CondEmbedding_0/Dense_0/kernel"],
       "network/conditioning/time/dense_1/bias": ref["classifier/CondEmbedding_0/Dense_0/bias"],
@@ -158,7 +157,7 @@ def _text_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------- the UNet ---
 
-def _unet_reference_shapes(config, ours_shapes) -> dict[str, tuple]:
+def _unet_reference_shapes(config) -> dict[str, tuple]:
   """The reference's VDM UNet (md4/networks/unet.py) with one block per side: ResBlock_0
   (down), ResBlock_1, SelfAttention_0, ResBlock_2 (middle), ResBlock_3..4 (up, reading
   the concatenated skip, so with a skip Dense)."""
@@ -182,10 +181,8 @@ def _unet_reference_shapes(config, ours_shapes) -> dict[str, tuple]:
   for name in ("query", "key", "value"):
     shapes[f"{mha}/{name}/kernel"] = (ch, 1, ch)
   shapes[f"{mha}/out/kernel"] = (1, ch, ch)
-  # The reference's attention has biases; they are part of the network when md4_jax's has them.
-  for name in ("query", "key", "value", "out"):
-    if f"network/mid_attn/attn/{name}/bias" in ours_shapes:
-      shapes[f"{mha}/{name}/bias"] = (ch,) if name == "out" else (1, ch)
+  for name in ("query", "key", "value", "out"):  # The reference's attention has biases.
+    shapes[f"{mha}/{name}/bias"] = (ch,) if name == "out" else (1, ch)
   for k, cin in enumerate((ch, ch, ch, 2 * ch, 2 * ch)):
     r = f"{u}/ResBlock_{k}"
     shapes.update({f"{r}/GroupNorm_0/scale": (cin,), f"{r}/GroupNorm_0/bias": (cin,),
@@ -200,11 +197,9 @@ def _unet_reference_shapes(config, ours_shapes) -> dict[str, tuple]:
 
 def _unet_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
   u = "classifier/UNet5DWrapper_0/UNet_0"
-  order = reference.sinusoid_order(config)
   ours = {
       "network/value_embedding/embedding": ref["classifier/Embed_0/embedding"],
-      "network/conditioning/time/dense_0/kernel": _swap_halves(
-          ref["classifier/CondEmbedding_0/dense0/kernel"], order),
+      "network/conditioning/time/dense_0/kernel": ref["classifier/CondEmbedding_0/dense0/kernel"],
       "network/conditioning/time/dense_0/bias": ref["classifier/CondEmbedding_0/dense0/bias"],
       "network/conditioning/time/dense_1/kernel": ref["classifier/CondEmbedding_0/Dense_0/kernel"],
       "network/conditioning/time/dense_1/bias": ref["classifier/CondEmbedding_0/Dense_0/bias"],
@@ -231,6 +226,116 @@ def _unet_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
     if f"{r}/Dense_1/kernel" in ref:  # The skip: a Dense there, a 1x1 convolution here.
       ours[f"{o}/skip/kernel"] = ref[f"{r}/Dense_1/kernel"][None, None]
       ours[f"{o}/skip/bias"] = ref[f"{r}/Dense_1/bias"]
+  return ours
+
+
+# ----------------------------------------------------------- the UViT ---
+
+def _uvit_config():
+  """The paper's UViT (residual blocks with conditional GroupNorms around h = DiT(h)) at the
+  imagenet64 :tiny widths, on 8x8 images in 2x2 patches (16 tokens)."""
+  config = imagenet64.get_config("tiny")
+  config.data_shape = (8, 8, 3)
+  config.uvit.patch_size = 2
+  config.batch_size = config.eval_batch_size = 8
+  return config
+
+
+def _uvit_reference_shapes(config) -> dict[str, tuple]:
+  """The reference's UViT (md4/networks/uvit.py, dit.py) with one residual block down:
+  Conv_0, ResBlock_0 (down), DiT_0, ResBlock_1..2 (up, reading [DiT path | skip], so with a
+  skip Dense), CondGroupNorm_0, Conv_1; fused q/k/v/out and adaLN Dense layers."""
+  vc = config.uvit
+  ch, c, e, w, p = vc.channels, vc.cond_dim, vc.embed_dim, vc.width, vc.patch_size
+  tokens = (config.data_shape[0] // p) * (config.data_shape[1] // p)
+  hidden = int(vc.mlp_ratio * w)
+  u = "classifier/UNet5DWrapper_0/UNet_0"
+  shapes = {
+      "classifier/Embed_0/embedding": (config.vocab_size + 1, e),
+      "classifier/CondEmbedding_0/dense0/kernel": (c, 4 * c),
+      "classifier/CondEmbedding_0/dense0/bias": (4 * c,),
+      "classifier/CondEmbedding_0/Dense_0/kernel": (4 * c, c),
+      "classifier/CondEmbedding_0/Dense_0/bias": (c,),
+      f"{u}/Conv_0/kernel": (3, 3, 3 * e, ch), f"{u}/Conv_0/bias": (ch,),
+      f"{u}/CondGroupNorm_0/Dense_0/kernel": (c, 2 * ch),
+      f"{u}/CondGroupNorm_0/Dense_0/bias": (2 * ch,),
+      f"{u}/Conv_1/kernel": (3, 3, ch, 3 * config.vocab_size),
+      f"{u}/Conv_1/bias": (3 * config.vocab_size,),
+      f"{u}/DiT_0/x_embedder/proj/kernel": (p, p, ch, w),
+      f"{u}/DiT_0/x_embedder/proj/bias": (w,),
+      f"{u}/DiT_0/pos_embed": (tokens, w),
+      f"{u}/DiT_0/final_layer/Dense_0/kernel": (c, 2 * w),
+      f"{u}/DiT_0/final_layer/Dense_0/bias": (2 * w,),
+      f"{u}/DiT_0/final_layer/linear/kernel": (w, p * p * ch),
+      f"{u}/DiT_0/final_layer/linear/bias": (p * p * ch,),
+  }
+  for i in range(vc.depth):
+    b = f"{u}/DiT_0/blocks_{i}"
+    for name in ("wq", "wk", "wv"):
+      shapes[f"{b}/attn/{name}/kernel"], shapes[f"{b}/attn/{name}/bias"] = (w, w), (w,)
+    shapes.update({f"{b}/attn/wo/kernel": (w, w),
+                   f"{b}/mlp/fc1/kernel": (w, hidden), f"{b}/mlp/fc1/bias": (hidden,),
+                   f"{b}/mlp/fc2/kernel": (hidden, w), f"{b}/mlp/fc2/bias": (w,),
+                   f"{b}/Dense_0/kernel": (c, 6 * w), f"{b}/Dense_0/bias": (6 * w,)})
+  ins = [ch] * vc.num_res_blocks + [2 * ch] * (vc.num_res_blocks + 1)
+  for k, cin in enumerate(ins):
+    r = f"{u}/ResBlock_{k}"
+    shapes.update({f"{r}/CondGroupNorm_0/Dense_0/kernel": (c, 2 * cin),
+                   f"{r}/CondGroupNorm_0/Dense_0/bias": (2 * cin,),
+                   f"{r}/Conv_0/kernel": (3, 3, cin, ch), f"{r}/Conv_0/bias": (ch,),
+                   f"{r}/CondGroupNorm_1/Dense_0/kernel": (c, 2 * ch),
+                   f"{r}/CondGroupNorm_1/Dense_0/bias": (2 * ch,),
+                   f"{r}/Conv_1/kernel": (3, 3, ch, ch), f"{r}/Conv_1/bias": (ch,)})
+    if cin != ch:
+      shapes.update({f"{r}/Dense_0/kernel": (cin, ch), f"{r}/Dense_0/bias": (ch,)})
+  return shapes
+
+
+def _uvit_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
+  """md4_jax's UViT parameters from the reference's, restated here by hand: split heads,
+  (scale, shift) and adaLN chunks, the skip Dense as a 1x1 convolution."""
+  vc = config.uvit
+  w, h, n = vc.width, vc.num_heads, vc.num_res_blocks
+  u, d = "classifier/UNet5DWrapper_0/UNet_0", "classifier/UNet5DWrapper_0/UNet_0/DiT_0"
+  chunks = lambda a, k: a.reshape(a.shape[:-1] + (k, a.shape[-1] // k))
+  ours = {
+      "network/value_embedding/embedding": ref["classifier/Embed_0/embedding"],
+      "network/conditioning/time/dense_0/kernel": ref["classifier/CondEmbedding_0/dense0/kernel"],
+      "network/conditioning/time/dense_0/bias": ref["classifier/CondEmbedding_0/dense0/bias"],
+      "network/conditioning/time/dense_1/kernel": ref["classifier/CondEmbedding_0/Dense_0/kernel"],
+      "network/conditioning/time/dense_1/bias": ref["classifier/CondEmbedding_0/Dense_0/bias"],
+      "network/dit/pos_embedding": ref[f"{d}/pos_embed"],
+  }
+  for leaf in ("kernel", "bias"):
+    ours[f"network/stem/{leaf}"] = ref[f"{u}/Conv_0/{leaf}"]
+    ours[f"network/out_conv/{leaf}"] = ref[f"{u}/Conv_1/{leaf}"]
+    ours[f"network/out_norm/modulation/{leaf}"] = chunks(
+        ref[f"{u}/CondGroupNorm_0/Dense_0/{leaf}"], 2)
+    ours[f"network/dit/patch_embed/{leaf}"] = ref[f"{d}/x_embedder/proj/{leaf}"]
+    ours[f"network/dit/final_modulation/dense/{leaf}"] = chunks(
+        ref[f"{d}/final_layer/Dense_0/{leaf}"], 2)
+    ours[f"network/dit/final_dense/{leaf}"] = ref[f"{d}/final_layer/linear/{leaf}"]
+  for i in range(vc.depth):
+    b, o = f"{d}/blocks_{i}", f"network/dit/block_{i}"
+    for name, ref_name in (("query", "wq"), ("key", "wk"), ("value", "wv")):
+      ours[f"{o}/attn/{name}/kernel"] = ref[f"{b}/attn/{ref_name}/kernel"].reshape(w, h, w // h)
+      ours[f"{o}/attn/{name}/bias"] = ref[f"{b}/attn/{ref_name}/bias"].reshape(h, w // h)
+    ours[f"{o}/attn/out/kernel"] = ref[f"{b}/attn/wo/kernel"].reshape(h, w // h, w)
+    for leaf in ("kernel", "bias"):
+      ours[f"{o}/mlp/wi/{leaf}"] = ref[f"{b}/mlp/fc1/{leaf}"]
+      ours[f"{o}/mlp/wo/{leaf}"] = ref[f"{b}/mlp/fc2/{leaf}"]
+      ours[f"{o}/modulation/dense/{leaf}"] = chunks(ref[f"{b}/Dense_0/{leaf}"], 6)
+  names = [f"down_res_{k}" for k in range(n)] + [f"up_res_{k}" for k in range(n + 1)]
+  for k, ours_name in enumerate(names):
+    r, o = f"{u}/ResBlock_{k}", f"network/{ours_name}"
+    for leaf in ("kernel", "bias"):
+      ours[f"{o}/norm_0/modulation/{leaf}"] = chunks(ref[f"{r}/CondGroupNorm_0/Dense_0/{leaf}"], 2)
+      ours[f"{o}/norm_1/modulation/{leaf}"] = chunks(ref[f"{r}/CondGroupNorm_1/Dense_0/{leaf}"], 2)
+      ours[f"{o}/conv_0/{leaf}"] = ref[f"{r}/Conv_0/{leaf}"]
+      ours[f"{o}/conv_1/{leaf}"] = ref[f"{r}/Conv_1/{leaf}"]
+    if f"{r}/Dense_0/kernel" in ref:  # The skip: a Dense there, a 1x1 convolution here.
+      ours[f"{o}/skip/kernel"] = ref[f"{r}/Dense_0/kernel"][None, None]
+      ours[f"{o}/skip/bias"] = ref[f"{r}/Dense_0/bias"]
   return ours
 
 
@@ -283,23 +388,48 @@ def _logits_pair(config, direct: dict, restored: dict, z, t):
   return np.asarray(apply(direct)), np.asarray(apply(restored))
 
 
-def _setup_text(tmp_path, step=7):
+def _setup_text(directory, step=7):
   config = _text_config()
   ref = _normal(np.random.default_rng(0), _text_reference_shapes(config))
   ema = {k: 0.5 * v for k, v in ref.items()}
-  mu, nu = write_reference(str(tmp_path / "ref"), step, ref, ema)
+  mu, nu = write_reference(str(directory / "ref"), step, ref, ema)
   return config, ref, ema, mu, nu
+
+
+@pytest.fixture(scope="module")
+def text_reference(tmp_path_factory):
+  """The text transformer's reference checkpoint (step 7, EMA, Adam moments), written once:
+  (config, ref, ema, nu, its directory)."""
+  directory = tmp_path_factory.mktemp("text")
+  config, ref, ema, _, nu = _setup_text(directory)
+  return config, ref, ema, nu, directory
+
+
+@pytest.fixture(scope="module")
+def converted_text(text_reference):
+  """text_reference converted and restored once for the tests that read it:
+  (config, ref, ema, nu, restored state, directory)."""
+  config, ref, ema, nu, directory = text_reference
+  config = config.copy_and_resolve_references()
+  record = reference.convert(str(directory / "ref"), config, str(directory / "run"),
+                             mesh=_one_device())
+  assert record == {"source": str(directory / "ref" / "checkpoints" / "7" / "train_state"),
+                    "step": 7, "parameters": record["parameters"], "ema": "reference",
+                    "adam_moments": "reference"}
+  _, _, state = workdir_lib.restore_run(str(directory / "run"), mesh=_one_device())  # Checksums.
+  return config, ref, ema, nu, state, directory
+
+
+def _text_inputs(config, seed=1):
+  z = np.random.default_rng(seed).integers(0, config.vocab_size + 1,
+                                           (2,) + tuple(config.data_shape)).astype(np.int32)
+  return z, jnp.array([0.3, 0.8])
 
 
 # ------------------------------------------------------------- tests ---
 
-def test_text_transformer_converts_with_ema_and_adam_moments(tmp_path):
-  config, ref, ema, mu, nu = _setup_text(tmp_path)
-  workdir = str(tmp_path / "run")
-  record = reference.convert(str(tmp_path / "ref"), config, workdir, mesh=_one_device())
-  assert record["step"] == 7 and record["ema"] == "reference"
-  assert record["adam_moments"] == "reference"
-  _, _, state = workdir_lib.restore_run(workdir, mesh=_one_device())  # Checksums verified.
+def test_text_transformer_converts_with_ema_and_adam_moments(converted_text):
+  config, ref, ema, nu, state, directory = converted_text
   assert int(state.step) == 7
   want = _text_ours(ref, config)
   got = _flat_state(state.params)
@@ -314,21 +444,70 @@ def test_text_transformer_converts_with_ema_and_adam_moments(tmp_path):
   for k, v in _text_ours(nu, config).items():
     np.testing.assert_array_equal(_flat_state(adam.nu)[k], v, err_msg=k)
   # The restored model computes what the same model computes on the weights given directly.
-  z = np.random.default_rng(1).integers(0, config.vocab_size + 1,
-                                        (2,) + tuple(config.data_shape)).astype(np.int32)
-  t = jnp.array([0.3, 0.8])
+  z, t = _text_inputs(config)
   direct, restored = _logits_pair(config, _nest(want)["network"], state.params["network"], z, t)
   np.testing.assert_allclose(restored, direct, rtol=1e-6, atol=1e-6)
   assert np.abs(direct).max() > 1e-2  # Non-trivial logits (the head is not zero).
-  saved = json.load(open(os.path.join(workdir, "config.json")))
+  saved = json.load(open(directory / "run" / "config.json"))
   assert saved["transformer"]["cond_dim"] == 16
+
+
+def test_restored_text_block_is_the_papers_block_on_the_reference_weights(converted_text):
+  """Block 0 of the restored network, on the input and conditioning it sees inside the
+  network, equals the numpy re-statement of the paper's block (eps 1e-5) on the
+  reference's arrays (reshaped here by hand)."""
+  config, ref, _, _, state, _ = converted_text
+  network = build.build_model(config).network
+
+  @jax.jit
+  def block_0_io(params, z, t):
+    seen = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.module.name == "block_0" and context.method_name == "__call__":
+        seen["x"], seen["c"], seen["out"] = args[0], args[1], out
+      return out
+    with flax.linen.intercept_methods(interceptor):
+      network.apply({"params": params}, z, t)
+    return seen
+
+  seen = block_0_io(state.params["network"], *_text_inputs(config, seed=5))
+  weights = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                         _nest(_text_ours(ref, config))["network"]["block_0"])
+  want = paper_numpy.block(weights, np.asarray(seen["x"], np.float64),
+                           np.asarray(seen["c"], np.float64))
+  np.testing.assert_allclose(seen["out"], want, rtol=1e-4, atol=1e-4)
+  assert np.abs(want - seen["x"]).max() > 1e-1  # The block changes its input.
+
+
+def test_genmd4_converts_its_schedule_exponents_and_computes_the_same_logits(tmp_path):
+  """GenMD4: the transformer plus the reference's noise_schedule/w (softplus(w) are the
+  per-token exponents), one block deep."""
+  config = _text_config()
+  base.genmd4(config)
+  config.transformer.depth = 1
+  shapes = _text_reference_shapes(config)
+  shapes["noise_schedule/w"] = (config.vocab_size,)
+  ref = _normal(np.random.default_rng(8), shapes)
+  write_reference(str(tmp_path / "ref"), 4, ref, ema=None, with_adam=False)
+  workdir = str(tmp_path / "run")
+  reference.convert(str(tmp_path / "ref"), config, workdir, mesh=_one_device())
+  _, experiment, state = workdir_lib.restore_run(workdir, mesh=_one_device())
+  want = _text_ours(ref, config)
+  assert set(_flat_state(state.params)) == set(want) | {"w_raw"}
+  powers = experiment.model.apply({"params": state.ema_params}, method=lambda m: m.powers())
+  np.testing.assert_allclose(powers, np.logaddexp(0.0, ref["noise_schedule/w"]), rtol=1e-6)
+  z, t = _text_inputs(config)
+  direct, restored = _logits_pair(config, _nest(want)["network"], state.ema_params["network"],
+                                  z, t)
+  np.testing.assert_allclose(restored, direct, rtol=1e-6, atol=1e-6)
+  assert np.abs(direct).max() > 1e-2
 
 
 def test_unet_converts_and_computes_the_same_logits(tmp_path):
   config = _unet_config()
-  experiment = build.setup(config)
-  ours_shapes = checkpoint_lib.array_shapes(experiment.abstract_state.params)
-  ref = _normal(np.random.default_rng(2), _unet_reference_shapes(config, ours_shapes))
+  ref = _normal(np.random.default_rng(2), _unet_reference_shapes(config))
   write_reference(str(tmp_path / "ref"), 3, ref, ema=None, with_adam=False)
   workdir = str(tmp_path / "run")
   record = reference.convert(str(tmp_path / "ref" / "checkpoints"), config, workdir,
@@ -345,19 +524,90 @@ def test_unet_converts_and_computes_the_same_logits(tmp_path):
   assert np.abs(direct).max() > 1e-2
 
 
-@pytest.mark.parametrize("order", ["cos_sin", "sin_cos"])
-def test_time_rows_turn_the_reference_sinusoid_into_either_order(order):
-  """x_ref @ W_ref == x_ours @ converted W for the same frequencies, label rows untouched."""
-  f, hidden, label = 8, 5, 3
-  rng = np.random.default_rng(4)
-  w_ref = rng.standard_normal((f + label, hidden))
-  args = np.outer([0.0, 0.37, 1.5], np.exp(-np.arange(f // 2)))
-  y = rng.standard_normal((3, label))
-  sin_cos = np.concatenate([np.sin(args), np.cos(args), y], axis=1)
-  ours = (sin_cos if order == "sin_cos" else
-          np.concatenate([np.cos(args), np.sin(args), y], axis=1))
-  converted = reference._time_rows(w_ref, f, order)  # pylint: disable=protected-access
-  np.testing.assert_allclose(ours @ converted, sin_cos @ w_ref, rtol=1e-12)
+@pytest.fixture(scope="module")
+def uvit_reference(tmp_path_factory):
+  """A reference UViT checkpoint at step 5 (no EMA, no Adam moments): (config, ref, dir)."""
+  directory = tmp_path_factory.mktemp("uvit")
+  config = _uvit_config()
+  ref = _normal(np.random.default_rng(6), _uvit_reference_shapes(config))
+  write_reference(str(directory / "ref"), 5, ref, ema=None, with_adam=False)
+  return config, ref, directory
+
+
+def test_uvit_converts_and_computes_the_same_logits(uvit_reference):
+  config, ref, directory = uvit_reference
+  workdir = str(directory / "run")
+  reference.convert(str(directory / "ref"), config, workdir, mesh=_one_device())
+  _, _, state = workdir_lib.restore_run(workdir, mesh=_one_device())
+  assert int(state.step) == 5
+  want = _uvit_ours(ref, config)
+  assert set(_flat_state(state.params)) == set(want)
+  z = np.random.default_rng(9).integers(0, 257, (2,) + tuple(config.data_shape)).astype(np.int32)
+  t = jnp.array([0.4, 0.7])
+  direct, restored = _logits_pair(config, _nest(want)["network"], state.ema_params["network"],
+                                  z, t)
+  np.testing.assert_allclose(restored, direct, rtol=1e-5, atol=1e-5)
+  assert np.abs(direct).max() > 1e-2
+
+
+# ------------------------------------------ the reference's function ---
+
+def _parsed_config(spec: str, *overrides: str):
+  """The config md4_jax.convert's --config flag yields for `spec` and --config.* overrides."""
+  argv = ["md4_jax.convert", f"--config={spec}", *overrides]
+  flag_values = flags.FlagValues()
+  holder = cli.define_config_flag("config", "", flag_values=flag_values)
+  with mock.patch.object(sys, "argv", argv):  # config_flags reads the overrides from sys.argv.
+    flag_values(argv)
+  return holder.value
+
+
+@pytest.mark.parametrize("spec", ["text8", "text8:tiny", "text8:genmd4", "cifar10",
+                                  "cifar10:tiny", "imagenet64", "imagenet64:tiny",
+                                  "imagenet64:best_likelihood", "openwebtext", "fineweb_edu"])
+def test_paper_configs_compute_the_reference_function_without_overrides(spec):
+  assert reference.function_overrides(_parsed_config(spec)) == []
+
+
+@pytest.mark.parametrize("spec, overrides, named", [
+    ("text8:wide_cond", (), ["--config.transformer.sinusoid=md4",
+                             "--config.transformer.norm_eps=1e-05"]),
+    ("cifar10:wide_cond", (), ["--config.unet.sinusoid=md4"]),
+    ("imagenet64:tiny", ("--config.uvit.dit_residual=True",), ["--config.uvit.dit_residual=False"]),
+    ("cifar10", ("--config.classes=10", "--config.unet.label_cond=add"),
+     ["--config.unet.label_cond=concat"]),
+])
+def test_the_named_overrides_give_the_reference_function(spec, overrides, named):
+  """What the refusal names is exactly what is missing, and parsed as the CLI parses it."""
+  config = _parsed_config(spec, *overrides)
+  assert reference.function_overrides(config) == named
+  with pytest.raises(ValueError, match=re.escape(" ".join(named))):
+    reference.check_function(config)
+  assert reference.function_overrides(_parsed_config(spec, *overrides, *named)) == []
+
+
+@pytest.mark.parametrize("edit, named", [
+    ({"transformer": {"sinusoid": "dit"}}, "--config.transformer.sinusoid=md4"),
+    ({"uvit": {"dit_residual": True}}, "--config.uvit.dit_residual=False"),
+])
+def test_config_of_another_function_is_refused_in_one_line(text_reference, uvit_reference,
+                                                           capsys, tmp_path, edit, named):
+  """The reference checkpoint's names and shapes fit the config, its function does not:
+  one line naming the override, exit 2, nothing written."""
+  (group, values), = edit.items()
+  config, directory = ((uvit_reference[0], uvit_reference[2]) if group == "uvit" else
+                       (text_reference[0], text_reference[4]))
+  config = config.copy_and_resolve_references()
+  config[group].update(values)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(lambda: reference.convert(str(directory / "ref"), config, workdir),
+            "md4_jax.convert")
+  assert exit_info.value.code == cli.EXIT_BAD_INPUT
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.endswith(
+      f"convert with {named} (see docs/convert.md)."), err
+  assert not os.path.exists(workdir)
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -412,35 +662,46 @@ def get_config(arg=None):
 
 
 @pytest.mark.slow
-def test_cli_converts_then_training_resumes_and_evaluation_and_sampling_run(tmp_path):
-  from md4_jax import evaluate  # pylint: disable=g-import-not-at-top
+def test_cli_converts_then_training_resumes_and_evaluation_and_sampling_run(text_reference,
+                                                                            tmp_path):
   from md4_jax.run import loop  # pylint: disable=g-import-not-at-top
-  config, ref, _, _, _ = _setup_text(tmp_path, step=7)
+  config, ref, _, _, directory = text_reference
+  config = config.copy_and_resolve_references()
   config_file = tmp_path / "paper_tiny.py"
   config_file.write_text(CONFIG_FILE)
   workdir = str(tmp_path / "run")
-  done = helpers.run_module("md4_jax.convert", f"--from_reference={tmp_path / 'ref'}",
+  done = helpers.run_module("md4_jax.convert", f"--from_reference={directory / 'ref'}",
                             f"--config={config_file}", f"--workdir={workdir}",
                             "--config.eval_batch_size=40", devices=1)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "Converted reference step 7" in done.stdout
+  # The commands a user runs next, on the converted checkpoint (step 7).
+  report_file = tmp_path / "eval.json"
+  done = helpers.run_module("md4_jax.evaluate", f"--workdir={workdir}", "--step=7",
+                            "--num_t_samples=1", f"--output={report_file}", devices=1)
+  assert done.returncode == 0, done.stderr[-2000:]
+  report = json.loads(report_file.read_text())
+  assert report["step"] == 7 and np.isfinite(report["nelbo"]) and report["examples"] > 0
+  done = helpers.run_module("md4_jax.sample", f"--workdir={workdir}", "--step=7",
+                            "--num_samples=4", "--batch_size=4", "--steps=4",
+                            f"--out_dir={tmp_path / 'samples'}", devices=1)
+  assert done.returncode == 0, done.stderr[-2000:]
+  (info_file,) = (tmp_path / "samples").glob("*.json")
+  info = json.loads(info_file.read_text())
+  assert info["nfe"] == 4 and info["num_samples"] == 4
+  tokens = np.load(str(info_file)[:-len(".json")] + ".npy")
+  assert tokens.shape == (4,) + tuple(config.data_shape)
+  assert tokens.min() >= 0 and tokens.max() < config.vocab_size  # Every mask revealed.
   config.eval_batch_size = 40
-  # Training continues from the reference's step 7 to 9.
-  loop.run(config, workdir)
+  # Training continues from the reference's step 7 to 9 and evaluates there.
+  final = loop.run(config, workdir)
   assert helpers.checkpoint_steps(workdir) == [7, 9]
-  report = evaluate.evaluate_checkpoint(workdir, num_t_samples=1)  # The latest step.
-  assert report["step"] == 9 and np.isfinite(report["nelbo"])
-  # Sampling as md4_jax.sample does it (restore_run, then the experiment's jitted sampler).
-  _, experiment, state = workdir_lib.restore_run(workdir)
+  assert final["step"] == 9 and np.isfinite(final["eval_loss"])
+  _, _, state = workdir_lib.restore_run(workdir)
   # Two small steps moved the reference's weights (std 0.3) by far less than their size.
   embedding = np.asarray(state.params["network"]["token_embedding"]["embedding"])
   moved = np.abs(embedding - ref["classifier/Embed_0/embedding"]).max()
   assert 0 < moved < 0.05, moved
-  z = sampling.all_masked(experiment.model, 8)
-  tokens, stats = experiment.sampler(steps=4)({"params": state.ema_params}, jax.random.key(0), z)
-  tokens = np.asarray(tokens)
-  assert tokens.shape == (8,) + tuple(config.data_shape) and int(stats["nfe"]) == 4
-  assert tokens.min() >= 0 and tokens.max() < config.vocab_size  # Every mask revealed.
 
 
 @pytest.mark.parametrize("name, variant", [("text8", ""), ("text8", "genmd4"),

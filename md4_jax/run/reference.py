@@ -21,9 +21,16 @@ and to how the array changes on the way:
               from [C, K * D] in the reference's chunk order
   fuse_first  md4_jax [A, B, ...] from [A * B, ...]: the attention output [H, Dh, D]
   conv1x1     md4_jax's 1x1 skip convolution [1, 1, I, O] from the reference's Dense [I, O]
-  time_rows   the first time-MLP layer: the same shape, its sinusoid rows permuted when
-              md4_jax's sinusoid under the config is [cos | sin] (`sinusoid_order`); rows
-              after the sinusoid (a concatenated label embedding) stay as they are
+
+The time MLP maps as it is ('same'): the config must compute the reference's function,
+so its sinusoid is the reference's ([sin | cos] over 10000^(-i/(half-1))) and a label
+embedding is concatenated after it, as there. Names and shapes cannot tell the options
+that change the function but no parameter (REFERENCE_FUNCTION: the sinusoid, where class
+labels join, the text LayerNorm epsilon, the UViT's DiT residual), so `check_function`
+refuses a config with md4_jax's own values, naming the --config overrides that give the
+reference's (the paper configs need none). The other differences of md4_jax's own designs
+(UNet attention biases, a head bias, learned positions, other widths) show in the
+parameters and are refused by the tables below.
 
 A table is consulted for the parameters the md4_jax network of the config has, so an
 optional parameter (q/k/v/out biases, a head bias) is mapped exactly when the network
@@ -82,15 +89,11 @@ class Context:
     embed_outside: the reference embeds tokens outside its transformer (md4_jax's
       embed_dim > 0: a narrow embedding projected to the width).
     cond: the network reads a conditioning vector (its residual blocks have FiLM).
-    time_embedding: config.time_embedding (the time MLP's widths).
-    sinusoid_order: 'cos_sin' or 'sin_cos', md4_jax's time sinusoid under the config.
   """
 
   blocks: int
   embed_outside: bool
   cond: bool
-  time_embedding: str
-  sinusoid_order: str
 
 
 # (our path regex, reference path from the match and the context, transform: a name of the
@@ -101,7 +104,7 @@ Rule = tuple[str, Callable[[re.Match, Context], str], "str | Callable[[re.Match]
 def _time_rules() -> list[Rule]:
   return [
       (r"network/conditioning/time/dense_0/(kernel|bias)",
-       lambda m, c: f"{_TIME}/dense0/{m[1]}", "time_rows"),
+       lambda m, c: f"{_TIME}/dense0/{m[1]}", "same"),
       (r"network/conditioning/time/dense_1/(kernel|bias)",
        lambda m, c: f"{_TIME}/Dense_0/{m[1]}", "same"),
       (r"network/conditioning/label/embedding", lambda m, c: "cond_embeddings/embedding", "same"),
@@ -253,19 +256,6 @@ def _fuse_first(shape):
   return (shape[0] * shape[1],) + shape[2:]
 
 
-def _time_rows(ref: np.ndarray, frequency_dim: int, order: str) -> np.ndarray:
-  """The reference's rows [sin | cos] (then any label rows) in md4_jax's `order`.
-
-  Row j < half of a [cos | sin] sinusoid is cos(ω_j ·), the reference's row half + j.
-  """
-  if order == "sin_cos" or ref.ndim != 2:
-    return ref
-  half = frequency_dim // 2
-  perm = np.concatenate([np.arange(half, 2 * half), np.arange(half), np.arange(2 * half,
-                                                                             ref.shape[0])])
-  return ref[perm]
-
-
 def reference_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
   """The shape the reference stores for an md4_jax parameter of shape `ours`."""
   if kind == "fuse_last":
@@ -283,31 +273,63 @@ def _kind(kind, match: re.Match) -> str:
 
 # ------------------------------------------------------------ the config ---
 
-def sinusoid_order(config: ml_collections.ConfigDict) -> str:
-  """'cos_sin' or 'sin_cos': the order of md4_jax's time sinusoid under `config`.
+# config.network -> {option of its group: the reference's value}: the options that change
+# the network's function but none of its parameters, so the tables cannot see them.
+REFERENCE_FUNCTION: dict[str, dict[str, Any]] = {
+    "transformer": {"sinusoid": "md4", "norm_eps": 1e-5},
+    "unet": {"sinusoid": "md4"},
+    "uvit": {"sinusoid": "md4", "dit_residual": False},
+}
+# ... and where class labels join the time embedding, when the run has them.
+REFERENCE_LABEL_COND = "concat"
 
-  Read from the sinusoid itself at t = 0 (cos 0 = 1 comes first in [cos | sin]). When the
-  order becomes a config option, pass it here: this is the one place the tables read it.
-  """
-  del config  # One order today for every config.
-  first = float(conditioning.timestep_embedding(jnp.zeros((1,)), 4)[0, 0])
-  return "cos_sin" if first == 1.0 else "sin_cos"
+
+def _flag_value(value: Any) -> str:
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def function_overrides(config: ml_collections.ConfigDict) -> list[str]:
+  """The --config overrides that make the config's network compute the reference's
+  function (REFERENCE_FUNCTION; empty for the paper configs), in the table's order."""
+  group = config[config.network]
+  want = dict(REFERENCE_FUNCTION.get(config.network, {}))
+  if not conditioning.TIME_FEATURES.get(config.time_features, True):
+    want.pop("sinusoid", None)  # No time MLP: the sinusoid is not computed.
+  if config.classes > 0:
+    want["label_cond"] = REFERENCE_LABEL_COND
+  return [f"--config.{config.network}.{key}={_flag_value(value)}"
+          for key, value in want.items() if group[key] != value]
+
+
+def check_function(config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the overrides `function_overrides` lists, if any."""
+  overrides = function_overrides(config)
+  if overrides:
+    raise ValueError(
+        f"The config's {config.network} computes another function than the reference's from "
+        f"the same weights (md4_jax's own design); convert with {' '.join(overrides)} "
+        "(see docs/convert.md).")
 
 
 def context(config: ml_collections.ConfigDict) -> Context:
-  """The tables' Context of the config's network (ValueError for one without a table)."""
+  """The tables' Context of the config's network.
+
+  Raises:
+    ValueError: a network without a table, stacked blocks, or a config whose network
+      computes another function than the reference's (`check_function`).
+  """
   if config.network not in TABLES:
     raise ValueError(f"config.network={config.network!r} has no reference table; valid: "
                      f"{', '.join(sorted(TABLES))}.")
   if config.scan_layers:
     raise ValueError("config.scan_layers=True stacks the blocks into one parameter; convert "
                      "with --config.scan_layers=False (the reference's blocks are separate).")
+  check_function(config)
   group = config[config.network]
   blocks = group.depth if config.network == "transformer" else group.num_res_blocks
   embed_outside = config.network == "transformer" and group.embed_dim > 0
   cond = config.time_features != "none" or config.classes > 0
-  return Context(int(blocks), bool(embed_outside), bool(cond), config.time_embedding,
-                 sinusoid_order(config))
+  return Context(int(blocks), bool(embed_outside), bool(cond))
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -382,10 +404,7 @@ def map_params(reference: dict[str, Any], ours: dict[str, tuple[int, ...]], tabl
       raise ReferenceMismatchError(
           f"{what}: reference parameter {name} is {ref[name].shape}, the config's network needs "
           f"{want} (for md4_jax's {path} {ours[path]})")
-    array = ref[name]
-    if kind == "time_rows":
-      array = _time_rows(array, _frequency_dim(ours, path, ctx), ctx.sinusoid_order)
-    out[path] = array.reshape(ours[path])
+    out[path] = ref[name].reshape(ours[path])
     used.add(name)
   unused = sorted(set(ref) - used)
   if unused:
@@ -394,13 +413,6 @@ def map_params(reference: dict[str, Any], ours: dict[str, tuple[int, ...]], tabl
         f"the config's network ({len(unused)} unused): it was trained with another network "
         "than the config's")
   return out
-
-
-def _frequency_dim(ours: dict[str, tuple[int, ...]], path: str, ctx: Context) -> int:
-  """The width of the sinusoid feeding the time MLP whose first layer is `path`
-  (TIME_EMBEDDINGS of the conditioning width E, the second layer's output)."""
-  width = ours[path.rsplit("/", 2)[0] + "/dense_1/kernel"][-1]
-  return conditioning.time_embedding_widths(ctx.time_embedding, width)[0]
 
 
 # --------------------------------------------------- reading the reference ---
@@ -595,8 +607,7 @@ def convert(source: str, config: ml_collections.ConfigDict, workdir: str,
   record = {"source": os.path.abspath(path) if "://" not in path else path, "step": step,
             "parameters": int(sum(np.prod(s) for s in ours.values())),
             "ema": "reference" if ema_from_reference else "copied from params",
-            "adam_moments": "reference" if mu is not None else "zeros",
-            "sinusoid_order": ctx.sinusoid_order}
+            "adam_moments": "reference" if mu is not None else "zeros"}
   if jax.process_index() == 0:
     saved_config.save_config(config, workdir)
     (epath.Path(workdir) / RECORD_FILE).write_text(json.dumps(record, indent=2))
