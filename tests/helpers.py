@@ -26,6 +26,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIGITS = "--config=configs/digits.py:tiny"
 
 
+# LLVM's optimisation off, as in the test process (tests/conftest.py): compiling dominates the
+# suite's tiny programs.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test subprocess with `devices` CPU devices."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
 def digits_tiny(variant: str = "tiny", **overrides):
   """configs/digits.py:tiny (or 'tiny_cond') with top-level overrides."""
   config = digits.get_config(variant)
@@ -76,7 +86,7 @@ def chi_square_pvalue(counts_LxV, probs_LxV) -> float:
 def run_module(module: str, *args, devices: int = 1, timeout: int = 600,
                **popen_kwargs) -> subprocess.CompletedProcess:
   """`python -m module args` in the repository with `devices` forced CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **popen_kwargs)
