@@ -55,6 +55,7 @@ def test_the_flag_loads_a_name_like_its_path():
   assert holder.value.is_locked
 
 
+@pytest.mark.slow  # Two training processes (they stop at validation).
 def test_training_takes_a_name_from_any_directory(tmp_path):
   """From a directory without configs/, the name loads, `--config.key` overrides apply, and
   an unknown name is one line and exit 2."""

@@ -15,8 +15,12 @@ import os
 import shutil
 import tempfile
 
-# Must happen before JAX initialises its backends.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before JAX initialises its backends. LLVM's optimisation off: the suite's programs
+# are tiny, so compiling them dominates, and -O0 about halves it while the heavy ops (dots,
+# convolutions) still run in the same library kernels. Subprocesses get the same flag
+# (helpers.xla_flags).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -48,6 +52,26 @@ def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: subprocess trainings, multi-process runs, notebooks, benchmark scripts "
       "and long statistical tests (the fast tier is `pytest -m \"not slow\" tests`).")
+
+
+def _group(item) -> str | None:
+  mark = item.get_closest_marker("xdist_group")
+  return None if mark is None else str(mark.args[0] if mark.args else mark.kwargs["name"])
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under `--dist loadgroup` (the suite's command, with `--no-loadscope-reorder`): slow
+  tests first, otherwise in file order, a file marked `xdist_group` moving as one. The two
+  workers take the tests one at a time in this order (a group at once), so the longest
+  start first and the short ones fill in the end. Other runs keep the file order."""
+  if not getattr(config.option, "loadgroup", False):  # Set in xdist's workers.
+    return
+  slow_groups = {_group(item) for item in items if item.get_closest_marker("slow")}
+  def first(item):
+    group = _group(item)
+    return item.get_closest_marker("slow") is not None or (group is not None
+                                                           and group in slow_groups)
+  items.sort(key=lambda item: not first(item))  # Stable: file order within each part.
 
 
 def pytest_unconfigure(config):

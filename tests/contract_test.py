@@ -8,6 +8,9 @@ import helpers
 from md4_jax import cli
 from md4_jax.experiment import validation
 
+# The hostile-input table's workdirs are built once: its tests stay on one xdist worker.
+pytestmark = pytest.mark.xdist_group("contract")
+
 
 def test_out_of_memory_is_one_line_naming_the_knob(capsys):
   def oom():

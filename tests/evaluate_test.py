@@ -22,6 +22,9 @@ from md4_jax.experiment import parallel
 from md4_jax.run import saved_config
 from md4_jax.experiment import build
 
+# The checkpoint is written once: these tests stay on one xdist worker.
+pytestmark = pytest.mark.xdist_group("evaluate")
+
 STEPS = 30
 
 

@@ -407,7 +407,7 @@ def test_sigterm_resume_is_bit_identical_and_the_clis_work_unchanged(tmp_path):
   result = helpers.run_module("md4_jax.train", *args, f"--workdir={full}")
   assert result.returncode == 0, result.stderr[-3000:]
   part = tmp_path / "part"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1),
              JAX_PLATFORMS="cpu")
   proc = subprocess.Popen([sys.executable, "-m", "md4_jax.train", *args, f"--workdir={part}"],
                           cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,

@@ -26,6 +26,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIGITS = "--config=configs/digits.py:tiny"
 
 
+# LLVM's optimisation off, as in the test process (tests/conftest.py): compiling dominates the
+# suite's tiny programs.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for a test subprocess with `devices` CPU devices; fast_compile=False for a run
+  of hundreds of steps on a model beyond the tiny ones, whose unoptimised steps would cost more
+  than the compile saves."""
+  return f"--xla_force_host_platform_device_count={devices}" + (
+      f" {FAST_COMPILE}" if fast_compile else "")
+
+
 def digits_tiny(variant: str = "tiny", **overrides):
   """configs/digits.py:tiny (or 'tiny_cond') with top-level overrides."""
   config = digits.get_config(variant)
@@ -73,10 +86,10 @@ def chi_square_pvalue(counts_LxV, probs_LxV) -> float:
   return scipy_stats.chi2.sf(stat, dof)
 
 
-def run_module(module: str, *args, devices: int = 1, timeout: int = 600,
+def run_module(module: str, *args, devices: int = 1, timeout: int = 600, fast_compile: bool = True,
                **popen_kwargs) -> subprocess.CompletedProcess:
-  """`python -m module args` in the repository with `devices` forced CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  """`python -m module args` in the repository with `devices` forced CPU devices (xla_flags)."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices, fast_compile),
              JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout, **popen_kwargs)

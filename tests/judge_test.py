@@ -23,6 +23,9 @@ from md4_jax.configs import synthetic_text
 from md4_jax.metrics import gpt2
 from md4_jax.metrics import judge as judge_lib
 
+# The tiny judge is fitted once: these tests stay on one xdist worker.
+pytestmark = pytest.mark.xdist_group("judge")
+
 CONTEXT = 32
 
 

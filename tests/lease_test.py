@@ -139,7 +139,7 @@ def _train(workdir, *extra, background=False):
   args = [sys.executable, "-m", "md4_jax.train", helpers.TINY_DIGITS, f"--workdir={workdir}",
           "--config.num_train_steps=12", "--config.checkpoint_every_steps=6",
           "--config.eval_every_steps=0", "--config.sample_every_steps=0", *extra]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=helpers.xla_flags(1),
              JAX_PLATFORMS="cpu")
   if background:
     return subprocess.Popen(args, cwd=helpers.REPO, env=env, stdout=subprocess.PIPE,

@@ -9,7 +9,7 @@ import os
 import pytest
 
 # Tracing every paper-size network (no compile) takes ~15 s: the full suite's tier.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("paper_configs")]  # Counted once.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(REPO, "docs", "paper_params.md")

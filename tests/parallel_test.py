@@ -12,6 +12,9 @@ from md4_jax.experiment import build
 
 import helpers
 
+# The one-device reference is computed once: these tests stay on one xdist worker.
+pytestmark = pytest.mark.xdist_group("parallel")
+
 
 def _config():
   config = text8.get_config("tiny")

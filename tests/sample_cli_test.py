@@ -81,6 +81,7 @@ def test_text_prompt_infilling(tmp_path):
   assert "[0] the _____ of " + "_" * 19 in trajectory
 
 
+@pytest.mark.slow  # Two sampling processes.
 def test_workdir_without_checkpoint_is_a_clean_error(tmp_path):
   workdir = tmp_path / "empty"
   workdir.mkdir()

@@ -118,9 +118,11 @@ def test_checkpoint_roundtrip_restores_identical_state_and_data(tmp_path):
 
 
 def _run_main(workdir, *overrides):
+  # One device, as the other tiny-digits trainings of the suite: their compiled programs are
+  # shared through the session's compilation cache (the multi-host test runs the command on 8).
   return helpers.run_module("md4_jax.train", helpers.TINY_DIGITS, f"--workdir={workdir}",
                             "--config.num_samples=4", "--config.log_loss_every_steps=5",
-                            *overrides, devices=2)
+                            *overrides)
 
 
 @pytest.mark.slow
