@@ -71,6 +71,9 @@ setuptools.setup(
         "notebooks": ["matplotlib>=3.11.2", "ipykernel>=7.4.0"],
         "judge": _JUDGE,
         "gcs": _GCS,
+        # A Cloud TPU VM (launch/tpu_pod.sh installs ".[tpu]" with constraints.txt, which pins
+        # jax: jax[tpu] then brings the libtpu built for that jax).
+        "tpu": ["jax[tpu]>=0.10.2", *_GCS],
         # Tokenising OpenWebText / FineWeb-Edu once (md4_jax.data.prepare). `datasets` is not in
         # the CI environment (tests hand documents in directly): its bound is not a tested one.
         "prepare": ["datasets>=2.18", "tokenizers>=0.22.2", "tqdm>=4.70.1"],
