@@ -45,7 +45,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 # Libraries whose INFO (and, for quiet commands, WARNING) chatter is dropped.
-_NOISY = ("/orbax/", "/grain/", "/etils/")
+_NOISY = ("/orbax/", "/grain/", "/etils/", "/gcsfs/", "/google/auth/", "/google/cloud/")
 
 T = TypeVar("T")
 
