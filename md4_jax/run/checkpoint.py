@@ -158,7 +158,13 @@ class Checkpointer:
     Raises:
       OSError: the save failed (e.g. disk full); the previous checkpoints are intact.
     """
-    items = {STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.JsonSave(digest(state))}
+    checksums = digest(state)
+    if self._options["async_save"] and jax.devices()[0].platform == "cpu":
+      # On CPU orbax's copy off the devices is a view of the same memory, which the next
+      # (donating) train step may reuse while the background write still reads it: orbax
+      # gets a private copy. On accelerators orbax copies to host memory itself.
+      state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+    items = {STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.JsonSave(checksums)}
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
