@@ -84,9 +84,9 @@ def bucket_of(path: PathLike) -> str:
 
 
 def check_reachable(path: PathLike, flag: str = "path") -> None:
-  """Raises OSError (one line) if a gs:// path's bucket cannot be listed: no network, no
-  credentials, no such bucket; ValueError if no client serves its scheme (`check_served`).
-  Local paths pass. Nothing is created."""
+  """Raises OSError (one line) if a gs:// path's bucket cannot be reached: no network, no
+  credentials, no such bucket, no permission; ValueError if no client serves its scheme
+  (`check_served`). Local paths pass. Nothing is created."""
   check_served(path, flag)
   if not is_remote(path):
     return
