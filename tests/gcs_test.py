@@ -203,3 +203,26 @@ def test_an_unknown_bucket_is_one_line_at_start(emulator):
                      r"'no-such-bucket'") as info:
     paths.check_reachable("gs://no-such-bucket/run", "--workdir")
   assert "\n" not in str(info.value)
+
+
+def test_prepare_writes_a_zero_shot_set_into_the_bucket_that_evaluate_verifies(emulator, tmp_path):
+  import types  # pylint: disable=g-import-not-at-top
+  from md4_jax.data import prepare, tokenized, zero_shot  # pylint: disable=g-import-not-at-top
+  from zero_shot_test import bpe_tokenizer  # pylint: disable=g-import-not-at-top
+  bpe_tokenizer(tmp_path / "tokenizer.json")
+  raw = tmp_path / "ptb.test.txt"
+  raw.write_text("".join(f" the cat number {i} sat on a mat <unk> \n" for i in range(60)))
+  remote_tok = f"{BUCKET}/tok/tokenizer.json"
+  paths.copy(str(tmp_path / "tokenizer.json"), remote_tok, progress=False)
+  target = f"{BUCKET}/zero_shot/ptb"
+  prepare.run(types.SimpleNamespace(
+      dataset="ptb", data_dir=target, raw=str(raw), url=None, protocol="join",
+      tokenizer=remote_tok, eos_token="<|endoftext|>", seq_len=8, validation_docs=1,
+      max_docs=0, sequences_per_shard=10))
+  shards = tokenized.find_shards(zero_shot.DATASETS["ptb"], target, zero_shot.SPLIT)
+  assert shards and all(s.startswith(f"{target}/") for s in shards)
+  summary = zero_shot.verify_prepared(target, "ptb", shards)  # Checksums read from the bucket.
+  assert summary["blocks"] > 0
+  assert paths.read_bytes(tokenized.tokenizer_path(target)) == (
+      tmp_path / "tokenizer.json").read_bytes()
+  assert not os.path.exists("gs:")
