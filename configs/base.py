@@ -390,6 +390,13 @@ def get_config():
   config.eval_every_steps = 500  # NELBO on the eval split, raw and EMA params (steps).
   config.checkpoint_every_steps = 500  # Checkpoint period (steps).
   config.max_checkpoints_to_keep = 3  # Older checkpoints are deleted.
+  # Write checkpoints in the background (orbax async; the step loop waits only for the copy
+  # off the devices): auto (on for a gs:// workdir, off on a local disk) | on | off.
+  config.async_checkpointing = "auto"
+  # jax.profiler trace of this many steps (0 = none) from profile_start_step, on process 0,
+  # into <workdir>/plugins/profile/ (TensorBoard's profile tab, xprof).
+  config.profile_steps = 0
+  config.profile_start_step = 10  # First traced step (after compilation and warm-up).
   config.sample_every_steps = 1000  # Sample a small batch (0 = only at the end).
   config.num_samples = 16  # Samples drawn each time.
   config.sampling_steps = 100  # Reverse-chain steps for the periodic samples.

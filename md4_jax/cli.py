@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Callable, Optional, TypeVar
 
-# TensorFlow (TFDS pipelines, summaries, gs:// through gfile) is quiet: no C++ INFO lines, and no
+# TensorFlow (TFDS pipelines, summaries) is quiet: no C++ INFO lines, and no
 # oneDNN notice on stderr before a command's one-line error. md4_jax computes nothing with
 # TensorFlow's CPU kernels, so its oneDNN rewrites gain nothing here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,6 +30,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from md4_jax import paths  # noqa: F401  (gs:// through gcsfs, set before any path is used)
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
@@ -43,7 +45,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 # Libraries whose INFO (and, for quiet commands, WARNING) chatter is dropped.
-_NOISY = ("/orbax/", "/grain/", "/etils/")
+_NOISY = ("/orbax/", "/grain/", "/etils/", "/gcsfs/", "/google/auth/", "/google/cloud/")
 
 T = TypeVar("T")
 

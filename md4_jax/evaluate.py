@@ -42,11 +42,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only reads TFDS
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from etils import epath  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 
 from md4_jax.run import checkpoint as checkpoint_lib  # noqa: E402
 from md4_jax import cli  # noqa: E402
+from md4_jax import paths  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
 from md4_jax.metrics import evaluation  # noqa: E402
 from md4_jax.experiment import memory  # noqa: E402
@@ -128,8 +128,9 @@ def evaluate_zero_shot(
     ValueError: an unknown set, or a run that does not model GPT-2 tokens.
   """
   names = zero_shot.check_names(names)
-  root = os.path.expanduser(root)
-  targets = [Target(dataset=n, data_dir=os.path.join(root, n), split=zero_shot.SPLIT)
+  paths.check_reachable(root, "--zero_shot_dir")
+  root = os.fspath(paths.path(root)) if not paths.is_remote(root) else root
+  targets = [Target(dataset=n, data_dir=paths.join(root, n), split=zero_shot.SPLIT)
              for n in names]
   # Every set's shards against its summary.json (checksums, block counts and lengths) first.
   summaries = [zero_shot.verify_prepared(
@@ -157,15 +158,16 @@ def _check_same_tokenizer(workdir: str, targets: Sequence["Target"]) -> None:
   config = workdir_lib.load_config(workdir)
   run_tokenizer = tokenized.tokenizer_path(
       data_lib.get_info(config.dataset).data_dir(config.data_dir))
-  if not os.path.exists(run_tokenizer):
-    return  # The training data is not on this machine: nothing to compare with.
-  with open(run_tokenizer, "rb") as f:
-    want = f.read()
+  try:
+    if not paths.exists(run_tokenizer):
+      return  # The training data is not on this machine: nothing to compare with.
+  except (OSError, ValueError):
+    return  # Nor reachable from it.
+  want = paths.read_bytes(run_tokenizer)
   for target in targets:
     path = tokenized.tokenizer_path(target.data_dir)
-    if os.path.exists(path):
-      with open(path, "rb") as f:
-        if f.read() != want:
+    if paths.exists(path):
+      if paths.read_bytes(path) != want:
           logging.warning("%s was tokenised with %s, which differs from the run's %s: the "
                           "perplexities compare different token streams.", target.dataset, path,
                           run_tokenizer)
@@ -195,7 +197,7 @@ def _evaluate(workdir: str, targets: Sequence[Target], *, num_t_samples: int,
                     f"--num_t_samples={num_t_samples}'s time grid for a batch of {grid_batch}",
                     "--num_t_samples (K = 8 is plenty for a report)")
   workdir_lib.checkpoint_step(workdir, step)  # No checkpoint or no such step: fail early.
-  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  root = workdir if paths.is_remote(workdir) else os.path.abspath(workdir)
   if batch_size is not None:
     run_cfg.eval_batch_size = batch_size
   run_cfg.grain_worker_count = 0  # The eval pipeline reads in this process.
@@ -297,9 +299,7 @@ def report_path(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: str) -> None:
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=2) + "\n")
+  paths.write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def summary(report: dict[str, Any]) -> str:
@@ -339,6 +339,9 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def _main() -> None:
+  paths.check_served(_WORKDIR.value, "--workdir")
+  if _OUTPUT.value:
+    paths.check_reachable(_OUTPUT.value, "--output")
   if _ZERO_SHOT.value:
     table = evaluate_zero_shot(
         _WORKDIR.value, _ZERO_SHOT.value, root=_ZERO_SHOT_DIR.value,

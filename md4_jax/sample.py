@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from md4_jax import cli  # noqa: E402
+from md4_jax import paths  # noqa: E402
 from md4_jax import data as data_lib  # noqa: E402
 from md4_jax.metrics import judge as judge_lib  # noqa: E402
 from md4_jax.experiment import memory  # noqa: E402
@@ -103,6 +104,9 @@ def run(workdir: str) -> dict:
   if jax.process_count() > 1:
     raise ValueError("md4_jax.sample runs in one process (over all its local devices); drop "
                      "--distributed.")
+  paths.check_served(workdir, "--workdir")
+  if _OUT_DIR.value:
+    paths.check_reachable(_OUT_DIR.value, "--out_dir")
   mesh = parallel.make_mesh({"data": -1})
   config, experiment, state = workdir_lib.restore_run(workdir, step=_STEP.value, mesh=mesh)
   model = experiment.model
@@ -162,11 +166,12 @@ def run(workdir: str) -> dict:
   exact = ({} if info_record.exact_source is None
            else info_record.exact_source(config).score(tokens))
 
-  out_dir = _OUT_DIR.value or os.path.join(workdir, "samples")
+  out_dir = _OUT_DIR.value or paths.join(workdir, "samples")
   name = sampling.command.output_stem(step, sampler, steps, _SEED.value, _LABEL.value)
-  base = os.path.join(out_dir, name)
+  base = paths.join(out_dir, name)
   files = [pictures.save_samples(tokens, base, model.vocab_size, codec)[0]]
-  np.save(base + ".npy", tokens)
+  with paths.open(base + ".npy", "wb") as f:
+    np.save(f, tokens)
   files.append(base + ".npy")
   if frames:
     files += pictures.save_trajectory(trajectory, base, model.vocab_size, model.mask_id, codec)
@@ -188,8 +193,7 @@ def run(workdir: str) -> dict:
     start = time.time()
     info.update(judge.score([codec.decode(t) for t in tokens]))
     info["judge_seconds"] = time.time() - start
-  with open(base + ".json", "w") as f:
-    json.dump(info, f, indent=2)
+  paths.write_text(base + ".json", json.dumps(info, indent=2))
   return info
 
 

@@ -50,6 +50,7 @@ import numpy as np
 import tqdm
 
 from md4_jax import cli
+from md4_jax import paths
 from md4_jax.data import tokenized
 from md4_jax.data import zero_shot
 
@@ -451,20 +452,27 @@ def run(f) -> None:
   if f.protocol == "bos_eos" and f.dataset in zero_shot.SETS and f.seq_len < 3:
     raise ValueError(f"--seq_len={f.seq_len}: 'bos_eos' blocks need BOS, a token and EOS "
                      "(>= 3).")
-  tokenizer, eos_id = load_tokenizer(f.tokenizer, f.eos_token)
+  for flag in ("tokenizer", "raw"):
+    if getattr(f, flag, None):
+      paths.check_reachable(getattr(f, flag), f"--{flag}")
+  tokenizer_file = paths.local_copy(f.tokenizer, "tokenizer") if f.tokenizer else f.tokenizer
+  tokenizer, eos_id = load_tokenizer(tokenizer_file, f.eos_token)
 
   def encode_batch(texts: list[str]) -> list[list[int]]:
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [e.ids for e in encodings]
 
   if f.dataset in zero_shot.SETS:
-    data_dir = os.path.expanduser(f.data_dir or zero_shot.DATASETS[f.dataset].default_data_dir)
-    check_writable(data_dir)
+    target = f.data_dir or zero_shot.DATASETS[f.dataset].default_data_dir
+    data_dir, mirror = _staging(target)
     spec = zero_shot.SETS[f.dataset]
-    raw = f.raw or zero_shot.fetch(spec, os.path.join(data_dir, "raw"), f.url)
+    raw = (paths.local_copy(f.raw, "--raw") if f.raw else
+           zero_shot.fetch(spec, os.path.join(data_dir, "raw"), f.url))
     summary = prepare_zero_shot(f.dataset, raw, encode_batch, data_dir=data_dir, eos_id=eos_id,
                                 seq_len=f.seq_len, protocol=f.protocol)
-    shutil.copyfile(f.tokenizer, tokenized.tokenizer_path(data_dir))
+    shutil.copyfile(tokenizer_file, tokenized.tokenizer_path(data_dir))
+    _upload(mirror)
+    data_dir = target
     print(" ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
                    for k, v in summary.items() if not isinstance(v, dict)))
     if os.path.basename(os.path.normpath(data_dir)) == f.dataset:
@@ -476,22 +484,39 @@ def run(f) -> None:
   if f.data_dir is None:
     raise ValueError("--data_dir is required for a training corpus.")
   _require("datasets", f"--dataset={f.dataset} (streamed from the Hugging Face hub)")
-  check_writable(f.data_dir)
+  data_dir, mirror = _staging(f.data_dir)
   documents = _hf_documents(SOURCES[f.dataset])
-  os.makedirs(f.data_dir, exist_ok=True)
-  shutil.copyfile(f.tokenizer, tokenized.tokenizer_path(f.data_dir))
+  os.makedirs(data_dir, exist_ok=True)
+  shutil.copyfile(tokenizer_file, tokenized.tokenizer_path(data_dir))
   summary = prepare(
       documents,
       encode_batch,
-      data_dir=f.data_dir,
+      data_dir=data_dir,
       eos_id=eos_id,
       seq_len=f.seq_len,
       validation_docs=f.validation_docs,
       max_docs=f.max_docs or None,
       sequences_per_shard=f.sequences_per_shard,
   )
+  _upload(mirror)
   for split, numbers in summary.items():
     print(split, " ".join(f"{k}={v:,}" for k, v in numbers.items() if isinstance(v, int)))
+
+
+def _staging(data_dir: str) -> tuple[str, paths.Mirror]:
+  """The local directory prepare writes into (checked to be writable, nothing created), and
+  the mirror that uploads it: a gs:// --data_dir is prepared in the local cache (where an
+  interrupted run resumes) and uploaded when complete."""
+  paths.check_reachable(data_dir, "--data_dir")
+  mirror = paths.Mirror(data_dir)
+  check_writable(mirror.local)
+  return mirror.local, mirror
+
+
+def _upload(mirror: paths.Mirror) -> None:
+  if mirror.remote:
+    sent = mirror.sync()
+    print(f"Uploaded {len(sent)} files from {mirror.local} to {mirror.target}.", flush=True)
 
 
 def main(argv):

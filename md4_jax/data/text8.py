@@ -25,6 +25,7 @@ import zipfile
 
 import numpy as np
 
+from md4_jax import paths
 from md4_jax.data import common
 
 NAME = "text8"
@@ -71,7 +72,9 @@ def find_or_fetch(data_dir: str) -> str:
   """Returns the path of the uncompressed `text8` file under `data_dir`.
 
   Extracts `text8.zip` if only the archive is there; downloads the archive
-  from `URL` if neither is.
+  from `URL` if neither is. A gs:// data_dir is read through a local copy in
+  the cache (`paths.local_copy`: once, with a progress line), since the file is
+  memory-mapped; nothing is downloaded into a bucket.
 
   Args:
     data_dir: Directory holding (or to hold) `text8`; '' = `DEFAULT_DATA_DIR`.
@@ -82,6 +85,8 @@ def find_or_fetch(data_dir: str) -> str:
   Raises:
     FileNotFoundError: If the file is absent and the download fails.
   """
+  if paths.is_remote(data_dir):
+    return _from_bucket(data_dir)
   data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
   path = os.path.join(data_dir, "text8")
   archive = path + ".zip"
@@ -101,6 +106,25 @@ def find_or_fetch(data_dir: str) -> str:
     with zipfile.ZipFile(archive) as z:
       z.extract("text8", data_dir)
   return path
+
+
+def _from_bucket(data_dir: str) -> str:
+  """The local cache's copy of gs://.../text8 (or of text8.zip, extracted there)."""
+  paths.check_reachable(data_dir, "config.data_dir")
+  path = paths.join(data_dir, "text8")
+  if paths.exists(path):
+    return paths.local_copy(path, "text8")
+  if paths.exists(path + ".zip"):
+    archive = paths.local_copy(path + ".zip", "text8.zip")
+    local = os.path.join(os.path.dirname(archive), "text8")
+    if not os.path.exists(local):
+      with zipfile.ZipFile(archive) as z:
+        z.extract("text8", os.path.dirname(archive))
+    return local
+  raise FileNotFoundError(
+      f"Dataset 'text8' not found: neither {path} nor {path}.zip exists. Copy text8.zip "
+      f"({URL}) there (gcloud storage cp text8.zip {data_dir}/) or set config.data_dir to a "
+      "local directory.")
 
 
 def _check_file(path: str, split_sizes: Sequence[int]) -> None:

@@ -18,12 +18,12 @@ the packed length and `config.vocab_size` the GPT-2 vocabulary (50257).
 
 import dataclasses
 import functools
-import glob
 import logging
 import os
 
 import numpy as np
 
+from md4_jax import paths
 from md4_jax.data import common
 
 SEQ_LEN = 1024  # Default packed sequence length (tokens).
@@ -62,7 +62,7 @@ DATASETS = {
 
 def tokenizer_path(data_dir: str) -> str:
   """Where prepare saves the tokenizer, and everything reads it from."""
-  return os.path.join(data_dir, TOKENIZER_FILE)
+  return paths.join(data_dir, TOKENIZER_FILE)
 
 
 def prepare_command(name: str, data_dir: str = "DIR", args: str = "") -> str:
@@ -72,9 +72,7 @@ def prepare_command(name: str, data_dir: str = "DIR", args: str = "") -> str:
 
 def shard_path(data_dir: str, split: str, index: int, count: int) -> str:
   """Path of shard `index` of `count` of `split` (shared with prepare)."""
-  return os.path.join(
-      data_dir, f"{split}-{index:05d}-of-{count:05d}.array_record"
-  )
+  return paths.join(data_dir, f"{split}-{index:05d}-of-{count:05d}.array_record")
 
 
 def find_shards(
@@ -85,17 +83,16 @@ def find_shards(
   Raises:
     FileNotFoundError: If there are none, naming the prepare command.
   """
-  paths = sorted(
-      glob.glob(os.path.join(data_dir, f"{split}-*-of-*.array_record"))
-  )
-  if not paths:
+  paths.check_reachable(data_dir, "config.data_dir")
+  found = paths.glob(data_dir, f"{split}-*-of-*.array_record")
+  if not found:
     raise FileNotFoundError(
         f"Dataset {dataset.name!r}: no prepared '{split}' shards "
         f"({split}-*-of-*.array_record) in {data_dir}. Tokenise the corpus "
         f"first with\n  {prepare_command(dataset.name, data_dir, dataset.prepare_args)}\n"
         "and set config.data_dir to that directory."
     )
-  return paths
+  return found
 
 
 class ToSequence:
@@ -131,7 +128,7 @@ class Codec:
     try:
       import tokenizers  # pylint: disable=g-import-not-at-top
 
-      return tokenizers.Tokenizer.from_file(self._path)
+      return tokenizers.Tokenizer.from_str(paths.read_text(self._path))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("Decoding token ids as numbers: %s (%s).", self._path, e)
       return None
@@ -155,7 +152,8 @@ class Codec:
 def open_sources(config, split: str, *, dataset: TokenizedDataset) -> common.Sources:
   """The packed train shards and `split`'s (see `DatasetInfo.open_sources`)."""
   import grain  # pylint: disable=g-import-not-at-top  # Here, so the record loads without it.
-  data_dir = os.path.expanduser(config.data_dir or dataset.default_data_dir)
+  data_dir = os.fspath(config.data_dir or dataset.default_data_dir)
+  data_dir = data_dir if paths.is_remote(data_dir) else os.path.expanduser(data_dir)
   train_source = grain.sources.ArrayRecordDataSource(
       find_shards(dataset, data_dir, dataset.train_split))
   eval_source = grain.sources.ArrayRecordDataSource(find_shards(dataset, data_dir, split))

@@ -43,6 +43,7 @@ import numpy as np
 import tqdm
 
 from md4_jax import cli
+from md4_jax import paths
 from md4_jax.data import tokenized
 
 PROTOCOLS = ("join", "bos_eos")
@@ -300,9 +301,9 @@ _SUMMARY_KEYS = ("dataset", "protocol", "seq_len", "blocks")
 
 
 def sha256(path: str) -> str:
-  """The hex SHA-256 of a file."""
+  """The hex SHA-256 of a file (local or gs://)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     while chunk := f.read(1 << 20):
       digest.update(chunk)
   return digest.hexdigest()
@@ -310,10 +311,9 @@ def sha256(path: str) -> str:
 
 def read_summary(data_dir: str, name: str) -> dict:
   """The summary.json of a prepared set; one-line errors naming the file."""
-  path = os.path.join(data_dir, SUMMARY_FILE)
+  path = paths.join(data_dir, SUMMARY_FILE)
   try:
-    with open(path) as f:
-      summary = json.load(f)
+    summary = json.loads(paths.read_text(path))
   except FileNotFoundError:
     raise FileNotFoundError(f"{path} is missing: prepare the set with `python -m "
                             f"md4_jax.data.prepare --dataset={name} ...`.") from None

@@ -1,11 +1,12 @@
 """Turning token samples into things a person looks at: PNG grids, text files."""
 
 import math
-import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
+
+from md4_jax import paths
 
 
 def image_grid(images_BxHxWxC: np.ndarray, vocab_size: int, ncols: Optional[int] = None,
@@ -42,17 +43,16 @@ def bar_image(values: np.ndarray, height: int = 96, max_bars: int = 1024) -> np.
 
 
 def save_png(grid_HxWx3: np.ndarray, path: str, scale: int = 1) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   im = Image.fromarray(grid_HxWx3)
   if scale > 1:
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-  im.save(path)
+  with paths.open(path, "wb") as f:
+    im.save(f, format="PNG")
   return path
 
 
 def save_texts(texts: Sequence[str], path: str) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
+  with paths.open(path, "w") as f:
     for i, text in enumerate(texts):
       f.write(f"=== sample {i} ===\n{text}\n")
   return path
@@ -77,7 +77,6 @@ def trajectory_grid(frames_KxBxHxWxC: np.ndarray, vocab_size: int, mask_id: int,
 def save_gif(frames_KxBxHxWxC: np.ndarray, path: str, vocab_size: int, mask_id: int,
              scale: int = 4, frame_ms: int = 150, hold_ms: int = 1500) -> str:
   """An animated GIF: frame k is the grid of all examples at trajectory frame k."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   images = []
   for frame in np.asarray(frames_KxBxHxWxC):
     im = Image.fromarray(image_grid(frame, vocab_size, mask_id=mask_id))
@@ -85,7 +84,9 @@ def save_gif(frames_KxBxHxWxC: np.ndarray, path: str, vocab_size: int, mask_id: 
       im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     images.append(im)
   durations = [frame_ms] * (len(images) - 1) + [hold_ms]
-  images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+  with paths.open(path, "wb") as f:
+    images[0].save(f, format="GIF", save_all=True, append_images=images[1:],
+                   duration=durations, loop=0)
   return path
 
 

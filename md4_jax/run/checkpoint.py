@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
+
+from md4_jax import paths
 
 STATE = "state"
 DATA_ITER = "data_iter"
@@ -122,8 +123,14 @@ def structure_difference(saved: dict[str, tuple], expected: dict[str, tuple]) ->
 class Checkpointer:
   """Saves and restores (TrainState, data iterator, config) with checksums in a directory."""
 
-  def __init__(self, directory: str, max_to_keep: Optional[int] = 3, read_only: bool = False):
-    self._options = dict(max_to_keep=max_to_keep, read_only=read_only)
+  def __init__(self, directory: str, max_to_keep: Optional[int] = 3, read_only: bool = False,
+               async_save: bool = False):
+    """`async_save`: `save` returns once the state is copied off the devices and orbax
+    writes it in a background thread (one save in flight; the next save, `wait` and
+    `close` wait for it). A step becomes a checkpoint (listed, restorable) only when
+    orbax has finalised it, complete with its digest."""
+    self._options = dict(max_to_keep=max_to_keep, read_only=read_only,
+                         async_save=async_save and not read_only)
     self.directory = directory
     self._manager = self._open()
 
@@ -131,7 +138,7 @@ class Checkpointer:
     read_only = self._options["read_only"]
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else self._options["max_to_keep"], create=not read_only,
-        read_only=read_only, enable_async_checkpointing=False,
+        read_only=read_only, enable_async_checkpointing=self._options["async_save"],
         cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(self.directory, options=options,
                                  item_names=(STATE, DATA_ITER, CONFIG, DIGEST))
@@ -151,21 +158,42 @@ class Checkpointer:
     Raises:
       OSError: the save failed (e.g. disk full); the previous checkpoints are intact.
     """
-    items = {STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.JsonSave(digest(state))}
+    checksums = digest(state)
+    if self._options["async_save"] and jax.devices()[0].platform == "cpu":
+      # On CPU orbax's copy off the devices is a view of the same memory, which the next
+      # (donating) train step may reuse while the background write still reads it: orbax
+      # gets a private copy. On accelerators orbax copies to host memory itself.
+      state = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
+    items = {STATE: ocp.args.StandardSave(state), DIGEST: ocp.args.JsonSave(checksums)}
     if data_iter is not None:
       items[DATA_ITER] = grain.checkpoint.CheckpointSave(data_iter)
     if config is not None:
       items[CONFIG] = ocp.args.JsonSave(config)
     try:
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-      self._manager.wait_until_finished()
+      if not self._options["async_save"]:
+        self._manager.wait_until_finished()
     except OSError as e:
       raise OSError(e.errno, f"Saving checkpoint step {step} in {self.directory} failed "
                              f"({e.strerror or e}); the previous checkpoints are intact") from None
-    logging.info("Saved checkpoint at step %d in %s", step, self.directory)
+    logging.info("%s checkpoint at step %d in %s",
+                 "Saving (async)" if self._options["async_save"] else "Saved", step,
+                 self.directory)
+
+  def wait(self) -> None:
+    """Returns when no save is in flight (at once for synchronous saves).
+
+    Raises:
+      OSError: a background save failed; the previous checkpoints are intact.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise OSError(e.errno, f"Saving a checkpoint in {self.directory} failed "
+                             f"({e.strerror or e}); the previous checkpoints are intact") from None
 
   def _has(self, step: int, item: str) -> bool:
-    return (epath.Path(self.step_path(step)) / item).exists()
+    return paths.exists(paths.join(self.step_path(step), item))
 
   def restore(self, state_like: Any, data_iter: Any = None, step: Optional[int] = None) -> Any:
     """Restores into the structure/shardings of `state_like` (arrays or abstract) and verifies.
@@ -273,8 +301,7 @@ class Checkpointer:
     """Moves the step's directory into checkpoints_corrupt/ (process 0) and reloads."""
     target = os.path.join(self._aside_dir(), f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      epath.Path(self._aside_dir()).mkdir(parents=True, exist_ok=True)
-      epath.Path(self.step_path(step)).rename(target)
+      paths.move_tree(self.step_path(step), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"md4_jax_set_aside_{step}")
     self._manager.close()
@@ -294,6 +321,8 @@ class Checkpointer:
     return None
 
   def close(self) -> None:
+    """Waits for a save in flight, then closes."""
+    self.wait()
     self._manager.close()
 
 

@@ -15,9 +15,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 from jax.experimental import multihost_utils
 
+from md4_jax import paths
 from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.run import lease as lease_lib
 from md4_jax import data as data_lib
@@ -66,10 +66,10 @@ def schedule_summary(model, params, writer=None, step: int = 0) -> dict[str, flo
 
 def check_workdir_path(workdir: str) -> None:
   """Raises ValueError if `workdir` cannot become a directory (nothing is created)."""
-  if "://" in workdir:
+  if paths.is_remote(workdir):
     workdir_lib.check_reachable(workdir)
     return
-  path = epath.Path(workdir)
+  path = paths.path(workdir)
   for ancestor in (path, *path.parents):
     if ancestor.exists() and not ancestor.is_dir():
       raise ValueError(f"--workdir {workdir} cannot be created: {ancestor} is a file, not a "
@@ -79,9 +79,61 @@ def check_workdir_path(workdir: str) -> None:
                      f"(mkdir -p {path.parent}) or fix --workdir.")
 
 
+ASYNC_CHECKPOINTING = ("auto", "on", "off")
+
+
+def check_run_options(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one line) for a bad checkpointing or profiling option."""
+  if config.async_checkpointing not in ASYNC_CHECKPOINTING:
+    raise ValueError(f"config.async_checkpointing must be one of {ASYNC_CHECKPOINTING}, got "
+                     f"{config.async_checkpointing!r}.")
+  if config.profile_steps < 0 or config.profile_start_step < 1:
+    raise ValueError(f"config.profile_steps must be >= 0 and config.profile_start_step >= 1, "
+                     f"got {config.profile_steps} and {config.profile_start_step}.")
+
+
+def async_checkpointing(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether checkpoints are written in the background: 'auto' = on for gs://."""
+  if config.async_checkpointing == "auto":
+    return paths.is_remote(workdir)
+  return config.async_checkpointing == "on"
+
+
+class Profiler:
+  """A jax.profiler trace of steps [start, start + num) on process 0, written into
+  <workdir>/plugins/profile/ (through the path layer's mirror for gs://)."""
+
+  def __init__(self, workdir: str, start: int, num: int):
+    self._mirror = paths.Mirror(paths.join(workdir, "plugins", "profile"))
+    self._start, self._stop = start, start + num
+    self._on = num > 0 and jax.process_index() == 0
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    """Called before the step that will be number `step` (1-based) runs."""
+    if self._on and not self.active and step == self._start:
+      jax.profiler.start_trace(os.path.dirname(os.path.dirname(self._mirror.local)))
+      self.active = True
+      logging.info("Profiling steps %d to %d.", self._start, self._stop - 1)
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step >= self._stop - 1:
+      jax.block_until_ready(state)
+      self.finish()
+
+  def finish(self) -> None:
+    if not self.active:
+      return
+    jax.profiler.stop_trace()
+    self.active = False
+    self._mirror.sync()
+    logging.info("Profile written to %s (TensorBoard's profile tab: tensorboard --logdir=%s).",
+                 self._mirror.target, os.path.dirname(os.path.dirname(self._mirror.target)))
+
+
 def prepare_workdir(workdir: str) -> None:
   """Creates the workdir (after `check_workdir_path`) and checks that it is writable."""
-  path = epath.Path(workdir)
+  path = paths.path(workdir)
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write_probe_{jax.process_index()}"
@@ -101,10 +153,39 @@ def save_run_info(config, workdir: str, num_params: int) -> None:
   info = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
           "num_params": num_params}
-  (epath.Path(workdir) / "run_info.json").write_text(json.dumps(info, indent=2))
+  paths.write_text(paths.join(workdir, "run_info.json"), json.dumps(info, indent=2))
 
 
 NonFiniteError = step_lib.NonFiniteError
+
+
+class MirroredWriter:
+  """A clu metric writer whose files reach a gs:// workdir through the path layer:
+  TensorBoard's writer writes into a local mirror, uploaded on every flush and close."""
+
+  def __init__(self, writer, mirror: paths.Mirror):
+    self._writer, self._mirror = writer, mirror
+
+  def __getattr__(self, name):
+    return getattr(self._writer, name)
+
+  def flush(self) -> None:
+    self._writer.flush()
+    self._mirror.sync()
+
+  def close(self) -> None:
+    self._writer.close()
+    self._mirror.sync()
+
+
+def create_writer(workdir: str):
+  """clu's default writer (TensorBoard events on process 0, logging elsewhere) for a local or
+  gs:// workdir."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  mirror = paths.Mirror(workdir)
+  writer = metric_writers.create_default_writer(mirror.local,
+                                                just_logging=jax.process_index() > 0)
+  return MirroredWriter(writer, mirror) if mirror.remote else writer
 
 
 class _MetricLog:
@@ -187,6 +268,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
   that verifies (corrupt ones are reported and moved aside).
   """
   validation.validate(config)
+  check_run_options(config)
   check_workdir_path(workdir)
   experiment = build.setup(config)
   mesh = experiment.mesh
@@ -250,7 +332,8 @@ def _setup_holding(config, workdir, allow_config_change, experiment, datasets, l
     model_lib.check_tokens(first_batch["x"], config.vocab_size)
   prepare_workdir(workdir)
   checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_dir(workdir),
-                                             config.max_checkpoints_to_keep)
+                                             config.max_checkpoints_to_keep,
+                                             async_save=async_checkpointing(config, workdir))
   if resumed:  # The newest checkpoint that verifies, with the data iterator.
     state = experiment.restore(checkpointer, data_iter=datasets.train_iter)
     logging.info("Resuming from step %d.", int(state.step))
@@ -264,10 +347,10 @@ def _setup_holding(config, workdir, allow_config_change, experiment, datasets, l
   logging.info("Config:\n%s", config)
   # clu's writers import TensorFlow (~10-30 s): only once a run is really starting, so a bad
   # input is refused without it.
-  from clu import metric_writers, parameter_overview  # pylint: disable=g-import-not-at-top
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
   parameter_overview.log_parameter_overview(state.params)
   logging.info("Parameters: %d", num_params)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = create_writer(workdir)
   if not resumed:
     writer.write_texts(0, {"config": f"```\n{config}\n```"})
   return Run(config=config, workdir=workdir, experiment=experiment, datasets=datasets,
@@ -335,6 +418,7 @@ def loop(run: Run) -> Outcome:
     sample_cond = sampling.class_labels(config.classes, config.num_samples)
   sample_rng = jax.random.fold_in(jax.random.key(config.seed), SAMPLE_RNG_SALT)
   watcher = preemption.PreemptionWatcher()
+  profiler = Profiler(run.workdir, config.profile_start_step, config.profile_steps)
 
   state = run.state
   total = config.num_train_steps
@@ -373,9 +457,11 @@ def loop(run: Run) -> Outcome:
         if batch is None:
           batch = next(datasets.train_iter)
           model_lib.check_tokens(batch["x"], config.vocab_size)
+        profiler.before_step(step + 1)
         state, metrics = train_step(state, parallel.to_global(batch, mesh))
         batch = None
         step += 1
+        profiler.after_step(step, state)
         if config.check_nans:  # Checked one step late, except before a checkpoint.
           if pending_finite is not None:
             check_finite(pending_finite)
@@ -411,7 +497,9 @@ def loop(run: Run) -> Outcome:
             run.lease.check()  # Never write into a workdir another run has taken over.
           with report.timed("checkpoint"):
             checkpointer.save(step, state, datasets.train_iter, config_tree)
+          writer.flush()  # TensorBoard's events reach a gs:// workdir with each checkpoint.
         if preempted:
+          checkpointer.wait()  # An async save is complete before the process may exit.
           logging.warning("Preempted: checkpoint saved at step %d; re-run the same command to "
                           "resume.", step)
           break
@@ -419,8 +507,12 @@ def loop(run: Run) -> Outcome:
         check_finite(pending_finite)
       log.flush()
   finally:
+    profiler.finish()
     watcher.close()
-    writer.flush()
+    try:  # Also when the loop stops on an error: a save in flight completes first.
+      checkpointer.wait()
+    finally:
+      writer.flush()
   return Outcome(state=state, step=step, initial_step=initial_step, eval_metrics=eval_metrics,
                  preempted=preempted, seconds=time.time() - start)
 
@@ -442,7 +534,8 @@ def finish(run: Run, outcome: Outcome) -> dict[str, Any]:
   eval_metrics.update(step=step, num_params=run.num_params, train_seconds=outcome.seconds,
                       steps_per_second=trained / outcome.seconds if trained > 0 else 0.0)
   if jax.process_index() == 0:
-    (epath.Path(run.workdir) / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2))
+    paths.write_text(paths.join(run.workdir, "final_metrics.json"),
+                     json.dumps(eval_metrics, indent=2))
   checkpointer.close()
   writer.close()
   metric = run.datasets.info.metric

@@ -35,6 +35,8 @@ SAFE_KEYS = frozenset({
     # Same loss and gradients given the times; over several batch shards or microbatches it
     # hands the batch's antithetic times to the examples in another order (the same law).
     "masked_head",
+    # How checkpoints are written and what is traced, not what is trained.
+    "async_checkpointing", "profile_steps", "profile_start_step",
 })
 
 
@@ -78,6 +80,7 @@ def _tuples(value):
 DEFAULTED_KEYS = frozenset({
     "model", "power_init", "genmd4_t1", "genmd4_num_masks", "label_dropout", "ema_warmup",
     "time_embedding", "sampling_grid", "masked_head",
+    "async_checkpointing", "profile_steps", "profile_start_step",
     "transformer.cond_dim", "transformer.cond_act", "transformer.mlp",
     "transformer.mlp_multiple_of", "transformer.positions", "transformer.embed_dim",
     "transformer.head_bias", "transformer.zero_init_head",

@@ -14,7 +14,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from md4_jax import cli
+from md4_jax import paths
 from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.experiment import parallel
 from md4_jax.run import saved_config
@@ -24,15 +24,9 @@ from md4_jax.experiment import state as state_lib
 
 def check_reachable(path: str, flag: str = "--workdir") -> None:
   """Raises OSError (one line) if a remote path (gs://...) cannot be read: no network, no
-  credentials, no such bucket, or no client for its scheme. Local paths pass."""
-  if "://" not in path:
-    return
-  try:
-    epath.Path(path).exists()
-  except Exception as e:  # pylint: disable=broad-except  (each client has its own errors)
-    reason = cli.one_line(e, 300)
-    raise OSError(f"{flag}={path} cannot be reached ({reason}); check the network, the bucket "
-                  "name and the credentials (gcloud auth application-default login).") from None
+  credentials, no such bucket; ValueError if no installed client serves its scheme (the
+  message names the extra to install). Local paths pass; nothing is created."""
+  paths.check_reachable(path, flag)
 
 
 def stored_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
