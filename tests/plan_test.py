@@ -213,3 +213,21 @@ def test_cli_oversized_batch_is_a_verdict_and_bad_input_one_line(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("md4_jax.plan")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert proc.stdout == ""
+
+
+@needs_tpu_compiler
+def test_flops_of_scanned_layers_count_every_layer():
+  """The jaxpr count is the same scanned or unrolled; XLA's counts a scanned body once."""
+  counts = {}
+  for scan in (False, True):
+    config = tiny()
+    config.transformer.depth = 4
+    config.scan_layers = scan
+    experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
+    batch = aot.abstract_batch(config, 16, experiment.mesh)
+    traced = experiment.train_step.trace(experiment.abstract_state, batch)
+    counts[scan] = aot.matmul_flops(traced.jaxpr)
+    if scan:
+      xla_scanned = aot.cost(traced.lower().compile())["flops"] * 8
+  assert counts[True] == pytest.approx(counts[False], rel=1e-9)
+  assert xla_scanned < 0.6 * counts[True]  # One of four layers' matmuls, plus the rest.
