@@ -30,8 +30,12 @@ def _tpu_compiler_reason():
 
 
 _MISSING = _tpu_compiler_reason()
-needs_tpu_compiler = pytest.mark.skipif(
-    _MISSING is not None, reason=f"no TPU compiler (libtpu): {_MISSING}")
+
+
+def needs_tpu_compiler(test):
+  """Skips without libtpu; a TPU compile takes seconds, so the slow tier."""
+  skip = pytest.mark.skipif(_MISSING is not None, reason=f"no TPU compiler (libtpu): {_MISSING}")
+  return pytest.mark.slow(skip(test))
 
 
 def tiny(**mesh):
@@ -112,7 +116,7 @@ def test_v5e8_plan_has_every_field_and_the_state_bytes_by_hand():
   assert train["verdict"] == "FITS" and train["oom"] is None
   chip = train["per_chip"]
   for key in ("params", "opt_state", "ema_params", "state", "batch", "arguments", "temporaries",
-              "total", "hbm", "tile_padding"):
+              "total", "hbm", "tile_padding", "hbm_assigned"):
     assert chip[key] >= 0, key
   for key in ("compute_seconds", "hbm_seconds", "collective_seconds", "step_seconds",
               "mfu_ceiling", "days_to_num_train_steps"):
@@ -129,6 +133,10 @@ def test_v5e8_plan_has_every_field_and_the_state_bytes_by_hand():
   # The compiled program's parameters are exactly those shards; memory_analysis counts them
   # padded to the TPU's tiles.
   assert chip["arguments"] == chip["state"] + chip["batch"] + chip["tile_padding"]
+  # The trusted figure, the HBM the buffer assignment placed, holds the arguments and is below
+  # memory_analysis()'s arguments + temporaries (which count on-chip memories too).
+  assert chip["arguments"] <= chip["hbm_assigned"] < chip["total"]
+  assert "buffer assignment" in report["trusted"]
   # Pure data parallel: parameters replicated, the gradients reduced once, nothing gathered.
   colls = train["collectives"]
   assert colls["all-reduce"]["count"] == 1
@@ -193,7 +201,6 @@ def test_a_tpu_plan_compiles_xla_convolutions():
   assert jaxpr.count("conv_general_dilated") > 0
 
 
-@pytest.mark.slow
 @needs_tpu_compiler
 def test_cli_oversized_batch_is_a_verdict_and_bad_input_one_line(tmp_path):
   out = tmp_path / "plan.json"

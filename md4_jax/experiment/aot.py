@@ -8,15 +8,19 @@ FLOPs, HBM traffic and the collectives in the HLO.
 
 Which memory figure is trusted: the TPU compiler assigns every buffer of the
 program at compile time and refuses one that does not fit its HBM
-(RESOURCE_EXHAUSTED), so "compiles" is the fit verdict. `memory_analysis()`
-adds argument + temporary sizes, which overstates the peak when the compiler
-reuses an argument's buffer for a temporary (donated state) or places
-temporaries in other memories; it is reported, not used for the verdict.
+(RESOURCE_EXHAUSTED), so "compiles" is the fit verdict, and the HBM its buffer
+assignment placed (the XLA dump's memory-usage report, default memory space)
+is the per-chip total. `memory_analysis()` arguments + temporaries overstates
+it: its temporaries include on-chip VMEM/SMEM buffers and buffers that share
+HBM with others; it is reported, not used for the verdict.
 """
 
 import dataclasses
+import glob
 import math
+import os
 import re
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
@@ -89,9 +93,9 @@ class Compiled:
     return self.compiled is not None
 
 
-def compile_or_oom(lower: Callable[[], Any]) -> Compiled:
+def compile_or_oom(lower: Callable[[], Any], compiler_options: Optional[dict] = None) -> Compiled:
   try:
-    return Compiled(compiled=lower().compile())
+    return Compiled(compiled=lower().compile(compiler_options=compiler_options))
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError's type moves.
     line = out_of_memory_line(e)
     if line is None:
@@ -157,6 +161,29 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int,
     else:
       hi = mid
   return lo * unit, hi * unit
+
+
+def compile_with_buffer_report(lower: Callable[[], Any]) -> tuple[Compiled, Optional[int]]:
+  """Compiles with an XLA dump; also returns the HBM the buffer assignment placed per device.
+
+  The dump's memory-usage report sums the buffers assigned to each memory space; the
+  default space is HBM (the others are on-chip VMEM/SMEM, which memory_analysis()'s
+  temporaries include). None if the compiler wrote no such report (another backend).
+  """
+  with tempfile.TemporaryDirectory(prefix="md4_plan_dump_") as folder:
+    result = compile_or_oom(lower, {"xla_dump_to": folder, "xla_dump_hlo_pass_re": "^$"})
+    return result, (assigned_hbm_bytes(folder) if result.fits else None)
+
+
+def assigned_hbm_bytes(dump_folder: str) -> Optional[int]:
+  """'Total bytes' of the default memory space in the dump's memory-usage report."""
+  reports = sorted(glob.glob(os.path.join(dump_folder, "*memory-usage-report.txt")))
+  if not reports:
+    return None
+  with open(reports[-1]) as f:
+    text = f.read()
+  match = re.search(r"Memory Space: default[^\n]*\nTotal bytes: (\d+)", text)
+  return int(match.group(1)) if match else None
 
 
 # ------------------------------------------------------------------------------ costs ---
