@@ -191,9 +191,13 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
   tpu_slice = tpu_slices.lookup(slice_name)
   config = plan_config(config, num_slices)
   batch = int(batch or config.batch_size)
+  config.batch_size = batch  # So setup checks it (masked_head packs per batch shard).
   experiment = setup(config, tpu_slice, num_slices)
   mesh = experiment.mesh
-  parallel.check_batch_size(batch, mesh, "--batch")
+  if batch % _batch_unit(experiment):
+    raise ValueError(f"--batch={batch} must be a multiple of the mesh's "
+                     f"{parallel.batch_size_per_shard(mesh)} batch shards x grad_accum_steps="
+                     f"{config.grad_accum_steps}.")
   gen = tpu_slice.generation
   out = {
       "slice": tpu_slice.name, "num_slices": num_slices, "chips": mesh.size,
