@@ -38,7 +38,14 @@ _JUDGE = ["safetensors>=0.8.0", "tokenizers>=0.22.2", "huggingface_hub>=0.36.2"]
 # checkpoint steps on GCS with google-cloud-storage.
 _GCS = ["gcsfs>=2026.10.1", "google-cloud-storage>=3.17.1"]
 
+# Ahead-of-time compiles for TPU slices on any Linux x86-64 host (md4_jax.plan): jax's tpu
+# extra pins the libtpu that matches jax (0.0.42.* for jax 0.10.2, about 680 MB). libtpu ships
+# no wheels for other platforms, where the plan says what to install and stops.
+_TPU = ["jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'"]
+
 _TEST = [
+    # The TPU compiler, so CI compiles md4_jax.plan's programs (tests/plan_test.py).
+    *_TPU,
     "pytest>=9.2.0", "chex>=0.1.92",
     # Two workers on a 2-core machine: subprocess tests mostly wait on their child process.
     "pytest-xdist>=3.8.0",
@@ -72,8 +79,8 @@ setuptools.setup(
         "judge": _JUDGE,
         "gcs": _GCS,
         # A Cloud TPU VM (launch/tpu_pod.sh installs ".[tpu]" with constraints.txt, which pins
-        # jax: jax[tpu] then brings the libtpu built for that jax).
-        "tpu": ["jax[tpu]>=0.10.2", *_GCS],
+        # jax: jax[tpu] then brings the libtpu built for that jax), or md4_jax.plan's compiles.
+        "tpu": [*_TPU, *_GCS],
         # Tokenising OpenWebText / FineWeb-Edu once (md4_jax.data.prepare). `datasets` is not in
         # the CI environment (tests hand documents in directly): its bound is not a tested one.
         "prepare": ["datasets>=2.18", "tokenizers>=0.22.2", "tqdm>=4.70.1"],

@@ -12,7 +12,10 @@ prints, without running a step:
   only (abstract arguments): peak = arguments + outputs - aliased + temporaries;
 * the largest per-device batch whose step fits each budget in `--budgets_gib`,
   from a line peak(B) = a + b B through two compiles (B = batch and 2 x batch):
-  floor((budget - a) / b). XLA's CPU analysis stands in for the accelerator's.
+  floor((budget - a) / b). These memory figures are XLA:CPU's, standing in for
+  the accelerator's, and they mislead on TPU (MD4-S at batch 512: the TPU
+  compiler needs 39 G of temporaries per v5e chip): for a TPU slice use the TPU
+  compiler itself, `python -m md4_jax.plan --config=... --slice=v5e-8`.
 
 With `--write_table=PATH` it instead writes the parameter table of every config
 variant (tiny smoke variants left out) as markdown, next to the MD4 reference

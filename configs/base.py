@@ -412,6 +412,9 @@ def get_config():
   config.mesh.data = -1  # Batch-parallel axis size (-1 = the devices left over).
   config.mesh.fsdp = 1  # Fully-sharded data parallel: batch AND parameters/optimiser split.
   config.mesh.tensor = 1  # Tensor parallel: heads / MLP hidden / vocab split.
+  # Multi-slice TPU: data-parallel replicas across this many slices (over the data-centre
+  # network); data/fsdp/tensor are then sizes inside one slice. 1 = one slice (or GPU/CPU).
+  config.mesh.dcn_data = 1
   # Logical axis name (on params and activations) -> mesh axis, tuple of axes, or None
   # (replicated). A dimension that its mesh axes do not divide stays replicated.
   config.sharding_rules = (

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from md4_jax import networks
+from md4_jax.networks import backend
 from md4_jax.experiment import optimizer as optimizer_lib
 from md4_jax.experiment import parallel
 from md4_jax.diffusion import genmd4
@@ -104,7 +105,7 @@ class Experiment:
   def init_state(self) -> state_lib.TrainState:
     """A fresh TrainState, initialised directly in its shardings."""
     init = _init_fn(self.config, self.model, self.optimizer, self.mesh)
-    with nn.logical_axis_rules(self.rules):
+    with nn.logical_axis_rules(self.rules), backend.target(parallel.platform(self.mesh)):
       return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=self.state_shardings)(
           jax.random.key(self.config.seed))
 

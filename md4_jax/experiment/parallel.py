@@ -15,8 +15,10 @@ import flax.linen as nn
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from md4_jax.networks import backend
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -43,13 +45,48 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> tuple
 
 
 def make_mesh(axis_sizes: Mapping[str, int], devices=None) -> Mesh:
-  """A mesh over `devices` (default: every device of every process)."""
+  """A mesh over `devices` (default: every device of every process).
+
+  `axis_sizes` may hold 'dcn_data' (config.mesh.dcn_data): the number of TPU
+  slices, joined over the data-centre network, that replicate the model as
+  data parallelism. The other sizes are then those inside one slice (-1: the
+  rest of a slice's devices) and the mesh's 'data' axis is dcn_data x data,
+  slice-major (`mesh_utils.create_hybrid_device_mesh`), so only the gradient
+  reduction crosses slices.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  shape = resolve_mesh_shape(axis_sizes, len(devices))
+  axis_sizes = dict(axis_sizes)
+  dcn = int(axis_sizes.pop("dcn_data", 1))
   auto = (AxisType.Auto,) * len(MESH_AXES)  # XLA propagates shardings (GSPMD).
+  if dcn != 1:
+    return _hybrid_mesh(axis_sizes, dcn, devices, auto)
+  shape = resolve_mesh_shape(axis_sizes, len(devices))
   if devices == jax.devices():
     return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+  if devices[0].platform == "tpu":  # Axes laid along the slice's torus (compile-only devices).
+    try:
+      return Mesh(mesh_utils.create_device_mesh(shape, devices), MESH_AXES, axis_types=auto)
+    except (ValueError, NotImplementedError, AssertionError):  # A shape the torus cannot take.
+      pass
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _hybrid_mesh(axis_sizes, dcn: int, devices, axis_types) -> Mesh:
+  """The data axis across `dcn` slices (devices' slice_index), the rest inside each slice."""
+  slices = sorted({getattr(d, "slice_index", None) for d in devices}, key=str)
+  if dcn < 1 or len(slices) != dcn or None in slices:
+    raise ValueError(f"config.mesh.dcn_data={dcn} needs devices on {dcn} TPU slices; these "
+                     f"{len(devices)} devices are on {len(slices)} (slice_index {slices}).")
+  shape = resolve_mesh_shape(axis_sizes, len(devices) // dcn)
+  grid = mesh_utils.create_hybrid_device_mesh(shape, (dcn, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def platform(mesh: Mesh) -> str:
+  """'cpu', 'gpu' or 'tpu': the platform of the mesh's devices (a TPU slice's, when compiling
+  ahead of time on a CPU host)."""
+  name = mesh.devices.flat[0].platform
+  return "gpu" if name in ("cuda", "rocm") else name
 
 
 def batch_size_per_shard(mesh: Mesh) -> int:
@@ -134,12 +171,16 @@ def logical_context(rules: Rules, mesh: Optional[Mesh] = None):
 
   The rules give the parameters' shardings. With `mesh`, the networks'
   activation constraints (`nn.with_logical_constraint` on the residual stream,
-  feature maps and logits) become `with_sharding_constraint`s over that mesh;
-  without it they are no-ops and XLA propagates activation shardings alone.
+  feature maps and logits) become `with_sharding_constraint`s over that mesh,
+  and the networks' backend choices (`networks.backend`) follow its devices'
+  platform; without it the constraints are no-ops and XLA propagates
+  activation shardings alone.
   """
   with contextlib.ExitStack() as stack:
     if mesh is not None:
       stack.enter_context(jax.sharding.use_abstract_mesh(mesh.abstract_mesh))
+      # Backend-specific network paths follow the mesh's devices, not the tracing host.
+      stack.enter_context(backend.target(platform(mesh)))
     stack.enter_context(nn.logical_axis_rules(rules))
     yield
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from md4_jax.networks import backend
 from md4_jax.networks import layers
 
 Array = jax.Array
@@ -46,7 +47,7 @@ def resolve_attention_impl(name: str, dtype, head_dim: int) -> Optional[str]:
   if name != "auto":
     return name
   fused = (
-      jax.default_backend() == "gpu"
+      backend.platform() == "gpu"
       and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
       and head_dim % 8 == 0
       and head_dim <= 128

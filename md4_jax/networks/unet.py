@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from md4_jax.networks import attention
+from md4_jax.networks import backend
 from md4_jax.networks import conditioning
 from md4_jax.networks import layers
 
@@ -139,7 +140,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   (cuDNN / TPU convolutions have fast weight gradients) XLA's own path runs."""
   if padding == "SAME" and rhs.ndim == 4:  # Stride 1: k - 1 zeros, the extra one at the end.
     padding = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in rhs.shape[:2])
-  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
+  plain = (backend.platform() == "cpu" and lhs.ndim == 4 and feature_group_count == 1
            and all(s == 1 for s in window_strides)
            and not any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
            and not isinstance(padding, str) and precision is None and not kwargs

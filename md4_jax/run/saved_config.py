@@ -29,7 +29,7 @@ SAFE_KEYS = frozenset({
     "max_checkpoints_to_keep", "sample_every_steps", "num_samples", "sampling_steps",
     "sampling_grid",
     "eval_batch_size", "eval_split", "grain_worker_count", "grain_prefetch", "data_dir", "check_nans",
-    "nan_policy", "debug_nan_at_step", "mesh.data", "mesh.fsdp", "mesh.tensor", "sharding_rules",
+    "nan_policy", "debug_nan_at_step", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data", "sharding_rules",
     # Same loss and gradients, same parameter layout (scan_layers changes the layout).
     "remat_policy", "attention_impl", "loss_chunk_size", "grad_accum_steps",
     # Same loss and gradients given the times; over several batch shards or microbatches it
@@ -79,7 +79,7 @@ def _tuples(value):
 # LEGACY_VALUES with its old value first.
 DEFAULTED_KEYS = frozenset({
     "model", "power_init", "genmd4_t1", "genmd4_num_masks", "label_dropout", "ema_warmup",
-    "time_embedding", "sampling_grid", "masked_head",
+    "time_embedding", "sampling_grid", "masked_head", "mesh.dcn_data",
     "async_checkpointing", "profile_steps", "profile_start_step",
     "transformer.cond_dim", "transformer.cond_act", "transformer.mlp",
     "transformer.mlp_multiple_of", "transformer.positions", "transformer.embed_dim",

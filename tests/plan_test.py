@@ -1,0 +1,240 @@
+"""md4_jax.plan: ahead-of-time TPU compiles on this CPU host (libtpu, no TPU).
+
+The TPU compiler comes with the test extra on Linux x86-64 (`jax[tpu]`); elsewhere
+these tests skip. Every compile is of the tiny synthetic-text transformer.
+"""
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from md4_jax import plan as plan_lib
+from md4_jax.configs import synthetic_text
+from md4_jax.experiment import aot
+from md4_jax.experiment import parallel
+from md4_jax.experiment import tpu_slices
+from md4_jax.networks import attention
+from md4_jax.networks import backend
+from tests import helpers
+
+
+def _tpu_compiler_reason():
+  try:
+    tpu_slices.topology_devices(tpu_slices.lookup("v5e-1"))
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+_MISSING = _tpu_compiler_reason()
+
+
+def needs_tpu_compiler(test):
+  """Skips without libtpu; a TPU compile takes seconds, so the slow tier."""
+  skip = pytest.mark.skipif(_MISSING is not None, reason=f"no TPU compiler (libtpu): {_MISSING}")
+  return pytest.mark.slow(skip(test))
+
+
+def tiny(**mesh):
+  config = synthetic_text.get_config("tiny")
+  config.mesh.update(mesh)
+  return config
+
+
+def test_slice_names_translate_to_topologies():
+  v5p = tpu_slices.lookup("v5p-128")
+  assert (v5p.chips, v5p.topology_name, v5p.host_bounds) == (64, "v5:4x4x4", (2, 2, 1))
+  v5e = tpu_slices.lookup("v5e-8")  # The v5litepod alias; chips, not cores.
+  assert (v5e.name, v5e.chips, v5e.topology_name) == ("v5litepod-8", 8, "v5e:2x4")
+  assert tpu_slices.lookup("v4-8").chips == 4  # Megacore: 8 TensorCores, 4 devices.
+  assert tpu_slices.lookup("v5litepod-1").host_bounds == (1, 1, 1)
+  for bad in ("v5p-7", "v5e-2", "h100-8", "v4"):
+    with pytest.raises(ValueError, match=r"Unknown TPU slice .*valid: v4-8, .*v6e-256"):
+      tpu_slices.lookup(bad)
+
+
+def test_largest_batch_bisection_finds_the_boundary():
+  for boundary in (0, 8, 24, 64, 1000):
+    calls = []
+    def fits(size, boundary=boundary):
+      calls.append(size)
+      return size <= boundary
+    good, bad = aot.largest_batch(fits, 8, 64, limit=4096)
+    assert (good, bad) == (boundary // 8 * 8, boundary // 8 * 8 + 8), boundary
+    assert all(c % 8 == 0 for c in calls)
+  assert aot.largest_batch(lambda s: True, 8, 64, limit=256) == (256, None)
+
+
+def test_collectives_count_loop_bodies_by_trip_count():
+  hlo = "\n".join([
+      "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+      "  %ag = f32[64,32]{1,0} all-gather(f32[8,32]{1,0} %x), dimensions={0}",
+      "}",
+      "%cond (p: (s32[], f32[8])) -> pred[] {",
+      "  ROOT %lt = pred[] compare(%a, %b), direction=LT",
+      "}",
+      "%all-reduce-scatter.3 (input: f32[64,4]) -> f32[16,4] {",
+      "  %r = f32[64,4]{1,0} all-reduce(%input), to_apply=%add",
+      "  ROOT %d = f32[16,4]{1,0} dynamic-slice(%r, %i, %j), dynamic_slice_sizes={16,4}",
+      "}",
+      "ENTRY %main (a: f32[8]) -> f32[8] {",
+      "  %f = f32[16,4]{1,0:T(8,128)} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.3",
+      '  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, '
+      'backend_config={"known_trip_count":{"n":"12"}}',
+      "  %ar = (f32[16,4]{1,0}, bf16[10]{0}) all-reduce(%p, %q), to_apply=%add",
+      "  %rs = f32[2,32]{1,0} reduce-scatter(%g), dimensions={0}",
+      "}",
+  ])
+  colls = aot.collectives(hlo)
+  assert colls["all-gather"] == {"count": 12, "bytes": 12 * 64 * 32 * 4}
+  assert colls["all-reduce"] == {"count": 1, "bytes": 16 * 4 * 4 + 10 * 2}
+  # The plain one and the TPU's fused all-reduce-scatter (not counted as an all-reduce).
+  assert colls["reduce-scatter"] == {"count": 2, "bytes": 2 * 32 * 4 + 16 * 4 * 4}
+  assert colls["all-to-all"]["count"] == 0
+
+
+def test_backend_choices_follow_the_target_platform():
+  assert attention.resolve_attention_impl("auto", jnp.bfloat16, 64) == (
+      "cudnn" if jax.default_backend() == "gpu" else "xla")
+  with backend.target("gpu"):
+    assert attention.resolve_attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
+  with backend.target("tpu"):
+    assert backend.platform() == "tpu"
+    assert attention.resolve_attention_impl("auto", jnp.bfloat16, 64) == "xla"
+
+
+@needs_tpu_compiler
+def test_v5e8_plan_has_every_field_and_the_state_bytes_by_hand():
+  report = plan_lib.plan(tiny(), "v5e-8", largest_batch=False)
+  json.dumps(report)  # Serialisable as the CLI writes it.
+  assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert (report["chips"], report["device_kind"]) == (8, "TPU v5 lite")
+  train = report["train"]
+  assert train["verdict"] == "FITS" and train["oom"] is None
+  chip = train["per_chip"]
+  for key in ("params", "opt_state", "ema_params", "state", "batch", "arguments", "temporaries",
+              "total", "hbm", "tile_padding", "hbm_assigned"):
+    assert chip[key] >= 0, key
+  for key in ("compute_seconds", "hbm_seconds", "collective_seconds", "step_seconds",
+              "mfu_ceiling", "days_to_num_train_steps"):
+    assert train["roofline"][key] > 0, key
+  assert train["hbm_bytes_accessed"] > 0
+  assert report["eval"]["verdict"] == report["sampler"]["verdict"] == "FITS"
+  # Data parallel: every chip holds the whole state. By hand: float32 params, AdamW's two
+  # moments and the EMA (4 x 4 bytes a parameter); int32 step, the rng key (2 x uint32),
+  # and the int32 counts of Adam and of the learning-rate schedule.
+  num_params = report["num_params"]
+  assert chip["params"] == chip["ema_params"] == 4 * num_params
+  assert chip["state"] == 16 * num_params + 4 + 8 + 2 * 4
+  assert chip["batch"] == 16 // 8 * 32 * 4  # int32 tokens [B/8, L].
+  # The compiled program's parameters are exactly those shards; memory_analysis counts them
+  # padded to the TPU's tiles.
+  assert chip["arguments"] == chip["state"] + chip["batch"] + chip["tile_padding"]
+  # The trusted figure, the HBM the buffer assignment placed, holds the arguments and is below
+  # memory_analysis()'s arguments + temporaries (which count on-chip memories too).
+  assert chip["arguments"] <= chip["hbm_assigned"] < chip["total"]
+  assert "buffer assignment" in report["trusted"]
+  # Pure data parallel: parameters replicated, the gradients reduced once, nothing gathered.
+  colls = train["collectives"]
+  assert colls["all-reduce"]["count"] == 1
+  assert colls["all-gather"]["count"] == colls["reduce-scatter"]["count"] == 0
+  assert colls["all-to-all"]["count"] == 0
+  # Model FLOPs: 3 x the forward's matmuls; the step's own count (backward included) is the
+  # same without remat, and XLA's count (matmuls + elementwise work) a little more.
+  flops = train["flops_per_chip"]
+  assert flops["step"] == pytest.approx(flops["model"], rel=0.02)
+  assert flops["step"] <= flops["xla"] <= 1.5 * flops["step"]
+
+
+@needs_tpu_compiler
+def test_fsdp_gathers_weights_and_scatters_gradients_on_v4_8():
+  config = tiny(data=1, fsdp=-1)
+  config.transformer.width = 64  # Divisible by the 4 fsdp shards.
+  experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v4-8"), 1)
+  assert dict(experiment.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert parallel.platform(experiment.mesh) == "tpu"
+  result = aot.compile_train(experiment, 16)
+  assert result.fits
+  hlo = result.compiled.as_text()
+  colls = aot.collectives(hlo)
+  # Each block's weights are gathered (forward and backward) and its gradients scattered.
+  assert colls["all-gather"]["count"] >= 2 * config.transformer.depth
+  assert colls["reduce-scatter"]["count"] >= 1
+  # No activation is gathered: no gathered array has the batch's [B, L] leading dimensions
+  # (the [B, L, V] logits least of all).
+  gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)
+  assert len(gathered) == colls["all-gather"]["count"]
+  assert not [g for g in gathered if g.startswith("16,32")], gathered
+  # Per chip a quarter of each sharded parameter.
+  state = aot.state_bytes(experiment)
+  assert state["params"] < 4 * experiment.num_params / 2
+
+
+@needs_tpu_compiler
+def test_two_slices_compile_with_the_data_axis_over_dcn():
+  config = plan_lib.plan_config(tiny(), 2)
+  experiment = plan_lib.setup(config, tpu_slices.lookup("v5e-8"), 2)
+  mesh = experiment.mesh
+  assert dict(mesh.shape) == {"data": 16, "fsdp": 1, "tensor": 1}
+  slices = [d.slice_index for d in mesh.devices.reshape(16)]
+  assert slices == [0] * 8 + [1] * 8  # Slice-major: only the data axis crosses DCN.
+  result = aot.compile_train(experiment, 32)
+  assert result.fits
+  assert aot.collectives(result.compiled.as_text())["all-reduce"]["count"] >= 1
+  with pytest.raises(ValueError, match="dcn_data=3"):
+    parallel.make_mesh({"data": -1, "dcn_data": 3}, mesh.devices.reshape(16))
+
+
+@needs_tpu_compiler
+def test_a_tpu_plan_compiles_xla_convolutions():
+  """The UNet's CPU weight-gradient path stays on the CPU: a TPU trace keeps XLA's convs."""
+  config = helpers.digits_tiny()
+  config.batch_size = 8
+  config = plan_lib.plan_config(config, 1)
+  experiment = plan_lib.setup(config, tpu_slices.lookup("v5e-8"), 1)
+  batch = aot.abstract_batch(config, 8, experiment.mesh)
+  jaxpr = str(experiment.train_step.trace(experiment.abstract_state, batch).jaxpr)
+  assert "custom_vjp_call" not in jaxpr  # unet.same_conv (the CPU path) is a custom_vjp.
+  assert jaxpr.count("conv_general_dilated") > 0
+
+
+@needs_tpu_compiler
+def test_cli_oversized_batch_is_a_verdict_and_bad_input_one_line(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = helpers.run_module(
+      "md4_jax.plan", "--config=configs/synthetic_text.py:tiny", "--config.data_shape=(4096,)",
+      "--slice=v5e-8", "--batch=1024", "--nolargest_batch", "--noside_steps", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  verdict = next(l for l in proc.stdout.splitlines() if l.startswith("verdict"))
+  assert "DOES NOT FIT: RESOURCE_EXHAUSTED" in verdict and "exceeds available HBM" in verdict
+  report = json.loads(out.read_text())
+  assert report["train"]["verdict"] == "DOES NOT FIT"
+  assert "\n" not in report["train"]["oom"]
+  for args, message in ((["--slice=v5p-7"], "Unknown TPU slice 'v5p-7'; valid: v4-8"),
+                        (["--slice=v5e-8", "--config.mesh.tensor=3"], "Mesh")):
+    proc = helpers.run_module("md4_jax.plan", "--config=synthetic_text:tiny", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("md4_jax.plan")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert proc.stdout == ""
+
+
+@needs_tpu_compiler
+def test_flops_of_scanned_layers_count_every_layer():
+  """The jaxpr count is the same scanned or unrolled; XLA's counts a scanned body once."""
+  counts = {}
+  for scan in (False, True):
+    config = tiny()
+    config.transformer.depth = 4
+    config.scan_layers = scan
+    experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
+    batch = aot.abstract_batch(config, 16, experiment.mesh)
+    traced = experiment.train_step.trace(experiment.abstract_state, batch)
+    counts[scan] = aot.matmul_flops(traced.jaxpr)
+    if scan:
+      xla_scanned = aot.cost(traced.lower().compile())["flops"] * 8
+  assert counts[True] == pytest.approx(counts[False], rel=1e-9)
+  assert xla_scanned < 0.6 * counts[True]  # One of four layers' matmuls, plus the rest.
