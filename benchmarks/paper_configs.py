@@ -47,6 +47,7 @@ from md4_jax import configs as configs_pkg  # noqa: E402
 from md4_jax.configs import cifar10, imagenet64, openwebtext, text8  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import losses  # noqa: E402
+from md4_jax.experiment import aot  # noqa: E402
 from md4_jax.experiment import build  # noqa: E402
 
 GIB = 2**30
@@ -140,8 +141,6 @@ def _experiment(config, batch: int) -> build.Experiment:
 
 def flops_per_position(config, experiment: build.Experiment) -> float:
   """3 x forward matmul/conv FLOPs per position of `experiment` (built at batch 1; jaxpr only)."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import train as train_bench  # pylint: disable=g-import-not-at-top  # benchmarks/train.py
   model = experiment.model
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                         experiment.abstract_state.params)
@@ -149,7 +148,7 @@ def flops_per_position(config, experiment: build.Experiment) -> float:
   noise = jnp.full(losses.noise_shape(x.shape, model.masks_per_example), 0.5)
   fwd = lambda p: model.apply({"params": p}, x, None, train=True, t=jnp.full((1,), 0.5),
                               noise=noise, rngs={"dropout": jax.random.key(0)})["loss"]
-  return 3.0 * train_bench.matmul_flops(jax.make_jaxpr(fwd)(params)) / math.prod(config.data_shape)
+  return 3.0 * aot.matmul_flops(jax.make_jaxpr(fwd)(params)) / math.prod(config.data_shape)
 
 
 def step_peak_gib(config, batch: int) -> float:

@@ -57,7 +57,6 @@ import time
 from absl import app
 from absl import flags
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -69,6 +68,7 @@ from md4_jax.configs import openwebtext  # noqa: E402
 from md4_jax.configs import text8  # noqa: E402
 from md4_jax.experiment import parallel  # noqa: E402
 from md4_jax.diffusion import losses  # noqa: E402
+from md4_jax.experiment import aot  # noqa: E402
 from md4_jax.experiment import build  # noqa: E402
 
 
@@ -203,39 +203,6 @@ flags.DEFINE_float("peak_tflops", 0.0,
                    "Per-device peak TFLOP/s for MFU (0: datasheet bf16 table, bf16 rows only).")
 
 
-def _prod(xs):
-  return math.prod(int(x) for x in xs)
-
-
-def matmul_flops(jaxpr) -> float:
-  """2 x MACs of every dot_general / conv_general_dilated in a (closed) jaxpr."""
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-      lfree = [d for i, d in enumerate(lhs) if i not in lc and i not in lb]
-      rfree = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
-      total += 2.0 * _prod(lhs[i] for i in lb) * _prod(lhs[i] for i in lc) * _prod(lfree) * _prod(rfree)
-    elif name == "conv_general_dilated":
-      rhs = eqn.invars[1].aval.shape
-      spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
-      per_output = rhs[spec[1]] * _prod(rhs[i] for i in spec[2:])
-      total += 2.0 * _prod(eqn.outvars[0].aval.shape) * per_output
-    if name == "cond":  # The masked head's overflow fallback: count the branch taken unless a
-      # batch overflows its buffer (the cheaper one).
-      total += min(matmul_flops(branch) for branch in eqn.params["branches"])
-      continue
-    times = eqn.params.get("length", 1) if name == "scan" else 1
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else (param,):
-        if isinstance(sub, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
-          total += times * matmul_flops(sub)
-  return total
-
-
 def dot_ceiling(n: int, dtype) -> float:
   """FLOP/s of one n x n @ n x n matmul (best of 3, after a warm call)."""
   a = jnp.ones((n, n), dtype)
@@ -274,7 +241,7 @@ def run_variant(name: str) -> dict:
   noise = jnp.full(losses.noise_shape(x.shape, masks), 0.5)
   fwd = lambda p: model.apply({"params": p}, x, None, train=True, t=t, noise=noise,
                               rngs={"dropout": jax.random.key(0)})["loss"]
-  fwd_flops = matmul_flops(jax.make_jaxpr(fwd)(state.params))
+  fwd_flops = aot.matmul_flops(jax.make_jaxpr(fwd)(state.params))
   model_flops = 3.0 * fwd_flops
 
   compiled = step.lower(state, batch).compile()

@@ -20,6 +20,7 @@ from typing import Any
 from unittest import mock
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,14 +87,8 @@ def _normal(rng, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    *parents, last = path.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
+  """{'a/b/c': leaf} -> nested dicts."""
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # ------------------------------------------------ the text transformer ---

@@ -49,6 +49,7 @@ import os
 import re
 from typing import Any, Callable, Optional
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -345,14 +346,8 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    *parents, last = path.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
+  """{'a/b/c': leaf} -> nested dicts."""
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def reference_names(ours: dict[str, tuple[int, ...]], table: list[Rule], ctx: Context,
