@@ -98,9 +98,9 @@ def check_reachable(path: PathLike, flag: str = "path") -> None:
     from google.cloud import storage  # pylint: disable=g-import-not-at-top
     storage.Client().get_bucket(bucket, timeout=30, retry=None)
   except Exception as e:  # pylint: disable=broad-except  (each client has its own errors)
-    from md4_jax import cli  # pylint: disable=g-import-not-at-top
+    reason = " ".join(str(e).split())[:300] or type(e).__name__  # The client's, on one line.
     raise OSError(f"{flag}={os.fspath(path)} cannot be reached: bucket {bucket!r}: "
-                  f"{cli.one_line(e, 300)}; check the network, the bucket name and the "
+                  f"{reason}; check the network, the bucket name and the "
                   "credentials (gcloud auth application-default login).") from None
 
 
