@@ -152,3 +152,17 @@ def test_paper_configs_benchmark():
   assert 0.5 < float(row["model GFLOP / position"]) < 0.6, row
   assert 0 < float(row["GiB at batch 1"]) < float(row["GiB at batch 2"]), row
   assert int(row["largest batch in 80 GiB"]) < int(row["largest batch in 141 GiB"]), row
+
+
+def test_gcs_cache_benchmark():
+  """text8 through the cache on the emulator: the copy once, then a hit."""
+  stdout = _run("gcs_cache.py", "--megabytes=1", "--repeats=1")
+  row = next(l for l in stdout.splitlines() if l.startswith("| 1 MB |"))
+  assert "first start (copy)" in row and "later start" in row
+
+
+def test_async_checkpoint_benchmark():
+  rows = _table(_run("async_checkpoint.py", "--config=tiny", "--repeats=1", "--targets=local"),
+                "target")
+  assert [(r["target"], r["save"]) for r in rows] == [("local", "sync"), ("local", "async")]
+  assert all(float(r["loop stall per save s"]) > 0 for r in rows)
