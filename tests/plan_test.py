@@ -5,6 +5,7 @@ these tests skip. Every compile is of the tiny synthetic-text transformer.
 """
 
 import json
+import math
 import re
 
 import jax
@@ -238,3 +239,37 @@ def test_flops_of_scanned_layers_count_every_layer():
       xla_scanned = aot.cost(traced.lower().compile())["flops"] * 8
   assert counts[True] == pytest.approx(counts[False], rel=1e-9)
   assert xla_scanned < 0.6 * counts[True]  # One of four layers' matmuls, plus the rest.
+
+
+@needs_tpu_compiler
+def test_head_and_embedding_shard_over_tensor_on_the_compiled_program():
+  """With tensor=4 the vocabulary splits where it divides: the head's V columns or the
+  embedding's V + 1 rows (never both for an even tensor size; the other stays replicated).
+  Read from the compiled program's input shardings; no [B, L, V] logits are gathered."""
+  tensor, length = 4, 32
+  for vocab, split in ((16, "head"), (15, "embedding")):
+    config = tiny(data=-1, tensor=tensor)
+    config.vocab_size = vocab
+    experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
+    assert dict(experiment.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": tensor}
+    result = aot.compile_train(experiment, 16)
+    assert result.fits
+    params = result.compiled.input_shardings[0][0].params["network"]
+    shards = {"head": (params["head"]["kernel"], (32, vocab)),
+              "embedding": (params["token_embedding"]["embedding"], (vocab + 1, 32))}
+    for name, (sharding, shape) in shards.items():
+      per_chip = sharding.shard_shape(shape)
+      if name == split:  # A quarter of the vocabulary on each chip, split over 'tensor'.
+        assert math.prod(per_chip) * tensor == math.prod(shape), (vocab, name, per_chip)
+        assert "tensor" in tuple(sharding.spec), (vocab, name, sharding.spec)
+      else:
+        assert tuple(per_chip) == shape, (vocab, name, per_chip)
+    if split == "head":
+      assert tuple(params["head"]["bias"].spec) == ("tensor",)
+    hlo = result.compiled.as_text()
+    gathered = [tuple(int(d) for d in g.split(",") if d)
+                for g in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)]
+    assert len(gathered) == aot.collectives(hlo)["all-gather"]["count"]
+    # Neither [B or B/data, L, V] nor its flattened [B*L, V]: the logits stay split.
+    assert not [g for g in gathered if g[-1:] == (vocab,) and (length in g[:-1] or
+                                                             g[0] % length == 0)], (vocab, gathered)
