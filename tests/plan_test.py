@@ -273,3 +273,38 @@ def test_head_and_embedding_shard_over_tensor_on_the_compiled_program():
     # Neither [B or B/data, L, V] nor its flattened [B*L, V]: the logits stay split.
     assert not [g for g in gathered if g[-1:] == (vocab,) and (length in g[:-1] or
                                                              g[0] % length == 0)], (vocab, gathered)
+
+
+def test_mesh_candidates_split_the_slice():
+  assert plan_lib.mesh_candidates(1) == [{"data": -1}, {"fsdp": -1}]
+  assert plan_lib.mesh_candidates(8) == [
+      {"data": -1}, {"fsdp": -1}, {"data": -1, "tensor": 2}, {"fsdp": -1, "tensor": 2},
+      {"data": -1, "tensor": 4}, {"fsdp": -1, "tensor": 4}]
+
+
+@needs_tpu_compiler
+def test_search_mesh_suggests_the_fitting_mesh_with_the_least_communication():
+  config = plan_lib.plan_config(tiny(), 1)
+  config.batch_size = 16
+  v5e4 = tpu_slices.lookup("v5e-4")
+  # Two candidates (the enumeration is tested above) and a mesh the slice cannot take.
+  rows = plan_lib.search_mesh(config, v5e4, 1, 16, [{"data": -1}, {"fsdp": -1}, {"data": 3}])
+  json.dumps(rows)
+  assert [r["mesh"] for r in rows] == [{"data": 4, "fsdp": 1, "tensor": 1},
+                                       {"data": 1, "fsdp": 4, "tensor": 1},
+                                       {"data": 3, "fsdp": 1, "tensor": 1}]
+  assert [r["verdict"] for r in rows] == ["FITS", "FITS", "SKIPPED"]
+  assert "has 3 devices, but 4" in rows[2]["reason"]
+  (best,) = [r for r in rows if r.get("suggested")]
+  # Pure data parallel reduces the float32 gradients once: 4 bytes a parameter (+ the loss
+  # and metrics, a few scalars), moved twice by an all-reduce. FSDP gathers each layer's
+  # weights in forward and backward and scatters the gradients: more traffic in all.
+  num_params = plan_lib.setup(config, v5e4, 1).num_params
+  data, fsdp = rows[0]["collectives"], rows[1]["collectives"]
+  assert data["all-gather"]["count"] == data["reduce-scatter"]["count"] == 0
+  assert 4 * num_params <= data["all-reduce"]["bytes"] <= 4 * num_params + 256
+  assert rows[0]["collective_seconds"] == pytest.approx(
+      2 * data["all-reduce"]["bytes"] / v5e4.generation.ici_bandwidth)
+  assert fsdp["all-gather"]["count"] > 0 and fsdp["reduce-scatter"]["count"] > 0
+  assert rows[1]["collective_seconds"] > rows[0]["collective_seconds"]
+  assert best is rows[0]
