@@ -128,12 +128,15 @@ def _train_report(experiment, batch: int, tpu_slice) -> dict:
   report["collectives"] = colls
   compute_s = step_flops / gen.peak_bf16_flops
   memory_s = costs["bytes_accessed"] / gen.hbm_bandwidth
-  comm_s = aot.collective_seconds(colls, gen.ici_bandwidth)
+  num_slices = int(experiment.config.mesh.get("dcn_data", 1))
+  comm_s = aot.collective_seconds(colls, gen.ici_bandwidth, gen.dcn_bandwidth, num_slices)
   step_s = max(compute_s, memory_s, comm_s)
   bound = ("compute", "memory", "collectives")[[compute_s, memory_s, comm_s].index(step_s)]
   steps = int(experiment.config.num_train_steps)
   report["roofline"] = {
       "compute_seconds": compute_s, "hbm_seconds": memory_s, "collective_seconds": comm_s,
+      "dcn_at": ("dcn_bandwidth" if gen.dcn_bandwidth else "ici_bandwidth (no DCN figure)")
+                if num_slices > 1 else None,
       "step_seconds": step_s, "bound_by": bound,
       "mfu_ceiling": model_flops / (step_s * gen.peak_bf16_flops) if step_s > 0 else None,
       "num_train_steps": steps, "days_to_num_train_steps": step_s * steps / 86400}
@@ -189,7 +192,9 @@ def search_mesh(config, tpu_slice, num_slices: int, batch: int,
       row["total"] = aot.memory(result.compiled)["argument_plus_temp"]
       row["collectives"] = colls
       row["collective_bytes"] = sum(v["bytes"] for v in colls.values())
-      row["collective_seconds"] = aot.collective_seconds(colls, tpu_slice.generation.ici_bandwidth)
+      gen = tpu_slice.generation
+      row["collective_seconds"] = aot.collective_seconds(colls, gen.ici_bandwidth,
+                                                         gen.dcn_bandwidth, num_slices)
     else:
       row["oom"] = result.oom
     rows.append(row)
@@ -226,6 +231,7 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
       "mesh": dict(mesh.shape), "num_params": experiment.num_params,
       "datasheet": {"hbm_bytes": gen.hbm_bytes, "peak_bf16_flops": gen.peak_bf16_flops,
                     "hbm_bandwidth": gen.hbm_bandwidth, "ici_bandwidth": gen.ici_bandwidth,
+                    "dcn_bandwidth": gen.dcn_bandwidth,
                     "source": gen.source},
       "trusted": TRUSTED, "dtype": config.dtype,
   }

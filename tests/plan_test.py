@@ -87,6 +87,12 @@ def test_collectives_count_loop_bodies_by_trip_count():
       'backend_config={"known_trip_count":{"n":"12"}}',
       "  %ar = (f32[16,4]{1,0}, bf16[10]{0}) all-reduce(%p, %q), to_apply=%add",
       "  %rs = f32[2,32]{1,0} reduce-scatter(%g), dimensions={0}",
+      '  %send.1 = (f32[4,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%b, %t), channel_id=2, '
+      'is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name='
+      '"xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",'
+      '_xla_megascale_transfer_type="ALL_REDUCE"}',
+      '  %send.2 = (bf16[64]{0}, u32[], token[]) send(%c, %t), is_host_transfer=true, '
+      'frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}',
       "}",
   ])
   colls = aot.collectives(hlo)
@@ -95,6 +101,23 @@ def test_collectives_count_loop_bodies_by_trip_count():
   # The plain one and the TPU's fused all-reduce-scatter (not counted as an all-reduce).
   assert colls["reduce-scatter"] == {"count": 2, "bytes": 2 * 32 * 4 + 16 * 4 * 4}
   assert colls["all-to-all"]["count"] == 0
+  # Cross-slice (DCN) transfers: the megascale sends' payloads, apart from the ICI collectives.
+  assert colls["dcn"] == {"count": 2, "bytes": 4 * 8 * 128 * 4 + 64 * 2,
+                          "all_reduce_bytes": 4 * 8 * 128 * 4}
+
+
+def test_collective_seconds_charge_dcn_at_dcn_bandwidth():
+  colls = {"all-reduce": {"count": 1, "bytes": 1e6}, "all-gather": {"count": 2, "bytes": 3e6},
+           "dcn": {"count": 1, "bytes": 0.0, "all_reduce_bytes": 0.0}}
+  assert aot.collective_seconds(colls, 1e9) == pytest.approx(5e-3)  # (2 x 1 + 3) MB / 1 GB/s.
+  colls["dcn"] = {"count": 2, "bytes": 5e5, "all_reduce_bytes": 4e5}
+  # A ring all-reduce over 4 slices sends 2 x 3/4 of its bytes; the rest once: 0.7 MB.
+  assert aot.collective_seconds(colls, 1e9, 1e8, 4) == pytest.approx(7e-3)  # DCN-bound.
+  assert aot.collective_seconds(colls, 1e9, 1e9, 4) == pytest.approx(5e-3)  # ICI-bound.
+  assert aot.collective_seconds(colls, 1e9, None, 4) == pytest.approx(5e-3)  # No figure: ICI.
+  v5e = tpu_slices.lookup("v5e-8").generation
+  assert v5e.dcn_bandwidth == 25e9 / 8  # 2 x 100 Gb/s NICs per 8-chip host.
+  assert tpu_slices.lookup("v5p-8").generation.dcn_bandwidth == 50e9 / 8
 
 
 def test_backend_choices_follow_the_target_platform():
@@ -184,7 +207,15 @@ def test_two_slices_compile_with_the_data_axis_over_dcn():
   assert slices == [0] * 8 + [1] * 8  # Slice-major: only the data axis crosses DCN.
   result = aot.compile_train(experiment, 32)
   assert result.fits
-  assert aot.collectives(result.compiled.as_text())["all-reduce"]["count"] >= 1
+  colls = aot.collectives(result.compiled.as_text())
+  assert colls["all-reduce"]["count"] >= 1
+  # The gradients cross slices over DCN as megascale all-reduce sends: at least each chip's
+  # in-slice shard of the float32 gradients (4 bytes a parameter / 8), at most all of them
+  # (+ tile padding).
+  grads = 4 * experiment.num_params
+  assert colls["dcn"]["count"] >= 1
+  assert colls["dcn"]["bytes"] == colls["dcn"]["all_reduce_bytes"]
+  assert grads / 8 <= colls["dcn"]["all_reduce_bytes"] <= 1.5 * grads
   with pytest.raises(ValueError, match="dcn_data=3"):
     parallel.make_mesh({"data": -1, "dcn_data": 3}, mesh.devices.reshape(16))
 
