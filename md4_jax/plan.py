@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 # The host computes nothing: never initialise a local accelerator (or libtpu's search for one).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -127,12 +128,15 @@ def _train_report(experiment, batch: int, tpu_slice) -> dict:
   report["collectives"] = colls
   compute_s = step_flops / gen.peak_bf16_flops
   memory_s = costs["bytes_accessed"] / gen.hbm_bandwidth
-  comm_s = aot.collective_seconds(colls, gen.ici_bandwidth)
+  num_slices = int(experiment.config.mesh.get("dcn_data", 1))
+  comm_s = aot.collective_seconds(colls, gen.ici_bandwidth, gen.dcn_bandwidth, num_slices)
   step_s = max(compute_s, memory_s, comm_s)
   bound = ("compute", "memory", "collectives")[[compute_s, memory_s, comm_s].index(step_s)]
   steps = int(experiment.config.num_train_steps)
   report["roofline"] = {
       "compute_seconds": compute_s, "hbm_seconds": memory_s, "collective_seconds": comm_s,
+      "dcn_at": ("dcn_bandwidth" if gen.dcn_bandwidth else "ici_bandwidth (no DCN figure)")
+                if num_slices > 1 else None,
       "step_seconds": step_s, "bound_by": bound,
       "mfu_ceiling": model_flops / (step_s * gen.peak_bf16_flops) if step_s > 0 else None,
       "num_train_steps": steps, "days_to_num_train_steps": step_s * steps / 86400}
@@ -148,19 +152,35 @@ def _side_report(compiled: aot.Compiled) -> dict:
           "collectives": aot.collectives(compiled.compiled.as_text())}
 
 
-def search_mesh(config, tpu_slice, num_slices: int, batch: int) -> list[dict]:
-  """Each data/fsdp/tensor split tried at `batch`: fits, per-chip total, collective bytes."""
-  chips = tpu_slice.chips
+def mesh_candidates(chips: int) -> list[dict]:
+  """The meshes --search_mesh tries inside a slice of `chips`: all data, all fsdp, and each
+  with tensor = 2, 4, 8 where it divides the chips and leaves more than one."""
   candidates = [{"data": -1}, {"fsdp": -1}]
   for tensor in (2, 4, 8):
     if chips % tensor == 0 and chips > tensor:
       candidates += [{"data": -1, "tensor": tensor}, {"fsdp": -1, "tensor": tensor}]
+  return candidates
+
+
+def search_mesh(config, tpu_slice, num_slices: int, batch: int,
+                candidates: Optional[list[dict]] = None) -> list[dict]:
+  """Each data/fsdp/tensor split (default `mesh_candidates`) tried at `batch`: fits,
+  per-chip total, collectives.
+
+  The suggestion ("suggested": True) is the fitting mesh whose collectives take the
+  least time on the links (`aot.collective_seconds`: an all-reduce moves its bytes
+  twice), ties broken by the smaller per-chip total. A mesh the batch or the model
+  cannot take is SKIPPED with the reason.
+  """
+  if candidates is None:
+    candidates = mesh_candidates(tpu_slice.chips)
   rows = []
   for sizes in candidates:
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, **sizes, "dcn_data": num_slices}
-    experiment = setup(config, tpu_slice, num_slices, sizes)
-    row = {"mesh": dict(experiment.mesh.shape)}
+    row = {"mesh": {k: v for k, v in sizes.items() if k != "dcn_data"}}
     try:
+      experiment = setup(config, tpu_slice, num_slices, sizes)
+      row["mesh"] = dict(experiment.mesh.shape)
       parallel.check_batch_size(batch, experiment.mesh)
     except ValueError as e:
       rows.append({**row, "verdict": "SKIPPED", "reason": cli.one_line(e)})
@@ -170,11 +190,17 @@ def search_mesh(config, tpu_slice, num_slices: int, batch: int) -> list[dict]:
     if result.fits:
       colls = aot.collectives(result.compiled.as_text())
       row["total"] = aot.memory(result.compiled)["argument_plus_temp"]
+      row["collectives"] = colls
       row["collective_bytes"] = sum(v["bytes"] for v in colls.values())
+      gen = tpu_slice.generation
+      row["collective_seconds"] = aot.collective_seconds(colls, gen.ici_bandwidth,
+                                                         gen.dcn_bandwidth, num_slices)
+    else:
+      row["oom"] = result.oom
     rows.append(row)
   fitting = [r for r in rows if r["verdict"] == "FITS"]
   if fitting:
-    best = min(fitting, key=lambda r: (r["collective_bytes"], r["total"]))
+    best = min(fitting, key=lambda r: (r["collective_seconds"], r["total"]))
     best["suggested"] = True
   return rows
 
@@ -205,6 +231,7 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
       "mesh": dict(mesh.shape), "num_params": experiment.num_params,
       "datasheet": {"hbm_bytes": gen.hbm_bytes, "peak_bf16_flops": gen.peak_bf16_flops,
                     "hbm_bandwidth": gen.hbm_bandwidth, "ici_bandwidth": gen.ici_bandwidth,
+                    "dcn_bandwidth": gen.dcn_bandwidth,
                     "source": gen.source},
       "trusted": TRUSTED, "dtype": config.dtype,
   }
@@ -228,6 +255,8 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
     out["largest_batch"] = {"fits": good, "fails": bad, "fails_with": oom.get(bad), "unit": unit}
   if mesh_search:
     out["mesh_search"] = search_mesh(config, tpu_slice, num_slices, batch)
+    out["suggested_mesh"] = next((r["mesh"] for r in out["mesh_search"] if r.get("suggested")),
+                                 None)
   return out
 
 
@@ -301,8 +330,9 @@ def table(report: dict) -> str:
     rows.append((f"{name} step (batch {side['batch_size']})", f"{side['verdict']}: {detail}"))
   for row in report.get("mesh_search", []):
     mark = "  <- suggested" if row.get("suggested") else ""
-    detail = (f"{_gib(row['total'])}, collectives {_gib(row['collective_bytes'])}"
-              if row["verdict"] == "FITS" else row.get("reason", ""))
+    detail = (f"{_gib(row['total'])}, collectives {_gib(row['collective_bytes'])} "
+              f"({_seconds(row['collective_seconds'])})" if row["verdict"] == "FITS"
+              else row.get("reason") or row.get("oom") or "")
     rows.append((f"mesh {row['mesh']}", f"{row['verdict']} {detail}{mark}"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -5,6 +5,7 @@ these tests skip. Every compile is of the tiny synthetic-text transformer.
 """
 
 import json
+import math
 import re
 
 import jax
@@ -86,6 +87,12 @@ def test_collectives_count_loop_bodies_by_trip_count():
       'backend_config={"known_trip_count":{"n":"12"}}',
       "  %ar = (f32[16,4]{1,0}, bf16[10]{0}) all-reduce(%p, %q), to_apply=%add",
       "  %rs = f32[2,32]{1,0} reduce-scatter(%g), dimensions={0}",
+      '  %send.1 = (f32[4,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%b, %t), channel_id=2, '
+      'is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name='
+      '"xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",'
+      '_xla_megascale_transfer_type="ALL_REDUCE"}',
+      '  %send.2 = (bf16[64]{0}, u32[], token[]) send(%c, %t), is_host_transfer=true, '
+      'frontend_attributes={_xla_megascale_transfer_type="ALL_GATHER"}',
       "}",
   ])
   colls = aot.collectives(hlo)
@@ -94,6 +101,23 @@ def test_collectives_count_loop_bodies_by_trip_count():
   # The plain one and the TPU's fused all-reduce-scatter (not counted as an all-reduce).
   assert colls["reduce-scatter"] == {"count": 2, "bytes": 2 * 32 * 4 + 16 * 4 * 4}
   assert colls["all-to-all"]["count"] == 0
+  # Cross-slice (DCN) transfers: the megascale sends' payloads, apart from the ICI collectives.
+  assert colls["dcn"] == {"count": 2, "bytes": 4 * 8 * 128 * 4 + 64 * 2,
+                          "all_reduce_bytes": 4 * 8 * 128 * 4}
+
+
+def test_collective_seconds_charge_dcn_at_dcn_bandwidth():
+  colls = {"all-reduce": {"count": 1, "bytes": 1e6}, "all-gather": {"count": 2, "bytes": 3e6},
+           "dcn": {"count": 1, "bytes": 0.0, "all_reduce_bytes": 0.0}}
+  assert aot.collective_seconds(colls, 1e9) == pytest.approx(5e-3)  # (2 x 1 + 3) MB / 1 GB/s.
+  colls["dcn"] = {"count": 2, "bytes": 5e5, "all_reduce_bytes": 4e5}
+  # A ring all-reduce over 4 slices sends 2 x 3/4 of its bytes; the rest once: 0.7 MB.
+  assert aot.collective_seconds(colls, 1e9, 1e8, 4) == pytest.approx(7e-3)  # DCN-bound.
+  assert aot.collective_seconds(colls, 1e9, 1e9, 4) == pytest.approx(5e-3)  # ICI-bound.
+  assert aot.collective_seconds(colls, 1e9, None, 4) == pytest.approx(5e-3)  # No figure: ICI.
+  v5e = tpu_slices.lookup("v5e-8").generation
+  assert v5e.dcn_bandwidth == 25e9 / 8  # 2 x 100 Gb/s NICs per 8-chip host.
+  assert tpu_slices.lookup("v5p-8").generation.dcn_bandwidth == 50e9 / 8
 
 
 def test_backend_choices_follow_the_target_platform():
@@ -183,7 +207,15 @@ def test_two_slices_compile_with_the_data_axis_over_dcn():
   assert slices == [0] * 8 + [1] * 8  # Slice-major: only the data axis crosses DCN.
   result = aot.compile_train(experiment, 32)
   assert result.fits
-  assert aot.collectives(result.compiled.as_text())["all-reduce"]["count"] >= 1
+  colls = aot.collectives(result.compiled.as_text())
+  assert colls["all-reduce"]["count"] >= 1
+  # The gradients cross slices over DCN as megascale all-reduce sends: at least each chip's
+  # in-slice shard of the float32 gradients (4 bytes a parameter / 8), at most all of them
+  # (+ tile padding).
+  grads = 4 * experiment.num_params
+  assert colls["dcn"]["count"] >= 1
+  assert colls["dcn"]["bytes"] == colls["dcn"]["all_reduce_bytes"]
+  assert grads / 8 <= colls["dcn"]["all_reduce_bytes"] <= 1.5 * grads
   with pytest.raises(ValueError, match="dcn_data=3"):
     parallel.make_mesh({"data": -1, "dcn_data": 3}, mesh.devices.reshape(16))
 
@@ -238,3 +270,72 @@ def test_flops_of_scanned_layers_count_every_layer():
       xla_scanned = aot.cost(traced.lower().compile())["flops"] * 8
   assert counts[True] == pytest.approx(counts[False], rel=1e-9)
   assert xla_scanned < 0.6 * counts[True]  # One of four layers' matmuls, plus the rest.
+
+
+@needs_tpu_compiler
+def test_head_and_embedding_shard_over_tensor_on_the_compiled_program():
+  """With tensor=4 the vocabulary splits where it divides: the head's V columns or the
+  embedding's V + 1 rows (never both for an even tensor size; the other stays replicated).
+  Read from the compiled program's input shardings; no [B, L, V] logits are gathered."""
+  tensor, length = 4, 32
+  for vocab, split in ((16, "head"), (15, "embedding")):
+    config = tiny(data=-1, tensor=tensor)
+    config.vocab_size = vocab
+    experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
+    assert dict(experiment.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": tensor}
+    result = aot.compile_train(experiment, 16)
+    assert result.fits
+    params = result.compiled.input_shardings[0][0].params["network"]
+    shards = {"head": (params["head"]["kernel"], (32, vocab)),
+              "embedding": (params["token_embedding"]["embedding"], (vocab + 1, 32))}
+    for name, (sharding, shape) in shards.items():
+      per_chip = sharding.shard_shape(shape)
+      if name == split:  # A quarter of the vocabulary on each chip, split over 'tensor'.
+        assert math.prod(per_chip) * tensor == math.prod(shape), (vocab, name, per_chip)
+        assert "tensor" in tuple(sharding.spec), (vocab, name, sharding.spec)
+      else:
+        assert tuple(per_chip) == shape, (vocab, name, per_chip)
+    if split == "head":
+      assert tuple(params["head"]["bias"].spec) == ("tensor",)
+    hlo = result.compiled.as_text()
+    gathered = [tuple(int(d) for d in g.split(",") if d)
+                for g in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)]
+    assert len(gathered) == aot.collectives(hlo)["all-gather"]["count"]
+    # Neither [B or B/data, L, V] nor its flattened [B*L, V]: the logits stay split.
+    assert not [g for g in gathered if g[-1:] == (vocab,) and (length in g[:-1] or
+                                                             g[0] % length == 0)], (vocab, gathered)
+
+
+def test_mesh_candidates_split_the_slice():
+  assert plan_lib.mesh_candidates(1) == [{"data": -1}, {"fsdp": -1}]
+  assert plan_lib.mesh_candidates(8) == [
+      {"data": -1}, {"fsdp": -1}, {"data": -1, "tensor": 2}, {"fsdp": -1, "tensor": 2},
+      {"data": -1, "tensor": 4}, {"fsdp": -1, "tensor": 4}]
+
+
+@needs_tpu_compiler
+def test_search_mesh_suggests_the_fitting_mesh_with_the_least_communication():
+  config = plan_lib.plan_config(tiny(), 1)
+  config.batch_size = 16
+  v5e4 = tpu_slices.lookup("v5e-4")
+  # Two candidates (the enumeration is tested above) and a mesh the slice cannot take.
+  rows = plan_lib.search_mesh(config, v5e4, 1, 16, [{"data": -1}, {"fsdp": -1}, {"data": 3}])
+  json.dumps(rows)
+  assert [r["mesh"] for r in rows] == [{"data": 4, "fsdp": 1, "tensor": 1},
+                                       {"data": 1, "fsdp": 4, "tensor": 1},
+                                       {"data": 3, "fsdp": 1, "tensor": 1}]
+  assert [r["verdict"] for r in rows] == ["FITS", "FITS", "SKIPPED"]
+  assert "has 3 devices, but 4" in rows[2]["reason"]
+  (best,) = [r for r in rows if r.get("suggested")]
+  # Pure data parallel reduces the float32 gradients once: 4 bytes a parameter (+ the loss
+  # and metrics, a few scalars), moved twice by an all-reduce. FSDP gathers each layer's
+  # weights in forward and backward and scatters the gradients: more traffic in all.
+  num_params = plan_lib.setup(config, v5e4, 1).num_params
+  data, fsdp = rows[0]["collectives"], rows[1]["collectives"]
+  assert data["all-gather"]["count"] == data["reduce-scatter"]["count"] == 0
+  assert 4 * num_params <= data["all-reduce"]["bytes"] <= 4 * num_params + 256
+  assert rows[0]["collective_seconds"] == pytest.approx(
+      2 * data["all-reduce"]["bytes"] / v5e4.generation.ici_bandwidth)
+  assert fsdp["all-gather"]["count"] > 0 and fsdp["reduce-scatter"]["count"] > 0
+  assert rows[1]["collective_seconds"] > rows[0]["collective_seconds"]
+  assert best is rows[0]

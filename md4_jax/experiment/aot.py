@@ -255,6 +255,12 @@ _FUSED_REDUCE_SCATTER = "all-reduce-scatter"
 _FUSED_CALL = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\sfusion\(.*calls=%"
                          + _FUSED_REDUCE_SCATTER)
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# Multi-slice: the TPU compiler lowers the part of a collective that crosses slices (the data
+# centre network, DCN) to host-transfer sends to the "megascale" runtime, one per transfer, e.g.
+# `send(...), is_host_transfer=true, frontend_attributes={..._xla_megascale_transfer_type=
+# "ALL_REDUCE"}`; the in-slice part stays an ICI collective over one slice's devices.
+_DCN_SEND = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\ssend\(.*"
+                       r'_xla_megascale_transfer_type="(\w+)"')
 
 
 def _array_bytes(shape_text: str) -> list[float]:
@@ -301,8 +307,17 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             times[callee] = times[name] * n
             pending.append(callee)
   out = {op: {"count": 0, "bytes": 0.0} for op in COLLECTIVES + ("collective-permute",)}
+  out["dcn"] = {"count": 0, "bytes": 0.0, "all_reduce_bytes": 0.0}
   for name, mult in times.items():
     for line in bodies.get(name, []):
+      dcn = _DCN_SEND.match(line)
+      if dcn:  # The payload: the send's first tuple element (then a u32 context, a token).
+        sent = mult * _array_bytes(dcn.group(1))[0]
+        out["dcn"]["count"] += mult
+        out["dcn"]["bytes"] += sent
+        if dcn.group(2) == "ALL_REDUCE":
+          out["dcn"]["all_reduce_bytes"] += sent
+        continue
       fused = _FUSED_CALL.match(line)
       if fused:
         out["reduce-scatter"]["count"] += mult
@@ -349,11 +364,24 @@ def entry_parameter_bytes(hlo_text: str) -> tuple[float, float]:
   return logical, padded
 
 
-def collective_seconds(colls: dict[str, dict[str, float]], ici_bandwidth: float) -> float:
+def collective_seconds(colls: dict[str, dict[str, float]], ici_bandwidth: float,
+                       dcn_bandwidth: Optional[float] = None, num_slices: int = 1) -> float:
   """A lower bound on the time the collectives take on one chip's links.
 
-  An all-reduce of N bytes moves ~2N through each chip (reduce-scatter then
-  all-gather), the others ~N; divided by the chip's bidirectional ICI bandwidth.
+  In a slice (ICI): an all-reduce of N bytes moves ~2N through each chip
+  (reduce-scatter then all-gather), the others ~N; divided by the chip's
+  bidirectional ICI bandwidth. Across slices (colls["dcn"], the megascale
+  sends): a ring all-reduce over S slices sends 2N(S-1)/S of each chip's N
+  bytes, other transfers N; divided by the chip's DCN bandwidth (ICI's when
+  `dcn_bandwidth` is None). Both links are assumed to run concurrently: the
+  bound is the larger of the two.
   """
-  moved = sum(v["bytes"] * (2 if op == "all-reduce" else 1) for op, v in colls.items())
-  return moved / ici_bandwidth
+  ici = sum(v["bytes"] * (2 if op == "all-reduce" else 1)
+            for op, v in colls.items() if op != "dcn")
+  ici_s = ici / ici_bandwidth
+  dcn = colls.get("dcn")
+  if not dcn or not dcn["bytes"]:
+    return ici_s
+  reduce_factor = 2 * (num_slices - 1) / num_slices if num_slices > 1 else 1.0
+  moved = dcn["all_reduce_bytes"] * reduce_factor + (dcn["bytes"] - dcn["all_reduce_bytes"])
+  return max(ici_s, moved / (dcn_bandwidth or ici_bandwidth))

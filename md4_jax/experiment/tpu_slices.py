@@ -18,10 +18,15 @@ Sources (Cloud TPU documentation, read December 2026):
        ISCA 2023) is 600 GB/s both ways.
   v5p: https://cloud.google.com/tpu/docs/v5p (459 TFLOP/s bf16, 95 GB HBM2e at
        2765 GB/s, 1200 GB/s bidirectional ICI per chip, 2 TensorCores per chip,
-       50 Gb/s DCN per chip; topologies 2x2x1 ... 16x16x24, 4 chips per host).
+       "Data center network (DCN) bandwidth per chip: 50 Gbps"; topologies
+       2x2x1 ... 16x16x24, 4 chips per host).
   v5e: https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16, 16 GB HBM2 at
        819 GB/s, 400 GB/s bidirectional ICI per chip; 2D shapes 1x1 ... 16x16;
-       one TensorCore per chip; hosts of 1, 4 or 8 chips).
+       one TensorCore per chip; hosts of 1, 4 or 8 chips; "Per-host NIC
+       configuration: 2 x 100 Gbps NIC" for 8 chips and "Data center network
+       bandwidth per Pod: 6.4 Tbps" for 256 chips, both 25 Gb/s per chip).
+  DCN for v4 and v6e: their pages, as stored here, give no per-chip or per-host
+       figure; dcn_bandwidth is None (cross-slice traffic charged at ICI speed).
   v6e: https://cloud.google.com/tpu/docs/v6e (918 TFLOP/s bf16, 32 GB HBM at
        1638 GB/s, 800 GB/s bidirectional ICI per chip; 1x1 ... 16x16, 8 chips
        per host).
@@ -29,6 +34,7 @@ Sources (Cloud TPU documentation, read December 2026):
 
 import dataclasses
 import os
+from typing import Optional
 
 GB = 1e9
 GIB = 2**30
@@ -47,15 +53,18 @@ class Generation:
   ici_bandwidth: float  # Bidirectional inter-chip bytes/s per chip.
   host_bounds: tuple[int, int, int]  # Chips per host (get_topology_desc's chips_per_host_bounds).
   source: str
+  # Data-centre network (multi-slice) bytes/s per chip, one direction; None where the Cloud TPU
+  # docs give no figure (the plan then charges cross-slice traffic at ICI speed, and says so).
+  dcn_bandwidth: Optional[float] = None
 
 
 GENERATIONS = {
     "v4": Generation("v4", "v4", 2, 32 * GIB, 275e12, 1200 * GB, 600 * GB, (2, 2, 1),
                      "https://cloud.google.com/tpu/docs/v4; ICI: Jouppi et al., ISCA 2023"),
     "v5p": Generation("v5p", "v5", 2, 95 * GB, 459e12, 2765 * GB, 1200 * GB, (2, 2, 1),
-                      "https://cloud.google.com/tpu/docs/v5p"),
+                      "https://cloud.google.com/tpu/docs/v5p", dcn_bandwidth=50e9 / 8),
     "v5litepod": Generation("v5litepod", "v5e", 1, 16 * GB, 197e12, 819 * GB, 400 * GB, (2, 4, 1),
-                            "https://cloud.google.com/tpu/docs/v5e"),
+                            "https://cloud.google.com/tpu/docs/v5e", dcn_bandwidth=25e9 / 8),
     "v6e": Generation("v6e", "v6e", 1, 32 * GB, 918e12, 1638 * GB, 800 * GB, (2, 4, 1),
                       "https://cloud.google.com/tpu/docs/v6e"),
 }
