@@ -10,7 +10,6 @@ import pytest
 
 import helpers
 import reliability_test as rt
-from reliability_test import reference  # noqa: F401  (the uninterrupted synchronous run)
 
 ASYNC = "--config.async_checkpointing=on"
 
@@ -21,7 +20,9 @@ def _start(workdir):
 
 
 @pytest.mark.slow
-def test_async_saves_survive_kill_9_and_sigterm_and_resume_bit_identical(tmp_path, reference):  # noqa: F811
+@rt.SHARES_THE_REFERENCE
+def test_async_saves_survive_kill_9_and_sigterm_and_resume_bit_identical(
+    tmp_path, uninterrupted_reference):
   workdir = tmp_path / "run"
   # kill -9 just after step 4's checkpoint completed: with a checkpoint every step, step 5's
   # (or 6's) save is in flight in orbax's background thread.
@@ -45,16 +46,4 @@ def test_async_saves_survive_kill_9_and_sigterm_and_resume_bit_identical(tmp_pat
                          capture_output=True, text=True, timeout=600)
   assert final.returncode == 0, final.stderr[-3000:]
   assert f"Resuming from step {stopped_at}" in final.stderr
-  rt._assert_bit_identical(rt._final_params(workdir), reference)
-
-
-@pytest.mark.slow
-def test_the_stall_benchmark_runs():
-  """benchmarks/async_checkpoint.py at tiny settings on the local disk (RESULTS.md has the
-  MD4-S numbers, local and on the emulator)."""
-  import benchmarks_test  # pylint: disable=g-import-not-at-top
-  rows = benchmarks_test._table(benchmarks_test._run(
-      "async_checkpoint.py", "--config=tiny", "--repeats=1", "--targets=local"), "target")
-  assert [(r["target"], r["save"]) for r in rows] == [("local", "sync"), ("local", "async")]
-  for row in rows:
-    assert 0 < float(row["loop stall per save s"]) <= float(row["durable after s"])
+  rt._assert_bit_identical(rt._final_params(workdir), uninterrupted_reference)

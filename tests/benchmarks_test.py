@@ -162,7 +162,10 @@ def test_gcs_cache_benchmark():
 
 
 def test_async_checkpoint_benchmark():
+  """Tiny settings on the local disk (RESULTS.md has the MD4-S numbers, local and on the
+  emulator): a stall per save for each mode, never longer than the save takes to be durable."""
   rows = _table(_run("async_checkpoint.py", "--config=tiny", "--repeats=1", "--targets=local"),
                 "target")
   assert [(r["target"], r["save"]) for r in rows] == [("local", "sync"), ("local", "async")]
-  assert all(float(r["loop stall per save s"]) > 0 for r in rows)
+  for row in rows:
+    assert 0 < float(row["loop stall per save s"]) <= float(row["durable after s"])

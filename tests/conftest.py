@@ -37,6 +37,7 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -46,6 +47,14 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # Also when JAX was imported befo
                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
   jax.config.update("jax_compilation_cache_max_size",
                     int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_reference(tmp_path_factory):
+  """(params, EMA) at the end of reliability_test's uninterrupted run (one per session and
+  worker; its users share an xdist group, so one in all)."""
+  import reliability_test  # pylint: disable=g-import-not-at-top
+  return reliability_test.uninterrupted_params(tmp_path_factory.mktemp("reference"))
 
 
 def pytest_configure(config):

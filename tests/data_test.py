@@ -26,6 +26,8 @@ from md4_jax.data import prepare
 from md4_jax.data import text8
 from md4_jax.data import tokenized
 
+import helpers
+
 
 def take(iterator, n):
   return [next(iterator) for _ in range(n)]
@@ -716,19 +718,11 @@ def test_prepare_resumes_after_a_crash(tmp_path):
 
 def test_prepare_with_a_locally_trained_bpe_tokenizer(tmp_path):
   """A real (tiny) BPE tokenizer built here: packing = concatenated encodings + EOS."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
   docs = corpus(n=60, seed=3)
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.train_from_iterator(docs, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok, encode = helpers.tiny_bpe(docs, vocab_size=300)
   path = tmp_path / "tokenizer.json"
   tok.save(str(path))
   eos = tok.token_to_id("<|endoftext|>")
-  encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
   out = tmp_path / "owt"
   summary = prepare.prepare(lambda start, stop: docs[start:stop], encode, data_dir=str(out),
                             eos_id=eos, seq_len=16, validation_docs=10, sequences_per_shard=5,

@@ -139,18 +139,10 @@ def test_sample_and_evaluate_write_into_the_bucket(trained, emulator):
 
 
 def test_tokenized_shards_and_tokenizer_are_read_from_the_bucket(emulator, tmp_path):
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
   from md4_jax.data import prepare, tokenized  # pylint: disable=g-import-not-at-top
   docs = [f"document {i} says {'ab' * (i % 5)} and {i * 7} more" for i in range(40)]
-  tok = tokenizers.Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.train_from_iterator(docs, trainers.BpeTrainer(
-      vocab_size=280, special_tokens=["<|endoftext|>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-  tok.decoder = tokenizers.decoders.ByteLevel()
+  tok, encode = helpers.tiny_bpe(docs, vocab_size=280)
   local = tmp_path / "owt"
-  encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
   prepare.prepare(lambda start, stop: docs[start:stop], encode, data_dir=str(local),
                   eos_id=tok.token_to_id("<|endoftext|>"), seq_len=16, validation_docs=8,
                   sequences_per_shard=4)

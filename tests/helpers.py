@@ -179,3 +179,18 @@ def transformer_config(length: int, vocab_size: int, width: int, depth: int, num
   config.transformer.num_heads = num_heads
   config.update(overrides)
   return config
+
+
+def tiny_bpe(docs: list[str], vocab_size: int):
+  """A byte-level BPE tokenizer (GPT-2's kind, `<|endoftext|>` special) trained here on
+  `docs`, and its batch encoder texts -> [ids] (no special tokens added)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.train_from_iterator(docs, trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+  return tok, encode

@@ -155,7 +155,7 @@ def test_uvit_sharded_equals_one_device():
   rng = np.random.default_rng(0)
   batch = {"x": rng.integers(0, config.vocab_size, (8, *config.data_shape)).astype(np.int32)}
   _, grads1, loss1 = helpers.grads_on((1, 1, 1), config, batch)
-  for mesh_shape in ((2, 2, 2), (1, 4, 2)):
+  for mesh_shape in ((2, 2, 2),):  # data, fsdp and tensor at once.
     state, grads, loss = helpers.grads_on(mesh_shape, config, batch)
     np.testing.assert_allclose(loss, loss1, rtol=1e-5)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))

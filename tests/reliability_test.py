@@ -60,14 +60,17 @@ def _final_params(workdir):
   return jax.device_get(state.params), jax.device_get(state.ema_params)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):  # Used by slow tests only.
-  """The uninterrupted run, checkpointed only at its end: saving a checkpoint (and the data
-  iterator's state) every step must not change a run either."""
-  workdir = tmp_path_factory.mktemp("reference")
+def uninterrupted_params(workdir):
+  """The final (params, EMA) of the uninterrupted run, checkpointed only at its end: saving a
+  checkpoint (and the data iterator's state) every step must not change a run either. The
+  session fixture `uninterrupted_reference` (conftest.py) runs it once for this file and
+  tests/async_checkpoint_test.py, whose tests using it share one xdist group."""
   result = _run(workdir, f"--config.checkpoint_every_steps={TOTAL_STEPS}")
   assert result.returncode == 0, result.stderr[-3000:]
   return _final_params(workdir)
+
+# The tests that compare with the uninterrupted run: one worker, so it runs once.
+SHARES_THE_REFERENCE = pytest.mark.xdist_group("uninterrupted_reference")
 
 
 def _assert_bit_identical(a, b):
@@ -87,7 +90,8 @@ def _kill_9(workdir, step, delay):
 
 
 @pytest.mark.slow
-def test_kill_9_and_sigterm_then_resume_is_bit_identical(tmp_path, reference):
+@SHARES_THE_REFERENCE
+def test_kill_9_and_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted_reference):
   """One run stopped three times, each restart resuming the last: kill -9 right after a
   checkpoint; SIGTERM (checkpoints exactly where it stops and exits 0); kill -9 0.13 s
   after a checkpoint, when the next write (checkpoint_every_steps=1) is most likely in
@@ -112,7 +116,7 @@ def test_kill_9_and_sigterm_then_resume_is_bit_identical(tmp_path, reference):
   assert final.returncode == 0, final.stderr[-3000:]
   assert "Resuming from step" in final.stderr
   assert not [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]
-  _assert_bit_identical(_final_params(workdir), reference)
+  _assert_bit_identical(_final_params(workdir), uninterrupted_reference)
 
 
 def _tiny_config(**overrides):
