@@ -152,6 +152,22 @@ def _text_ours(ref: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------- the UNet ---
 
+def _image_stem_shapes(config, ch: int, c: int, e: int) -> dict[str, tuple]:
+  """The reference's layers around both image networks (md4/networks/unet.py, uvit.py):
+  the value embedding, the time MLP (c -> 4c -> c), the input and output convolutions."""
+  u = "classifier/UNet5DWrapper_0/UNet_0"
+  return {
+      "classifier/Embed_0/embedding": (config.vocab_size + 1, e),
+      "classifier/CondEmbedding_0/dense0/kernel": (c, 4 * c),
+      "classifier/CondEmbedding_0/dense0/bias": (4 * c,),
+      "classifier/CondEmbedding_0/Dense_0/kernel": (4 * c, c),
+      "classifier/CondEmbedding_0/Dense_0/bias": (c,),
+      f"{u}/Conv_0/kernel": (3, 3, 3 * e, ch), f"{u}/Conv_0/bias": (ch,),
+      f"{u}/Conv_1/kernel": (3, 3, ch, 3 * config.vocab_size),
+      f"{u}/Conv_1/bias": (3 * config.vocab_size,),
+  }
+
+
 def _unet_reference_shapes(config) -> dict[str, tuple]:
   """The reference's VDM UNet (md4/networks/unet.py) with one block per side: ResBlock_0
   (down), ResBlock_1, SelfAttention_0, ResBlock_2 (middle), ResBlock_3..4 (up, reading
@@ -160,15 +176,8 @@ def _unet_reference_shapes(config) -> dict[str, tuple]:
   ch, c, e = uc.channels, uc.cond_dim, uc.embed_dim
   u = "classifier/UNet5DWrapper_0/UNet_0"
   shapes = {
-      "classifier/Embed_0/embedding": (config.vocab_size + 1, e),
-      "classifier/CondEmbedding_0/dense0/kernel": (c, 4 * c),
-      "classifier/CondEmbedding_0/dense0/bias": (4 * c,),
-      "classifier/CondEmbedding_0/Dense_0/kernel": (4 * c, c),
-      "classifier/CondEmbedding_0/Dense_0/bias": (c,),
-      f"{u}/Conv_0/kernel": (3, 3, 3 * e, ch), f"{u}/Conv_0/bias": (ch,),
+      **_image_stem_shapes(config, ch, c, e),
       f"{u}/GroupNorm_0/scale": (ch,), f"{u}/GroupNorm_0/bias": (ch,),
-      f"{u}/Conv_1/kernel": (3, 3, ch, 3 * config.vocab_size),
-      f"{u}/Conv_1/bias": (3 * config.vocab_size,),
       f"{u}/SelfAttention_0/GroupNorm_0/scale": (ch,),
       f"{u}/SelfAttention_0/GroupNorm_0/bias": (ch,),
   }
@@ -246,16 +255,9 @@ def _uvit_reference_shapes(config) -> dict[str, tuple]:
   hidden = int(vc.mlp_ratio * w)
   u = "classifier/UNet5DWrapper_0/UNet_0"
   shapes = {
-      "classifier/Embed_0/embedding": (config.vocab_size + 1, e),
-      "classifier/CondEmbedding_0/dense0/kernel": (c, 4 * c),
-      "classifier/CondEmbedding_0/dense0/bias": (4 * c,),
-      "classifier/CondEmbedding_0/Dense_0/kernel": (4 * c, c),
-      "classifier/CondEmbedding_0/Dense_0/bias": (c,),
-      f"{u}/Conv_0/kernel": (3, 3, 3 * e, ch), f"{u}/Conv_0/bias": (ch,),
+      **_image_stem_shapes(config, ch, c, e),
       f"{u}/CondGroupNorm_0/Dense_0/kernel": (c, 2 * ch),
       f"{u}/CondGroupNorm_0/Dense_0/bias": (2 * ch,),
-      f"{u}/Conv_1/kernel": (3, 3, ch, 3 * config.vocab_size),
-      f"{u}/Conv_1/bias": (3 * config.vocab_size,),
       f"{u}/DiT_0/x_embedder/proj/kernel": (p, p, ch, w),
       f"{u}/DiT_0/x_embedder/proj/bias": (w,),
       f"{u}/DiT_0/pos_embed": (tokens, w),
@@ -445,6 +447,26 @@ def test_text_transformer_converts_with_ema_and_adam_moments(converted_text):
   assert np.abs(direct).max() > 1e-2  # Non-trivial logits (the head is not zero).
   saved = json.load(open(directory / "run" / "config.json"))
   assert saved["transformer"]["cond_dim"] == 16
+
+
+def test_scanned_blocks_convert_stacked_and_compute_the_same_logits(converted_text, tmp_path):
+  """scan_layers=True: the reference's separate blocks are stacked along the scanned axis,
+  block i at index i, and the scanned network computes the unscanned conversion's logits."""
+  config, ref, _, _, state, directory = converted_text
+  scanned = config.copy_and_resolve_references()
+  scanned.scan_layers = True
+  reference.convert(str(directory / "ref"), scanned, str(tmp_path / "run"), mesh=_one_device())
+  _, _, stacked = workdir_lib.restore_run(str(tmp_path / "run"), mesh=_one_device())
+  want = _text_ours(ref, config)
+  got = _flat_state(stacked.params)
+  for i in range(config.transformer.depth):
+    np.testing.assert_array_equal(got["network/blocks/block/attn/query/kernel"][i],
+                                  want[f"network/block_{i}/attn/query/kernel"])
+  z, t = _text_inputs(config)
+  logits = lambda c, p: np.asarray(jax.jit(
+      lambda p: build.build_model(c).network.apply({"params": p}, z, t))(p))
+  np.testing.assert_allclose(logits(scanned, stacked.params["network"]),
+                             logits(config, state.params["network"]), rtol=1e-5, atol=1e-5)
 
 
 def test_restored_text_block_is_the_papers_block_on_the_reference_weights(converted_text):

@@ -316,21 +316,47 @@ def context(config: ml_collections.ConfigDict) -> Context:
   """The tables' Context of the config's network.
 
   Raises:
-    ValueError: a network without a table, stacked blocks, or a config whose network
+    ValueError: a network without a table, or a config whose network
       computes another function than the reference's (`check_function`).
   """
   if config.network not in TABLES:
     raise ValueError(f"config.network={config.network!r} has no reference table; valid: "
                      f"{', '.join(sorted(TABLES))}.")
-  if config.scan_layers:
-    raise ValueError("config.scan_layers=True stacks the blocks into one parameter; convert "
-                     "with --config.scan_layers=False (the reference's blocks are separate).")
   check_function(config)
   group = config[config.network]
   blocks = group.depth if config.network == "transformer" else group.num_res_blocks
   embed_outside = config.network == "transformer" and group.embed_dim > 0
   cond = config.time_features != "none" or config.classes > 0
   return Context(int(blocks), bool(embed_outside), bool(cond))
+
+
+# A parameter of nn.scan'ed transformer blocks (config.scan_layers): [depth, ...] under
+# 'blocks/block', which the unscanned network holds as 'block_0' ... 'block_{depth-1}'.
+_SCANNED = re.compile(r"(.*)/blocks/block/(.*)")
+
+
+def per_block(ours: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+  """{path: shape} with every scanned-block parameter listed once per block, as the
+  unscanned network names it (the tables' layout); other parameters as they are."""
+  out = {}
+  for path, shape in ours.items():
+    match = _SCANNED.fullmatch(path)
+    if match:
+      out.update({f"{match[1]}/block_{i}/{match[2]}": tuple(shape[1:]) for i in range(shape[0])})
+    else:
+      out[path] = shape
+  return out
+
+
+def stack_blocks(flat: dict[str, np.ndarray], ours: dict[str, tuple[int, ...]]
+                 ) -> dict[str, np.ndarray]:
+  """The per-block arrays of `per_block(ours)`'s layout stacked back into `ours`' layout."""
+  out = {}
+  for path, shape in ours.items():
+    match = _SCANNED.fullmatch(path)
+    out[path] = (np.stack([flat[f"{match[1]}/block_{i}/{match[2]}"] for i in range(shape[0])])
+                 if match else flat[path])
+  return out
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -580,15 +606,16 @@ def convert(source: str, config: ml_collections.ConfigDict, workdir: str,
 
   experiment = build.setup(config, mesh or workdir_lib.run_mesh(config))
   ours = checkpoint_lib.array_shapes(experiment.abstract_state.params)
-  params = map_params(reference["params"], ours, table, ctx, "params")
+  blocks = per_block(ours)  # The reference's blocks are separate; scanned ones are stacked.
+  convert_tree = lambda tree, what: stack_blocks(map_params(tree, blocks, table, ctx, what), ours)
+  params = convert_tree(reference["params"], "params")
   ema_from_reference = bool(_flat(reference.get("ema_params")))
-  ema = (map_params(reference["ema_params"], ours, table, ctx, "ema_params")
-         if ema_from_reference else params)
+  ema = convert_tree(reference["ema_params"], "ema_params") if ema_from_reference else params
   moments = adam_moments(reference.get("opt_state"))
   mu = nu = None
   if moments is not None and _flat(moments[0]):
-    mu = map_params(moments[0], ours, table, ctx, "Adam mu")
-    nu = map_params(moments[1], ours, table, ctx, "Adam nu")
+    mu = convert_tree(moments[0], "Adam mu")
+    nu = convert_tree(moments[1], "Adam nu")
 
   state = _state(experiment, config.seed, step, params, ema, mu, nu)
 
