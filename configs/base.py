@@ -292,7 +292,9 @@ def get_config():
   # network/blocks/block with a leading 'layers' axis instead of block_0..).
   config.scan_layers = False
   # Attention kernel: xla | cudnn (GPU, bf16/fp16) | chunked (XLA, 128 queries
-  # at a time, rematerialised) | auto (cudnn on GPU in bf16/fp16, else xla).
+  # at a time, rematerialised) | pallas (JAX's Pallas TPU flash attention: TPU
+  # only, no attention-probability dropout) | auto (cudnn on GPU in bf16/fp16,
+  # else xla).
   config.attention_impl = "auto"
   # Positions per chunk of the fused head + cross-entropy (0 = plain); the
   # full [B, L, V] logits then never exist. Transformer only (a UNet with a

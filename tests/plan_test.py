@@ -106,6 +106,27 @@ def test_collectives_count_loop_bodies_by_trip_count():
                           "all_reduce_bytes": 4 * 8 * 128 * 4}
 
 
+def test_a_loop_without_known_trip_count_reads_it_from_its_condition():
+  """The TPU compiler leaves known_trip_count out of some loops (the scanned blocks' backward
+  pass, where it sinks each layer's gradient all-reduce): `i < 12` in the condition counts."""
+  hlo = "\n".join([
+      "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
+      "  %ar = f32[3,5]{1,0} all-reduce(f32[3,5]{1,0} %x), to_apply=%add",
+      "}",
+      "%cond (p: (s32[], f32[8])) -> pred[] {",
+      "  %constant.7 = s32[]{:T(128)} constant(12)",
+      "  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0",
+      "  ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.7), direction=LT, metadata={}",
+      "}",
+      "ENTRY %main (a: f32[8]) -> f32[8] {",
+      "  %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body",
+      "}",
+  ])
+  assert aot.collectives(hlo)["all-reduce"] == {"count": 12, "bytes": 12 * 3 * 5 * 4}
+  # Without a readable bound the body counts once.
+  assert aot.collectives(hlo.replace("direction=LT", "direction=NE"))["all-reduce"]["count"] == 1
+
+
 def test_collective_seconds_charge_dcn_at_dcn_bandwidth():
   colls = {"all-reduce": {"count": 1, "bytes": 1e6}, "all-gather": {"count": 2, "bytes": 3e6},
            "dcn": {"count": 1, "bytes": 0.0, "all_reduce_bytes": 0.0}}
@@ -127,12 +148,17 @@ def test_backend_choices_follow_the_target_platform():
     assert attention.resolve_attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
   with backend.target("tpu"):
     assert backend.platform() == "tpu"
-    assert attention.resolve_attention_impl("auto", jnp.bfloat16, 64) == "xla"
+    assert attention.resolve_attention_impl("auto", jnp.float32, 64) == "pallas"
+  assert attention.resolve_attention_impl("chunked", jnp.float32, 64) == "chunked"
 
 
 @needs_tpu_compiler
 def test_v5e8_plan_has_every_field_and_the_state_bytes_by_hand():
-  report = plan_lib.plan(tiny(), "v5e-8", largest_batch=False)
+  config = tiny()
+  # XLA's attention: auto's Pallas kernel recomputes the scores in its backward pass (and pads
+  # L = 32 to its 128-block), so the step's FLOPs would exceed 3 x the forward's.
+  config.attention_impl = "xla"
+  report = plan_lib.plan(config, "v5e-8", largest_batch=False)
   json.dumps(report)  # Serialisable as the CLI writes it.
   assert report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
   assert (report["chips"], report["device_kind"]) == (8, "TPU v5 lite")
@@ -221,6 +247,28 @@ def test_two_slices_compile_with_the_data_axis_over_dcn():
 
 
 @needs_tpu_compiler
+def test_a_tpu_plan_runs_the_pallas_kernel_unless_probabilities_are_dropped():
+  """attention_impl=auto on a TPU slice: JAX's Pallas flash-attention kernel per shard (a
+  shard_map), and XLA's attention where the training step drops attention probabilities
+  (the kernel has none); evaluation never drops, so it keeps the kernel."""
+  for rate, kernel_in_training in ((0.0, True), (0.1, False)):
+    config = tiny(data=8)
+    config.attention_impl, config.dropout_rate = "auto", rate
+    config.transformer.dropout = "channel"
+    config = plan_lib.plan_config(config, 1)
+    experiment = plan_lib.setup(config, tpu_slices.lookup("v5e-8"), 1)
+    batch = aot.abstract_batch(config, 8, experiment.mesh)
+    train = str(experiment.train_step.trace(experiment.abstract_state, batch).jaxpr)
+    assert ("pallas_call" in train) == kernel_in_training, rate
+    assert ("shard_map" in train) == kernel_in_training, rate
+    eval_batch = aot.abstract_batch(config, 8, experiment.mesh, eval_batch=True)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype,
+                               sharding=parallel.replicated(experiment.mesh))
+    evaluate = experiment.eval_step().trace(experiment.abstract_state.ema_params, eval_batch, rng)
+    assert "pallas_call" in str(evaluate.jaxpr)
+
+
+@needs_tpu_compiler
 def test_a_tpu_plan_compiles_xla_convolutions():
   """The UNet's CPU weight-gradient path stays on the CPU: a TPU trace keeps XLA's convs."""
   config = helpers.digits_tiny()
@@ -229,7 +277,8 @@ def test_a_tpu_plan_compiles_xla_convolutions():
   experiment = plan_lib.setup(config, tpu_slices.lookup("v5e-8"), 1)
   batch = aot.abstract_batch(config, 8, experiment.mesh)
   jaxpr = str(experiment.train_step.trace(experiment.abstract_state, batch).jaxpr)
-  assert "custom_vjp_call" not in jaxpr  # unet.same_conv (the CPU path) is a custom_vjp.
+  # unet.same_conv (the CPU path) is a custom_vjp; the only one left is auto's TPU attention.
+  assert set(re.findall(r"custom_vjp_call\[\s*name=(\w+)", jaxpr)) == {"_flash_attention"}
   assert jaxpr.count("conv_general_dilated") > 0
 
 
@@ -238,6 +287,7 @@ def test_cli_oversized_batch_is_a_verdict_and_bad_input_one_line(tmp_path):
   out = tmp_path / "plan.json"
   proc = helpers.run_module(
       "md4_jax.plan", "--config=configs/synthetic_text.py:tiny", "--config.data_shape=(4096,)",
+      "--config.attention_impl=xla",  # [B, H, L, L] scores: auto's flash kernel fits this batch.
       "--slice=v5e-8", "--batch=1024", "--nolargest_batch", "--noside_steps", f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   verdict = next(l for l in proc.stdout.splitlines() if l.startswith("verdict"))
@@ -276,11 +326,14 @@ def test_flops_of_scanned_layers_count_every_layer():
 def test_head_and_embedding_shard_over_tensor_on_the_compiled_program():
   """With tensor=4 the vocabulary splits where it divides: the head's V columns or the
   embedding's V + 1 rows (never both for an even tensor size; the other stays replicated).
-  Read from the compiled program's input shardings; no [B, L, V] logits are gathered."""
+  Read from the compiled program's input shardings. Not the [B, L, V] logits nor the
+  attention's heads are gathered, with XLA's attention (heads kept a batch dimension of their
+  own off the CPU) or auto's Pallas kernel (per shard of batch and heads); with the head split
+  nothing is gathered at all (a split embedding gathers its table for the lookup)."""
   tensor, length = 4, 32
-  for vocab, split in ((16, "head"), (15, "embedding")):
+  for vocab, split, impl in ((16, "head", "xla"), (15, "embedding", "auto")):
     config = tiny(data=-1, tensor=tensor)
-    config.vocab_size = vocab
+    config.vocab_size, config.attention_impl = vocab, impl
     experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
     assert dict(experiment.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": tensor}
     result = aot.compile_train(experiment, 16)
@@ -304,6 +357,11 @@ def test_head_and_embedding_shard_over_tensor_on_the_compiled_program():
     # Neither [B or B/data, L, V] nor its flattened [B*L, V]: the logits stay split.
     assert not [g for g in gathered if g[-1:] == (vocab,) and (length in g[:-1] or
                                                              g[0] % length == 0)], (vocab, gathered)
+    # The attention's heads stay apart over `tensor`: no gather inside a block.
+    names = re.findall(r"all-gather(?:-start)?\(.*?op_name=\"([^\"]*)\"", hlo)
+    assert not [n for n in names if "/attn/" in n or "/block_" in n], (impl, names)
+    if split == "head":  # Nothing at all: the embedding (V + 1 rows) is replicated.
+      assert not gathered, (impl, gathered)
 
 
 def test_mesh_candidates_split_the_slice():

@@ -205,11 +205,22 @@ def cost(compiled) -> dict[str, float]:
           "bytes_accessed": float(c.get("bytes accessed", float("nan")))}
 
 
+def _shards(mesh, specs) -> int:
+  """How many distinct shards the PartitionSpecs `specs` cut over `mesh` (its named axes)."""
+  axes = set()
+  for spec in specs:
+    for entry in spec:
+      axes.update(() if entry is None else (entry if isinstance(entry, tuple) else (entry,)))
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def matmul_flops(jaxpr) -> float:
   """2 x MACs of every dot_general / conv_general_dilated in a (closed) jaxpr.
 
   A scan's body counts `length` times (so scanned layers count once per
-  layer, unlike XLA's cost_analysis); a cond counts its cheapest branch.
+  layer, unlike XLA's cost_analysis); a cond counts its cheapest branch; a
+  Pallas kernel counts its body once per grid point (the blocks it computes,
+  padding included), a shard_map body once per output shard.
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0.0
@@ -231,6 +242,10 @@ def matmul_flops(jaxpr) -> float:
       total += min(matmul_flops(branch) for branch in eqn.params["branches"])
       continue
     times = eqn.params.get("length", 1) if name == "scan" else 1
+    if name == "pallas_call":  # The kernel body runs once per grid point (one block's dots).
+      times = math.prod(eqn.params["grid_mapping"].grid)
+    elif name == "shard_map":  # The body sees one shard: count every shard of the outputs.
+      times = _shards(eqn.params["mesh"], eqn.params["out_specs"])
     for param in eqn.params.values():
       for sub in param if isinstance(param, (list, tuple)) else (param,):
         if isinstance(sub, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
@@ -268,6 +283,27 @@ def _array_bytes(shape_text: str) -> list[float]:
           for dtype, dims in _ARRAY.findall(shape_text)]
 
 
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\]\S*\s+constant\((\d+)\)")
+_LESS_THAN = re.compile(r"ROOT .*compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
+
+
+def _trip_count(line: str, bodies: dict[str, list[str]]) -> int:
+  """A while instruction's trip count: the compiler's known_trip_count, else read from its
+  condition `i < N` with N a constant (JAX's loops count i up from 0), else 1."""
+  trips = _TRIPS.search(line)
+  if trips:
+    return int(trips.group(1))
+  condition = _CONDITION.search(line)
+  cond_lines = bodies.get(condition.group(1), []) if condition else []
+  constants = dict(m.groups() for m in map(_CONSTANT.match, cond_lines) if m)
+  for cond_line in cond_lines:
+    less = _LESS_THAN.search(cond_line)
+    if less and less.group(1) in constants:
+      return int(constants[less.group(1)])
+  return 1
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
   """Count and bytes (per device, per step) of each collective in a compiled HLO module.
 
@@ -297,8 +333,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
       called = _CALLED.findall(line)
       if not called:
         continue
-      trips = _TRIPS.search(line)
-      n = int(trips.group(1)) if (trips and " while(" in line) else 1
+      n = _trip_count(line, bodies) if " while(" in line else 1
       for group in called:
         for callee in (c.strip().lstrip("%") for c in group.split(",")):
           if callee.startswith(_FUSED_REDUCE_SCATTER):

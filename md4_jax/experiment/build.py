@@ -226,7 +226,9 @@ def setup(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> Exp
                        f"{groups} x grad_accum_steps={config.grad_accum_steps}.")
     model = model.clone(head_groups=groups)
   optimizer, lr_schedule = optimizer_lib.build_optimizer(config)
-  boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh), jax.random.key(config.seed))
+  with backend.target(parallel.platform(mesh)):  # Traced for the mesh's devices, as in init_state.
+    boxed = jax.eval_shape(_init_fn(config, model, optimizer, mesh),
+                           jax.random.key(config.seed))
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

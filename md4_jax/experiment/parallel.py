@@ -19,6 +19,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from md4_jax.networks import backend
+from md4_jax.networks import layers
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -155,16 +156,6 @@ def gather(tree: Any) -> Any:
 Rules = Sequence[tuple[str, Any]]
 
 
-def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (those stay replicated)."""
-  entries = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-    size = math.prod(mesh.shape[a] for a in names)
-    entries.append(axes if names and dim % size == 0 else None)
-  return P(*entries)
-
-
 @contextlib.contextmanager
 def logical_context(rules: Rules, mesh: Optional[Mesh] = None):
   """Traces inside the logical-axis `rules` and, with `mesh`, its abstract mesh.
@@ -201,5 +192,5 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   is_spec = lambda x: isinstance(x, P)
   def one(spec, leaf):
     mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules) if len(spec) else P()
-    return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
+    return NamedSharding(mesh, layers.fit_spec(mesh_spec, leaf.shape, mesh))
   return jax.tree.map(one, logical, shapes, is_leaf=is_spec)

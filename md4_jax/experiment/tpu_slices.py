@@ -134,6 +134,12 @@ def topology_devices(tpu_slice: Slice, num_slices: int = 1) -> list:
   # Compile-only devices touch no TPU: processes (test workers, plans side by side) may each
   # load libtpu, which otherwise takes a lock (/tmp/libtpu_lockfile) for the first one.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # This host is no TPU worker: say so, or libtpu asks a metadata server that is not there and
+  # prints its failures (accelerator type, worker hostnames) on stderr. Compile targets come from
+  # get_topology_desc below, not from these.
+  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", tpu_slice.name),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+    os.environ.setdefault(key, value)
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   kwargs = {"chip_config_name": "megacore"} if tpu_slice.generation.cores_per_chip == 2 else {}

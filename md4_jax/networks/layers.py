@@ -75,6 +75,17 @@ ACTIVATION_BxLxV = ("activation_batch", "activation_length", "activation_vocab")
 ACTIVATION_BxHxWxC = ("activation_batch", None, None, "activation_embed")
 
 
+def fit_spec(spec: jax.P, shape: tuple[int, ...], mesh) -> jax.P:
+  """`spec` without the mesh axes that do not divide their dimension (those stay replicated).
+  `mesh`: a Mesh or AbstractMesh (its axis sizes)."""
+  entries = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    size = math.prod(mesh.shape[a] for a in names)
+    entries.append(axes if names and dim % size == 0 else None)
+  return jax.P(*entries)
+
+
 def constrain(x: Array, names: tuple) -> Array:
   """nn.with_logical_constraint(x, names): a sharding hint under rules + mesh."""
   return nn.with_logical_constraint(x, names)

@@ -107,13 +107,13 @@ DROPOUTS = {
 
 
 def check_dropout_kwargs(kwargs: Mapping[str, Any], group: str) -> None:
-  """A known `dropout`, and no attention-probability dropout on the cuDNN kernel."""
+  """A known `dropout`, and no attention-probability dropout on a fused kernel (cudnn, pallas)."""
   layers.check_choice(kwargs["dropout"], DROPOUTS, f"{group}.dropout")
   if (DROPOUTS[kwargs["dropout"]].probabilities and kwargs["dropout_rate"] > 0
-      and kwargs["attention_impl"] == "cudnn"):
+      and kwargs["attention_impl"] in ("cudnn", "pallas")):
     raise ValueError(f"{group}.dropout={kwargs['dropout']!r} drops attention probabilities, "
-                     "which the cudnn kernel cannot: use attention_impl auto, xla or chunked, "
-                     f"or {group}.dropout='element'.")
+                     f"which the {kwargs['attention_impl']} kernel cannot: use attention_impl "
+                     f"auto, xla or chunked, or {group}.dropout='element'.")
 
 
 def mlp_kernel_init(init: str, depth: int):
