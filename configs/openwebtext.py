@@ -29,11 +29,11 @@ def get_config(arg=None, dataset: str = "openwebtext", config_file: str = "confi
                     dropout_rate=0.02, batch_size=512, num_train_steps=1_000_000,
                     sampling_steps=1000)
   # Memory, measured by the TPU compiler (md4_jax.plan, benchmarks/RESULTS.md): on v5e-8 the
-  # plain step fits a global batch of 264 (the reference's 320). Scanned blocks, each
-  # rematerialised in the backward pass, fit 640 (10.5 GiB of HBM per chip; unscanned, the
-  # same remat does not), and the head only at masked positions cuts the step's matmuls by
-  # 13 %. The chunked loss and attention bound the logits and scores. Each computes the plain
-  # path's loss (tests/perf_test.py, tests/masked_head_test.py).
+  # reference's step fits a global batch of 320, md4_jax with only the chunked loss and
+  # attention 320 too. Scanned blocks, each rematerialised in the backward pass, fit 1208
+  # (unscanned, the same remat does not fit 640), and the head only at masked positions cuts
+  # the step's matmuls by 13 %. Each computes the plain path's loss (tests/perf_test.py,
+  # tests/masked_head_test.py).
   config.scan_layers = True
   config.remat_policy = "full"
   config.masked_head = True

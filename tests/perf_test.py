@@ -183,8 +183,8 @@ def test_pallas_flash_attention_equals_xla_in_interpret_mode(length, span):
   padding masked out of the softmax (segment ids), which an unmasked padding would fail."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
-  q, ct = (jnp.asarray(rng.standard_normal((1, length, 2, 32)), jnp.float32) for _ in range(2))
-  k, v = (jnp.asarray(rng.standard_normal((1, span, 2, 32)), jnp.float32) for _ in range(2))
+  q, ct = (jnp.asarray(rng.standard_normal((1, length, 1, 32)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.standard_normal((1, span, 1, 32)), jnp.float32) for _ in range(2))
 
   def output_and_grads(fn):
     out, vjp = jax.vjp(fn, q, k, v)
