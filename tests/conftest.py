@@ -49,14 +49,6 @@ if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # Also when JAX was imported befo
                     int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 
-@pytest.fixture(scope="session")
-def uninterrupted_reference(tmp_path_factory):
-  """(params, EMA) at the end of reliability_test's uninterrupted run (one per session and
-  worker; its users share an xdist group, so one in all)."""
-  import reliability_test  # pylint: disable=g-import-not-at-top
-  return reliability_test.uninterrupted_params(tmp_path_factory.mktemp("reference"))
-
-
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: subprocess trainings, multi-process runs, notebooks, benchmark scripts "

@@ -38,8 +38,8 @@ def _run(workdir, *extra):
                         text=True, timeout=600)
 
 
-def _start(workdir):
-  return subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+def _start(workdir, *extra):
+  return subprocess.Popen(_cmd(workdir, *extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 
@@ -60,63 +60,68 @@ def _final_params(workdir):
   return jax.device_get(state.params), jax.device_get(state.ema_params)
 
 
-def uninterrupted_params(workdir):
-  """The final (params, EMA) of the uninterrupted run, checkpointed only at its end: saving a
-  checkpoint (and the data iterator's state) every step must not change a run either. The
-  session fixture `uninterrupted_reference` (conftest.py) runs it once for this file and
-  tests/async_checkpoint_test.py, whose tests using it share one xdist group."""
-  result = _run(workdir, f"--config.checkpoint_every_steps={TOTAL_STEPS}")
-  assert result.returncode == 0, result.stderr[-3000:]
-  return _final_params(workdir)
-
-# The tests that compare with the uninterrupted run: one worker, so it runs once.
-SHARES_THE_REFERENCE = pytest.mark.xdist_group("uninterrupted_reference")
-
-
 def _assert_bit_identical(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def _kill_9(workdir, step, delay):
+def _kill_9(workdir, step, delay, *extra):
   """Starts a run that resumes `workdir`, kills it (-9) once `step` is checkpointed and
-  `delay` seconds have passed, and returns its stderr."""
-  proc = _start(workdir)
+  `delay` seconds have passed, and returns its stderr and the last complete checkpoint."""
+  proc = _start(workdir, *extra)
   _wait_for_step(workdir, step, proc)
   time.sleep(delay)
   proc.kill()
   _, err = proc.communicate()
-  assert helpers.checkpoint_steps(workdir), "no complete checkpoint survived"
-  return err
+  survived = helpers.checkpoint_steps(workdir)
+  assert survived, "no complete checkpoint survived"
+  return err, survived[-1]
+
+
+# Asynchronous saves (the default for gs:// workdirs); switching a resumed run between the modes
+# is a safe config change.
+ASYNC = ("--config.async_checkpointing=on", "--allow_config_change")
+SYNC = ("--config.async_checkpointing=off", "--allow_config_change")
 
 
 @pytest.mark.slow
-@SHARES_THE_REFERENCE
-def test_kill_9_and_sigterm_then_resume_is_bit_identical(tmp_path, uninterrupted_reference):
-  """One run stopped three times, each restart resuming the last: kill -9 right after a
-  checkpoint; SIGTERM (checkpoints exactly where it stops and exits 0); kill -9 0.13 s
-  after a checkpoint, when the next write (checkpoint_every_steps=1) is most likely in
-  flight. The final resume ends bit-identical to the uninterrupted reference."""
-  workdir = tmp_path / "run"
-  _kill_9(workdir, 5, 0.0)
+def test_kill_9_and_sigterm_sync_and_async_then_resume_is_bit_identical(tmp_path):
+  """One run stopped four times, each restart resuming the last, with a checkpoint every step:
+  kill -9 right after a synchronous checkpoint; kill -9 right after an asynchronous one
+  (the next save is in flight in orbax's background thread); SIGTERM with asynchronous saves
+  (the run saves exactly where it stops and exits 0 only when that save is complete); kill -9
+  0.13 s after a synchronous checkpoint, when the next write is most likely in flight. Each
+  leaves the last complete checkpoint, and the final resume ends bit-identical to an
+  uninterrupted run checkpointed only at its end (saving a checkpoint and the data iterator's
+  state every step, synchronously or not, must not change a run either)."""
+  reference = _run(tmp_path / "reference", f"--config.checkpoint_every_steps={TOTAL_STEPS}")
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  uninterrupted = _final_params(tmp_path / "reference")
 
-  proc = _start(workdir)
-  _wait_for_step(workdir, helpers.checkpoint_steps(workdir)[-1] + 3, proc)
+  workdir = tmp_path / "run"
+  _, last = _kill_9(workdir, 5, 0.0)
+
+  err, survived = _kill_9(workdir, last + 2, 0.0, *ASYNC)
+  assert f"Resuming from step {last}" in err and "Saving (async) checkpoint" in err, err[-3000:]
+  assert survived >= last + 2
+
+  proc = _start(workdir, *ASYNC)
+  _wait_for_step(workdir, survived + 3, proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  assert "Resuming from step" in err and "Preempted at step" in out
+  assert f"Resuming from step {survived}" in err and "Preempted at step" in out
   stopped_at = int(out.split("Preempted at step ")[1].split(":")[0])
   assert stopped_at < TOTAL_STEPS - 3, stopped_at
-  assert helpers.checkpoint_steps(workdir)[-1] == stopped_at  # Saved at exactly that step.
+  assert helpers.checkpoint_steps(workdir)[-1] == stopped_at  # Complete and listed at exit.
 
-  err = _kill_9(workdir, stopped_at + 2, 0.13)
+  err, _ = _kill_9(workdir, stopped_at + 2, 0.13, *SYNC)
   assert f"Resuming from step {stopped_at}" in err, err[-3000:]
 
-  final = _run(workdir)
+  final = _run(workdir, *SYNC)
   assert final.returncode == 0, final.stderr[-3000:]
   assert "Resuming from step" in final.stderr
   assert not [d for d in os.listdir(workdir / "checkpoints") if "tmp" in d]
-  _assert_bit_identical(_final_params(workdir), uninterrupted_reference)
+  _assert_bit_identical(_final_params(workdir), uninterrupted)
 
 
 def _tiny_config(**overrides):
