@@ -322,6 +322,10 @@ def get_config():
   config.transformer.embed_dim = 0  # Token embedding width, projected to width (0 = width).
   config.transformer.head_bias = True  # Bias on the output head.
   config.transformer.zero_init_head = False  # Zero-initialised output head.
+  # Round the head's V columns and the embedding's V + 1 rows up to a multiple of this so the
+  # vocabulary splits over mesh.tensor (1 = no padding; e.g. 128 for GPT-2's V = 50257).
+  # The padding is never predicted. It changes the parameters' shapes: set it at the start.
+  config.transformer.vocab_multiple = 1
   # The paper's function, init and dropout (docs/networks.md; the paper configs set the
   # reference implementation's choices, in brackets; these defaults are md4_jax's own).
   # Time sinusoid: dit (10000^(-i/half), [cos | sin]) | md4 (10000^(-i/(half-1)), [sin | cos]).

@@ -93,3 +93,19 @@ def test_configs_load_without_tensorflow_or_grain():
   out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_a_vocabulary_tensor_cannot_split_is_named_with_the_padding_that_splits_it(caplog):
+  """GPT-2's V = 50257 under mesh.tensor=4: a warning names the head and the embedding and
+  the vocab_multiple that splits them; with it (or without tensor parallelism) none."""
+  from md4_jax.configs import openwebtext  # pylint: disable=g-import-not-at-top
+  from md4_jax.experiment import validation  # pylint: disable=g-import-not-at-top
+  config = openwebtext.get_config("")
+  config.mesh.tensor = 4
+  for multiple, warned in ((1, True), (128, False)):
+    config.transformer.vocab_multiple = multiple
+    caplog.clear()
+    validation.validate(config)
+    text = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert ("head's columns (50257) or the embedding's rows (50258)" in text
+            and "vocab_multiple=128" in text) == warned, text

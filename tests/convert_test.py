@@ -449,12 +449,16 @@ def test_text_transformer_converts_with_ema_and_adam_moments(converted_text):
   assert saved["transformer"]["cond_dim"] == 16
 
 
-def test_scanned_blocks_convert_stacked_and_compute_the_same_logits(converted_text, tmp_path):
+def test_scanned_and_padded_convert_and_compute_the_same_logits(converted_text, tmp_path):
   """scan_layers=True: the reference's separate blocks are stacked along the scanned axis,
-  block i at index i, and the scanned network computes the unscanned conversion's logits."""
+  block i at index i. transformer.vocab_multiple=16: the embedding's V + 1 = 9 rows and the
+  head's V = 8 columns (no bias, as the paper's) are zero-padded to 16 (Adam's moments too). The scanned, padded
+  network computes the plain conversion's logits."""
   config, ref, _, _, state, directory = converted_text
   scanned = config.copy_and_resolve_references()
   scanned.scan_layers = True
+  scanned.transformer.vocab_multiple = 16
+  vocab = config.vocab_size
   reference.convert(str(directory / "ref"), scanned, str(tmp_path / "run"), mesh=_one_device())
   _, _, stacked = workdir_lib.restore_run(str(tmp_path / "run"), mesh=_one_device())
   want = _text_ours(ref, config)
@@ -462,6 +466,14 @@ def test_scanned_blocks_convert_stacked_and_compute_the_same_logits(converted_te
   for i in range(config.transformer.depth):
     np.testing.assert_array_equal(got["network/blocks/block/attn/query/kernel"][i],
                                   want[f"network/block_{i}/attn/query/kernel"])
+  emb, kernel = got["network/token_embedding/embedding"], got["network/head/kernel"]
+  assert emb.shape[0] == kernel.shape[-1] == 16 and "network/head/bias" not in got  # The paper's.
+  np.testing.assert_array_equal(emb[:vocab + 1], want["network/token_embedding/embedding"])
+  np.testing.assert_array_equal(kernel[:, :vocab], want["network/head/kernel"])
+  assert not (emb[vocab + 1:].any() or kernel[:, vocab:].any())
+  moments = [v for k, v in _flat_state(stacked.opt_state).items() if k.endswith("head/kernel")]
+  assert len(moments) == 2 and all(m.shape[-1] == 16 and not m[:, vocab:].any() and m.any()
+                                   for m in moments)
   z, t = _text_inputs(config)
   logits = lambda c, p: np.asarray(jax.jit(
       lambda p: build.build_model(c).network.apply({"params": p}, z, t))(p))

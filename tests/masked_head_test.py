@@ -161,6 +161,43 @@ def test_overflow_falls_back_to_the_full_head(chunk):
   _assert_equal(metrics, grads, *_reference(True, 2))
 
 
+@pytest.mark.parametrize("head", ["plain", pytest.param("chunked", marks=_SLOW), "masked_only"])
+def test_padded_vocabulary_gives_the_unpadded_loss_and_gradients(head):
+  """transformer.vocab_multiple=8: V = 11 head columns and 12 embedding rows padded to 16,
+  the real parameters copied in and the padding random. Every head path gives the unpadded
+  network's loss and gradients, and the padding gets no gradient: a padding column that took
+  any probability, or a target read past V, would fail."""
+  knobs = {"plain": {}, "chunked": {"loss_chunk_size": 12},
+           "masked_only": {"masked_head": True, "loss_chunk_size": 12}}[head]
+  config = _config(cont_time=True, timesteps=10, **knobs)
+  config.transformer.vocab_multiple = 8
+  model = _model(config, head_groups=2) if head == "masked_only" else _model(config)
+  rng = np.random.default_rng(7)
+  def pad(real, axis):  # The real parameter, then random padding along `axis` up to 16.
+    shape = list(real.shape)
+    shape[axis] = 16 - shape[axis]
+    return jnp.concatenate([real, jnp.asarray(rng.standard_normal(shape), real.dtype)], axis)
+  real = _params()
+  padded = jax.tree.map(lambda a: a, real)
+  net = padded["network"]
+  net["token_embedding"]["embedding"] = pad(net["token_embedding"]["embedding"], 0)
+  net["head"]["kernel"] = pad(net["head"]["kernel"], 1)
+  net["head"]["bias"] = pad(net["head"]["bias"], 0)
+  x, t, noise = _inputs(2)
+  def loss(p):
+    metrics = model.apply({"params": p}, x, None, train=True, t=t, noise=noise)
+    return metrics["loss"], metrics
+  (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(padded)
+  if head == "masked_only":
+    assert float(metrics["masked_head_overflow"]) == 0.0
+  g = grads["network"]
+  assert not (g["token_embedding"]["embedding"][V + 1:].any() or g["head"]["kernel"][:, V:].any()
+              or g["head"]["bias"][V:].any())
+  g["token_embedding"]["embedding"] = g["token_embedding"]["embedding"][:V + 1]
+  g["head"]["kernel"], g["head"]["bias"] = g["head"]["kernel"][:, :V], g["head"]["bias"][:V]
+  _assert_equal(metrics, grads, *_reference(True, 2))
+
+
 @pytest.mark.parametrize("schedule,batch,groups,antithetic,cont_time", [
     ("linear", 16, 1, True, True),
     # Four groups of four, interleaved strata.

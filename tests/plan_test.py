@@ -325,42 +325,46 @@ def test_flops_of_scanned_layers_count_every_layer():
 @needs_tpu_compiler
 def test_head_and_embedding_shard_over_tensor_on_the_compiled_program():
   """With tensor=4 the vocabulary splits where it divides: the head's V columns or the
-  embedding's V + 1 rows (never both for an even tensor size; the other stays replicated).
-  Read from the compiled program's input shardings. Not the [B, L, V] logits nor the
-  attention's heads are gathered, with XLA's attention (heads kept a batch dimension of their
-  own off the CPU) or auto's Pallas kernel (per shard of batch and heads); with the head split
-  nothing is gathered at all (a split embedding gathers its table for the lookup)."""
+  embedding's V + 1 rows (never both for an even tensor size; the other stays replicated),
+  and both with transformer.vocab_multiple=4 (V = 15: 16 columns and 16 rows). Read from the
+  compiled program's input shardings. Not the [B, L, V] logits nor the attention's heads are
+  gathered, with XLA's attention (heads kept a batch dimension of their own off the CPU) or
+  auto's Pallas kernel (per shard of batch and heads); with the head split alone nothing is
+  gathered at all (a split embedding gathers its table for the lookup)."""
   tensor, length = 4, 32
-  for vocab, split, impl in ((16, "head", "xla"), (15, "embedding", "auto")):
+  for vocab, multiple, split, impl in ((16, 1, {"head"}, "xla"), (15, 1, {"embedding"}, "auto"),
+                                       (15, 4, {"head", "embedding"}, "xla")):
     config = tiny(data=-1, tensor=tensor)
     config.vocab_size, config.attention_impl = vocab, impl
+    config.transformer.vocab_multiple = multiple
     experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
     assert dict(experiment.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": tensor}
     result = aot.compile_train(experiment, 16)
     assert result.fits
     params = result.compiled.input_shardings[0][0].params["network"]
-    shards = {"head": (params["head"]["kernel"], (32, vocab)),
-              "embedding": (params["token_embedding"]["embedding"], (vocab + 1, 32))}
+    columns, rows = -(-vocab // multiple) * multiple, -(-(vocab + 1) // multiple) * multiple
+    shards = {"head": (params["head"]["kernel"], (32, columns)),
+              "embedding": (params["token_embedding"]["embedding"], (rows, 32))}
     for name, (sharding, shape) in shards.items():
       per_chip = sharding.shard_shape(shape)
-      if name == split:  # A quarter of the vocabulary on each chip, split over 'tensor'.
+      if name in split:  # A quarter of the vocabulary on each chip, split over 'tensor'.
         assert math.prod(per_chip) * tensor == math.prod(shape), (vocab, name, per_chip)
         assert "tensor" in tuple(sharding.spec), (vocab, name, sharding.spec)
       else:
         assert tuple(per_chip) == shape, (vocab, name, per_chip)
-    if split == "head":
+    if "head" in split:
       assert tuple(params["head"]["bias"].spec) == ("tensor",)
     hlo = result.compiled.as_text()
     gathered = [tuple(int(d) for d in g.split(",") if d)
                 for g in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)]
     assert len(gathered) == aot.collectives(hlo)["all-gather"]["count"]
     # Neither [B or B/data, L, V] nor its flattened [B*L, V]: the logits stay split.
-    assert not [g for g in gathered if g[-1:] == (vocab,) and (length in g[:-1] or
-                                                             g[0] % length == 0)], (vocab, gathered)
+    assert not [g for g in gathered if g[-1:] in ((vocab,), (columns,)) and (
+        length in g[:-1] or g[0] % length == 0)], (vocab, gathered)
     # The attention's heads stay apart over `tensor`: no gather inside a block.
     names = re.findall(r"all-gather(?:-start)?\(.*?op_name=\"([^\"]*)\"", hlo)
     assert not [n for n in names if "/attn/" in n or "/block_" in n], (impl, names)
-    if split == "head":  # Nothing at all: the embedding (V + 1 rows) is replicated.
+    if split == {"head"}:  # Nothing at all: the embedding (V + 1 rows) is replicated.
       assert not gathered, (impl, gathered)
 
 

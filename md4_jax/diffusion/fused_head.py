@@ -179,7 +179,7 @@ def _masked_only_nll(network, z_t, t, cond, train, x, masked, strategy: Strategy
     x_GxC = jnp.take_along_axis(x_BxN.reshape(groups, span), pos_GxC, axis=1)
     nll_GxC = head(h_GxCxD, x_GxC, packed_length=length)
     sums_B = packed_sum(nll_GxC, pos_GxC, valid_GxC, length, per_group).reshape(batch)
-    return sums_B + out_of_range_rows(x_BxN, feats.kernel.shape[-1], batch)
+    return sums_B + out_of_range_rows(x_BxN, feats.num_tokens, batch)
 
   return jax.lax.cond(overflow, jax.checkpoint(full), packed, h_BxNxD), overflow
 

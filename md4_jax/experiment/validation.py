@@ -6,7 +6,10 @@ the sampling grid and the dataset record. The training loop calls it first;
 `md4_jax.sample` / `evaluate` restore configs that passed it at training time.
 """
 
+import math
+
 import ml_collections
+from absl import logging
 
 from md4_jax import data as data_lib
 from md4_jax import networks
@@ -65,6 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(len(sizes) >= 1 and all(v > 0 for v in sizes), f"{group}.{field}", value,
                "> 0")
   networks.check_config(config)
+  _warn_unsplit_vocabulary(config)
   if config.sampling_grid not in sampling.GRIDS:
     raise ValueError(f"Unknown sampling_grid {config.sampling_grid!r}; valid: "
                      f"{sorted(sampling.GRIDS)}.")
@@ -77,3 +81,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"Dataset {config.dataset!r} is an evaluation set: train on openwebtext (or "
         f"fineweb_edu) and score it with `python -m md4_jax.evaluate --workdir=RUN "
         f"--zero_shot={config.dataset}`.")
+
+
+def _warn_unsplit_vocabulary(config: ml_collections.ConfigDict) -> None:
+  """A warning when mesh.tensor > 1 cannot split the transformer's head or embedding."""
+  tensor = int(config.mesh.get("tensor", 1))
+  if config.network != "transformer" or tensor <= 1:
+    return
+  multiple = int(config.transformer.get("vocab_multiple", 1))
+  pad = lambda n: -(-n // multiple) * multiple
+  whole = [f"{what} ({n})" for what, n in (("the head's columns", pad(config.vocab_size)),
+                                           ("the embedding's rows", pad(config.vocab_size + 1)))
+           if n % tensor]
+  if whole:
+    logging.warning(
+        "mesh.tensor=%d does not divide %s: they stay whole on every chip. "
+        "--config.transformer.vocab_multiple=%d pads them so they split (a new run only: it "
+        "changes the parameters' shapes).", tensor, " or ".join(whole), math.lcm(128, tensor))

@@ -18,6 +18,7 @@ or to the masked positions only (diffusion/fused_head.py).
 from typing import Optional, NamedTuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 from jax import Array
 
 from md4_jax.networks import layers
@@ -32,17 +33,31 @@ class HeadInputs(NamedTuple):
 
   Attributes:
     h: [B, *data_shape, D] final features, in the activation dtype.
-    kernel: [D, V] head weights (parameter dtype).
-    bias: [V] head bias (parameter dtype), or None for a head without one.
+    kernel: [D, V'] head weights (parameter dtype): V' = V, or V rounded up so the
+      vocabulary splits over a mesh axis (the transformer's vocab_multiple).
+    bias: [V'] head bias (parameter dtype), or None for a head without one.
+    vocab_size: V when the head has V' > V columns (None: V' = V). The padding
+      columns are never a token: `logits` sets them to the dtype's lowest value, so
+      they take no probability in any softmax or cross-entropy and get no gradient.
   """
 
   h: Array
   kernel: Array
   bias: Optional[Array]
+  vocab_size: Optional[int] = None
+
+  @property
+  def num_tokens(self) -> int:
+    """V: the real tokens (the head's first V columns)."""
+    return self.kernel.shape[-1] if self.vocab_size is None else self.vocab_size
 
   def logits(self, h: Array) -> Array:
-    """[..., D] features (e.g. a chunk of `self.h`) -> [..., V] logits."""
+    """[..., D] features (e.g. a chunk of `self.h`) -> [..., V'] logits, the padding
+    columns (if any) at the dtype's lowest value."""
     out = linear_head(h, self.kernel, self.bias)
+    if self.num_tokens < out.shape[-1]:
+      real = jnp.arange(out.shape[-1]) < self.num_tokens
+      out = jnp.where(real, out, jnp.finfo(out.dtype).min)
     return layers.constrain(out, layers.ACTIVATION_BxLxV) if out.ndim == 3 else out
 
 

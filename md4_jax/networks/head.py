@@ -1,5 +1,7 @@
 """The output head: a per-position linear layer that can hand out its parameters."""
 
+from typing import Optional
+
 import flax.linen as nn
 import jax.numpy as jnp
 from jax import Array
@@ -17,13 +19,15 @@ class LinearHead(nn.Module):
   a `dense(features, ('embed', 'vocab'))` would create them.
 
   Attributes:
-    features: V.
+    features: V' columns (V, or V rounded up: see `padded`).
+    vocab_size: V, the real tokens, when features > V (None: features = V).
     use_bias: whether the head has a bias (the MD4 paper's has none).
     zero_init: zero-initialised kernel (the paper's; every logit starts at 0,
       the uniform prediction) instead of lecun_normal.
   """
 
   features: int
+  vocab_size: Optional[int] = None
   use_bias: bool = True
   zero_init: bool = False
   dtype: Dtype = jnp.float32
@@ -47,9 +51,14 @@ class LinearHead(nn.Module):
           (self.features,),
           self.param_dtype,
       )
-    return contract.HeadInputs(h.astype(self.dtype), kernel, bias)
+    return contract.HeadInputs(h.astype(self.dtype), kernel, bias, self.vocab_size)
 
   def __call__(self, h: Array) -> Array:
-    """[..., D] -> [..., V] logits in `dtype`."""
+    """[..., D] -> [..., V'] logits in `dtype` (padding columns at the lowest value)."""
     heads = self.inputs(h)
-    return contract.linear_head(heads.h, heads.kernel, heads.bias)
+    return heads.logits(heads.h)
+
+
+def padded(n: int, multiple: int) -> int:
+  """n rounded up to a multiple of `multiple` (>= 1)."""
+  return -(-n // multiple) * multiple

@@ -334,6 +334,10 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
     label_cond: where the label embedding joins (conditioning.LABEL_CONDS): concat | add.
     norm_eps: epsilon of every LayerNorm (the paper's 1e-5; md4_jax's 1e-6).
     dropout: where dropout_rate applies (DROPOUTS): channel (the paper's) | element.
+    vocab_multiple: the head's V columns and the embedding's V + 1 rows are rounded up to a
+      multiple of this (1 = not padded), so the vocabulary splits over mesh.tensor
+      (GPT-2's V = 50257 divides by nothing); the padding is never predicted (the head's
+      padding columns are set to the lowest logit, the call returns the V real ones).
     param_init: conditioning.INITS: 'md4' (the paper's) initialises the token and label embeddings
       with Flax's default (std 1 / sqrt(embed width)) and the MLP kernels depth-scaled
       (variance 2 / (depth * fan_in)); 'md4_jax' with std 0.02 and lecun normal.
@@ -367,6 +371,7 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
   norm_eps: float = 1e-6
   dropout: str = "element"
   param_init: str = "md4_jax"
+  vocab_multiple: int = 1
 
   @classmethod
   def check_kwargs(cls, kwargs: Mapping[str, Any], group: str) -> None:
@@ -389,6 +394,7 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
     batch_size, data_shape = z.shape[0], z.shape[1:]
     h_BxLxD = feats.h.reshape(batch_size, -1, self.width)
     logits_BxLxV = feats.logits(h_BxLxD)  # Carries the logits' activation constraint.
+    logits_BxLxV = logits_BxLxV[..., :self.vocab_size]  # Without the head's padding.
     return logits_BxLxV.astype(jnp.float32).reshape(batch_size, *data_shape, self.vocab_size)
 
   @nn.compact
@@ -434,7 +440,7 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
 
     embed_dim = self.embed_dim or self.width
     x_BxLxD = nn.Embed(
-        self.vocab_size + 1,
+        head_lib.padded(self.vocab_size + 1, self.vocab_multiple),  # V tokens and the mask.
         embed_dim,
         embedding_init=layers.partitioned(
             conditioning.embedding_init(self.param_init, 0.02), ("vocab", "embed")
@@ -498,6 +504,9 @@ class Transformer(nn.Module, contract.FusedHeadNetwork):
     x_BxLxD = layers.layer_norm(affine=False, epsilon=self.norm_eps, name="final_norm",
                                 **kw)(x_BxLxD)
     x_BxLxD = conditioning.modulate(x_BxLxD, shift, scale)
-    feats = head_lib.LinearHead(self.vocab_size, use_bias=self.head_bias,
-                              zero_init=self.zero_init_head, name="head", **kw).inputs(x_BxLxD)
+    head_width = head_lib.padded(self.vocab_size, self.vocab_multiple)
+    feats = head_lib.LinearHead(head_width,
+                                self.vocab_size if head_width > self.vocab_size else None,
+                                use_bias=self.head_bias, zero_init=self.zero_init_head,
+                                name="head", **kw).inputs(x_BxLxD)
     return feats._replace(h=feats.h.reshape(batch_size, *data_shape, self.width))

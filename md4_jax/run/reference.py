@@ -21,6 +21,10 @@ and to how the array changes on the way:
               from [C, K * D] in the reference's chunk order
   fuse_first  md4_jax [A, B, ...] from [A * B, ...]: the attention output [H, Dh, D]
   conv1x1     md4_jax's 1x1 skip convolution [1, 1, I, O] from the reference's Dense [I, O]
+  vocab_rows  the token embedding [V' >= V + 1, D] from [V + 1, D], and
+  vocab_cols  the head [D, V' >= V] (bias [V']) from [D, V]: equal, or zero-padded when the
+              config pads the vocabulary (transformer.vocab_multiple; the padding is never
+              predicted, so the function is the reference's)
 
 The time MLP maps as it is ('same'): the config must compute the reference's function,
 so its sinusoid is the reference's ([sin | cos] over 10000^(-i/(half-1))) and a label
@@ -90,11 +94,13 @@ class Context:
     embed_outside: the reference embeds tokens outside its transformer (md4_jax's
       embed_dim > 0: a narrow embedding projected to the width).
     cond: the network reads a conditioning vector (its residual blocks have FiLM).
+    vocab: V, the real tokens (the reference's head has V columns, its embedding V + 1 rows).
   """
 
   blocks: int
   embed_outside: bool
   cond: bool
+  vocab: int = 0
 
 
 # (our path regex, reference path from the match and the context, transform: a name of the
@@ -125,7 +131,7 @@ def _text_final(c: Context) -> int:
 TRANSFORMER: list[Rule] = _time_rules() + [
     (r"network/token_embedding/embedding",
      lambda m, c: (f"{_CLASSIFIER}/Embed_0/embedding" if c.embed_outside
-                   else f"{_TEXT}/Embed_0/embedding"), "same"),
+                   else f"{_TEXT}/Embed_0/embedding"), "vocab_rows"),
     (r"network/embed_proj/(kernel|bias)", lambda m, c: f"{_TEXT}/Dense_0/{m[1]}", "same"),
     (r"network/block_(\d+)/attn/(query|key|value)/(kernel|bias)",
      lambda m, c: f"{_TEXT}/TransformerBlock_{m[1]}/attention/{_QKV[m[2]]}/{m[3]}",
@@ -144,7 +150,7 @@ TRANSFORMER: list[Rule] = _time_rules() + [
     (r"network/final_modulation/dense/(kernel|bias)",
      lambda m, c: f"{_TEXT}/Dense_{_text_final(c)}/{m[1]}", "fuse_last"),
     (r"network/head/(kernel|bias)",
-     lambda m, c: f"{_TEXT}/Dense_{_text_final(c) + 1}/{m[1]}", "same"),
+     lambda m, c: f"{_TEXT}/Dense_{_text_final(c) + 1}/{m[1]}", "vocab_cols"),
 ]
 
 
@@ -257,8 +263,12 @@ def _fuse_first(shape):
   return (shape[0] * shape[1],) + shape[2:]
 
 
-def reference_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
+def reference_shape(kind: str, ours: tuple[int, ...], ctx: Context) -> tuple[int, ...]:
   """The shape the reference stores for an md4_jax parameter of shape `ours`."""
+  if kind == "vocab_rows":
+    return (ctx.vocab + 1,) + ours[1:]
+  if kind == "vocab_cols":
+    return ours[:-1] + (ctx.vocab,)
   if kind == "fuse_last":
     return _fuse_last(ours)
   if kind == "fuse_first":
@@ -327,7 +337,7 @@ def context(config: ml_collections.ConfigDict) -> Context:
   blocks = group.depth if config.network == "transformer" else group.num_res_blocks
   embed_outside = config.network == "transformer" and group.embed_dim > 0
   cond = config.time_features != "none" or config.classes > 0
-  return Context(int(blocks), bool(embed_outside), bool(cond))
+  return Context(int(blocks), bool(embed_outside), bool(cond), int(config.vocab_size))
 
 
 # A parameter of nn.scan'ed transformer blocks (config.scan_layers): [depth, ...] under
@@ -389,7 +399,7 @@ def reference_names(ours: dict[str, tuple[int, ...]], table: list[Rule], ctx: Co
       match = re.fullmatch(pattern, path)
       if match:
         kind = _kind(kind, match)
-        out[path] = (name_fn(match, ctx), kind, reference_shape(kind, ours[path]))
+        out[path] = (name_fn(match, ctx), kind, reference_shape(kind, ours[path], ctx))
         break
     else:
       raise ReferenceMismatchError(
@@ -425,7 +435,10 @@ def map_params(reference: dict[str, Any], ours: dict[str, tuple[int, ...]], tabl
       raise ReferenceMismatchError(
           f"{what}: reference parameter {name} is {ref[name].shape}, the config's network needs "
           f"{want} (for md4_jax's {path} {ours[path]})")
-    out[path] = ref[name].reshape(ours[path])
+    if kind in ("vocab_rows", "vocab_cols"):  # Zero rows / columns where the vocabulary pads.
+      out[path] = np.pad(ref[name], [(0, o - r) for o, r in zip(ours[path], want)])
+    else:
+      out[path] = ref[name].reshape(ours[path])
     used.add(name)
   unused = sorted(set(ref) - used)
   if unused:

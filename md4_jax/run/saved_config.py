@@ -83,7 +83,7 @@ DEFAULTED_KEYS = frozenset({
     "async_checkpointing", "profile_steps", "profile_start_step",
     "transformer.cond_dim", "transformer.cond_act", "transformer.mlp",
     "transformer.mlp_multiple_of", "transformer.positions", "transformer.embed_dim",
-    "transformer.head_bias", "transformer.zero_init_head",
+    "transformer.head_bias", "transformer.zero_init_head", "transformer.vocab_multiple",
     "unet.cond_dim", "unet.film", "unet.zero_init_output",
     "uvit.channels", "uvit.num_res_blocks", "uvit.embed_dim", "uvit.patch_size", "uvit.width",
     "uvit.depth", "uvit.num_heads", "uvit.mlp_ratio", "uvit.cond_dim",
