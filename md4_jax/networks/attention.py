@@ -97,11 +97,11 @@ def xla_attention(q: Array, k: Array, v: Array, dropout_rate: float = 0.0,
   # `data` with heads split over `tensor` makes XLA gather the heads (tensor parallelism).
   fold = backend.platform() == "cpu"
   batch = (b * h,) if fold else (b, h)
-  dims = tuple(range(len(batch)))
-  heads_first = lambda a, n: jnp.swapaxes(a, 1, 2).reshape(*batch, n, d)
+  n = len(batch)  # Batch dimensions of the matmuls.
+  dims = tuple(range(n))
+  heads_first = lambda a, size: jnp.swapaxes(a, 1, 2).reshape(*batch, size, d)
   q_NxLxK = heads_first(q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), length)
   k_NxSxK, v_NxSxK = heads_first(k, span), heads_first(v, span)
-  n = len(batch)
   s_NxLxS = jax.lax.dot_general(q_NxLxK, k_NxSxK, (((n + 1,), (n + 1,)), (dims, dims)),
                                 preferred_element_type=jnp.float32)
   p_NxLxS = drop_probabilities(jax.nn.softmax(s_NxLxS, axis=-1), dropout_rate, dropout_key)
