@@ -120,7 +120,8 @@ def test_resume_falls_back_to_the_last_good_step_and_ends_bit_identical(tmp_path
   base = dict(num_samples=0, eval_every_steps=0, sample_every_steps=0, checkpoint_every_steps=2,
               log_loss_every_steps=2, max_checkpoints_to_keep=3)
   reference = tmp_path / "reference"
-  loop.run(helpers.digits_tiny(num_train_steps=8, **base), str(reference))
+  loop.run(helpers.digits_tiny(num_train_steps=8, **base), str(reference),
+           mesh=helpers.one_device())
   # The interrupted run: the reference as it stood at step 6 (checkpoints 4 and 6).
   workdir = tmp_path / "run"
   shutil.copytree(reference, workdir)
@@ -133,11 +134,11 @@ def test_resume_falls_back_to_the_last_good_step_and_ends_bit_identical(tmp_path
   changed = helpers.digits_tiny(num_train_steps=8, **base)
   changed.unet.channels = 16
   with pytest.raises(ValueError, match=r"unet.channels: 8 -> 16"):
-    loop.run(changed, str(workdir))
+    loop.run(changed, str(workdir), mesh=helpers.one_device())
 
   _garble_arrays(workdir / "checkpoints" / "6" / "state")
   metrics = loop.run(helpers.digits_tiny(num_train_steps=8, **base), str(workdir),
-                     allow_config_change=True)
+                     allow_config_change=True, mesh=helpers.one_device())
   assert metrics["step"] == 8
   assert [n.split(".")[0] for n in os.listdir(workdir / checkpoint_lib.CORRUPT_DIR)] == ["6"]
   _, _, ours = workdir_lib.restore_run(str(workdir))
@@ -170,7 +171,7 @@ def test_disk_full_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
                                sample_every_steps=0, checkpoint_every_steps=2)
   with pytest.raises(OSError, match="step 4 .*No space left on device.*previous checkpoints "
                                     "are intact"):
-    loop.run(config, str(tmp_path))
+    loop.run(config, str(tmp_path), mesh=helpers.one_device())
   _, _, state = workdir_lib.restore_run(str(tmp_path))
   assert int(state.step) == 2
 

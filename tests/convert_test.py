@@ -723,7 +723,7 @@ def test_cli_converts_then_training_resumes_and_evaluation_and_sampling_run(text
   assert tokens.min() >= 0 and tokens.max() < config.vocab_size  # Every mask revealed.
   config.eval_batch_size = 40
   # Training continues from the reference's step 7 to 9 and evaluates there.
-  final = loop.run(config, workdir)
+  final = loop.run(config, workdir, mesh=helpers.one_device())
   assert helpers.checkpoint_steps(workdir) == [7, 9]
   assert final["step"] == 9 and np.isfinite(final["eval_loss"])
   _, _, state = workdir_lib.restore_run(workdir)

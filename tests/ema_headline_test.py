@@ -34,7 +34,7 @@ def _run(tmp_path, name, **overrides):
                                          checkpoint_every_steps=30, learning_rate=1e-2,
                                          warmup_steps=0), **overrides})
   workdir = str(tmp_path / name)
-  return workdir, loop.run(config, workdir)
+  return workdir, loop.run(config, workdir, mesh=helpers.one_device())
 
 
 @pytest.mark.slow  # Two in-process trainings.
@@ -47,7 +47,7 @@ def test_a_short_run_reports_a_model_near_its_raw_parameters(tmp_path):
   saved = json.loads(open(f"{workdir}/final_metrics.json").read())
   assert saved["eval_params"] == "raw" and "eval_ema_loss" in saved and "eval_raw_loss" in saved
   # `evaluate` without --params follows the same rule and says which it used.
-  report = evaluate.evaluate_checkpoint(workdir)
+  report = evaluate.evaluate_checkpoint(workdir, mesh=helpers.one_device())
   assert report["params"] == "raw" and "exceeds" in report["params_reason"]
   np.testing.assert_allclose(report["bits_per_dim"], cold["eval_raw_bits_per_dim"], rtol=1e-5)
   # With warm-up the EMA is the headline, and it is near the raw parameters' value.

@@ -72,7 +72,7 @@ def trained(emulator):
   """gs://md4-test/run1 after 2 steps with a checkpoint at each (async: the default on
   gs://), step 2 traced by the profiler."""
   from md4_jax.run import loop  # pylint: disable=g-import-not-at-top
-  metrics = loop.run(tiny(2, profile_steps=1, profile_start_step=2), RUN)
+  metrics = loop.run(tiny(2, profile_steps=1, profile_start_step=2), RUN, mesh=helpers.one_device())
   assert metrics["step"] == 2
   return RUN
 
@@ -93,7 +93,7 @@ def test_training_writes_everything_into_the_bucket_and_resumes(trained, caplog)
   fs().copy(f"{trained[5:]}", resumed_run[5:], recursive=True)
   with caplog.at_level("INFO"):
     metrics = loop.run(tiny(3, profile_steps=1, profile_start_step=2), resumed_run,
-                       allow_config_change=True)
+                       allow_config_change=True, mesh=helpers.one_device())
   assert metrics["step"] == 3
   assert "Resuming from step 2." in caplog.text
   from md4_jax.run import workdir  # pylint: disable=g-import-not-at-top
@@ -109,7 +109,7 @@ def test_a_garbled_checkpoint_in_the_bucket_falls_back_to_the_previous_step(trai
   for f in data:
     paths.write_bytes(f, b"\0garbled" * 8)
   metrics = loop.run(tiny(3, profile_steps=1, profile_start_step=2), garbled,
-                     allow_config_change=True)
+                     allow_config_change=True, mesh=helpers.one_device())
   assert metrics["step"] == 3
   out = capsys.readouterr().out
   assert "Checkpoint step 2" in out and "falling back to the previous checkpoint" in out
@@ -131,7 +131,8 @@ def test_sample_and_evaluate_write_into_the_bucket(trained, emulator):
   with paths.open(npy, "rb") as f:
     assert np.load(f).shape == (4, 8, 8, 1)
   from md4_jax import evaluate  # pylint: disable=g-import-not-at-top
-  report = evaluate.evaluate_checkpoint(trained, split="test", num_t_samples=1, batch_size=8)
+  report = evaluate.evaluate_checkpoint(trained, split="test", num_t_samples=1, batch_size=8,
+                                        mesh=helpers.one_device())
   path = evaluate.report_path(report)
   assert path.startswith(f"{trained}/eval/")
   evaluate.write_report(report, path)

@@ -60,7 +60,7 @@ def test_old_workdir_resumes_training(tmp_path):
   # Today's config differs from the saved one only in the run length asked for here.
   assert saved_config.differences(workdir_lib.load_config(workdir), config) == {
       "num_train_steps": (4, 6)}
-  metrics = loop.run(config, workdir, allow_config_change=True)
+  metrics = loop.run(config, workdir, allow_config_change=True, mesh=helpers.one_device())
   assert metrics["step"] == 6
   assert helpers.checkpoint_steps(workdir)[-1] == 6
 

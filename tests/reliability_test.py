@@ -133,7 +133,7 @@ def _tiny_config(**overrides):
 def test_nan_stop_keeps_last_good_checkpoint(tmp_path):
   config = _tiny_config(debug_nan_at_step=3, nan_policy="stop", num_train_steps=6)
   with pytest.raises(loop.NonFiniteError, match="step 4"):  # Step index 3 is the 4th step.
-    loop.run(config, str(tmp_path))
+    loop.run(config, str(tmp_path), mesh=helpers.one_device())
   steps = helpers.checkpoint_steps(tmp_path)
   assert steps == [2]  # Nothing written at or after the bad step.
   _, _, state = workdir_lib.restore_run(str(tmp_path))
@@ -143,7 +143,7 @@ def test_nan_stop_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_nan_skip_drops_the_update_and_continues(tmp_path):
   config = _tiny_config(debug_nan_at_step=3, nan_policy="skip", log_loss_every_steps=8)
-  metrics = loop.run(config, str(tmp_path))
+  metrics = loop.run(config, str(tmp_path), mesh=helpers.one_device())
   assert metrics["step"] == 8 and np.isfinite(metrics["eval_bits_per_dim"])
   _, _, state = workdir_lib.restore_run(str(tmp_path))
   assert all(np.isfinite(p).all() for p in jax.tree.leaves(jax.device_get(state.params)))
@@ -153,7 +153,7 @@ def test_nan_skip_drops_the_update_and_continues(tmp_path):
 def test_nan_without_guard_still_stops_at_the_log_line(tmp_path):
   config = _tiny_config(debug_nan_at_step=1, check_nans=False, log_loss_every_steps=2)
   with pytest.raises(loop.NonFiniteError, match="up to 2"):
-    loop.run(config, str(tmp_path))
+    loop.run(config, str(tmp_path), mesh=helpers.one_device())
 
 
 class _BadTokens:
@@ -206,7 +206,7 @@ def test_bad_inputs_fail_before_compiling(tmp_path, monkeypatch, case, overrides
   monkeypatch.setattr(build.Experiment, "init_state", lambda *a: compiled.append(1))
   before = sorted(os.listdir(tmp_path))
   with pytest.raises(ValueError, match=message):
-    loop.run(config, workdir)
+    loop.run(config, workdir)  # The 8 devices: batch shards are checked too.
   assert not compiled
   assert sorted(os.listdir(tmp_path)) == before  # Nothing created: no empty workdir left.
 
@@ -254,22 +254,23 @@ def test_other_clis_report_bad_flags_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_config_changes_on_resume(tmp_path):
   config = _tiny_config(num_train_steps=2, checkpoint_every_steps=2)
-  loop.run(config, str(tmp_path))
+  loop.run(config, str(tmp_path), mesh=helpers.one_device())
   changed_model = _tiny_config(num_train_steps=2)
   changed_model.unet.channels = 16
   with pytest.raises(ValueError, match=r"unet.channels: 8 -> 16"):
-    loop.run(changed_model, str(tmp_path))
+    loop.run(changed_model, str(tmp_path), mesh=helpers.one_device())
   longer = _tiny_config(num_train_steps=3, checkpoint_every_steps=2)
   with pytest.raises(ValueError, match="--allow_config_change"):
-    loop.run(longer, str(tmp_path))
-  assert loop.run(longer, str(tmp_path), allow_config_change=True)["step"] == 3
+    loop.run(longer, str(tmp_path), mesh=helpers.one_device())
+  one = helpers.one_device()
+  assert loop.run(longer, str(tmp_path), allow_config_change=True, mesh=one)["step"] == 3
   assert saved_config.load_config(str(tmp_path)).num_train_steps == 3
   # Knobs proven numerically equivalent are safe to change; the parameter layout is not.
   knobs = _tiny_config(num_train_steps=3, checkpoint_every_steps=2, remat_policy="full",
                        attention_impl="chunked", grad_accum_steps=2)
-  assert loop.run(knobs, str(tmp_path), allow_config_change=True)["step"] == 3
+  assert loop.run(knobs, str(tmp_path), allow_config_change=True, mesh=one)["step"] == 3
   layout = _tiny_config(num_train_steps=3, checkpoint_every_steps=2, scan_layers=True)
   with pytest.raises(ValueError, match="scan_layers: False -> True"):
-    loop.run(layout, str(tmp_path), allow_config_change=True)
+    loop.run(layout, str(tmp_path), allow_config_change=True, mesh=helpers.one_device())
   for name in ("run_info.json", "config.json"):
     assert (tmp_path / name).exists()

@@ -167,7 +167,7 @@ def test_text_runs_report_bits_per_char_never_bits_per_dim(tmp_path, monkeypatch
                 num_samples=8, sample_every_steps=4, sampling_steps=4)
   config.transformer.width = 32
   with caplog.at_level("INFO"):
-    metrics = loop.run(config, str(tmp_path / "run"))
+    metrics = loop.run(config, str(tmp_path / "run"), mesh=helpers.one_device())
   assert metrics["eval_metric"] == "bits_per_char" and metrics["eval_examples"] == 200 // 16
   assert 0 < metrics["eval_bits_per_char"] < 10
   saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())

@@ -144,14 +144,15 @@ def prepare_workdir(workdir: str) -> None:
                           "choose a directory you can write to.") from None
 
 
-def save_run_info(config, workdir: str, num_params: int) -> None:
-  """Writes the config and the software/hardware it ran on into the workdir."""
+def save_run_info(config, workdir: str, num_params: int, mesh: jax.sharding.Mesh) -> None:
+  """Writes the config and the software/hardware it ran on (the mesh's devices) into the
+  workdir."""
   if jax.process_index() != 0:
     return
   saved_config.save_config(config, workdir)
   import flax, optax  # pylint: disable=g-import-not-at-top,multiple-imports
   info = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+          "devices": [str(d) for d in mesh.devices.flat], "process_count": jax.process_count(),
           "num_params": num_params}
   paths.write_text(paths.join(workdir, "run_info.json"), json.dumps(info, indent=2))
 
@@ -259,24 +260,27 @@ class Outcome:
   seconds: float
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
+          mesh: Optional[jax.sharding.Mesh] = None) -> Run:
   """Validates, builds, and restores or initialises; nothing is written until every check passed.
 
   Everything that can be wrong with the inputs (value ranges, names, shapes,
   batch sizes, the workdir, a changed config, bad tokens) raises before
   anything is compiled or written. A resume starts from the newest checkpoint
-  that verifies (corrupt ones are reported and moved aside).
+  that verifies (corrupt ones are reported and moved aside). `mesh`: the devices
+  to train on (default: config.mesh over every device; e.g. one device of several
+  in a notebook: `parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])`).
   """
   validation.validate(config)
   check_run_options(config)
   check_workdir_path(workdir)
-  experiment = build.setup(config)
+  experiment = build.setup(config, mesh)
   mesh = experiment.mesh
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, "eval_batch_size")
   if config.num_samples > 0:
     parallel.check_batch_size(config.num_samples, mesh, "num_samples")
-  logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), jax.device_count(),
+  logging.info("Mesh %s over %d devices, %d processes.", dict(mesh.shape), mesh.devices.size,
                jax.process_count())
   datasets = data_lib.create_datasets(config, *parallel.data_shards(mesh))
   lease, created = take_lease(workdir)
@@ -343,7 +347,7 @@ def _setup_holding(config, workdir, allow_config_change, experiment, datasets, l
     state = experiment.init_state()
 
   num_params = experiment.num_params
-  save_run_info(config, workdir, num_params)
+  save_run_info(config, workdir, num_params, mesh)
   logging.info("Config:\n%s", config)
   # clu's writers import TensorFlow (~10-30 s): only once a run is really starting, so a bad
   # input is refused without it.
@@ -547,9 +551,11 @@ def finish(run: Run, outcome: Outcome) -> dict[str, Any]:
   return eval_metrics
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`: setup, loop, finish. Returns the final eval metrics."""
-  started = setup(config, workdir, allow_config_change)
+def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False,
+        mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`: setup, loop, finish. Returns the final eval
+  metrics. `mesh`: as `setup`'s."""
+  started = setup(config, workdir, allow_config_change, mesh)
   try:
     return finish(started, loop(started))
   finally:
