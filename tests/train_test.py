@@ -171,6 +171,9 @@ def test_text_runs_report_bits_per_char_never_bits_per_dim(tmp_path, monkeypatch
   assert metrics["eval_metric"] == "bits_per_char" and metrics["eval_examples"] == 200 // 16
   assert 0 < metrics["eval_bits_per_char"] < 10
   saved = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+  # It trained on the mesh given (one of the 8 devices), and run_info.json says so.
+  info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+  assert info["devices"] == [str(jax.devices()[0])]
   assert "eval_bits_per_char" in saved and not any("bpd" in k or "per_dim" in k for k in saved)
   final = capsys.readouterr().out
   assert "bits/char" in final and "bits/dim" not in final
