@@ -192,6 +192,15 @@ def _unknown_key(error: BaseException, argv) -> Optional[str]:
 _OOM = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "Ran out of memory")
 
 
+def _silence_abandoned_tasks() -> None:
+  """Before exiting on an error: a failed read (a corrupt checkpoint) can leave orbax's other
+  asyncio reads failed and never awaited, and Python prints each with its traceback when it
+  is collected at exit ('Task exception was never retrieved', 'Exception ignored in'). Their
+  failure is the one reported, so they are silenced and the error stays one line."""
+  pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+  sys.unraisablehook = lambda unraisable: None
+
+
 def run(fn: Callable[[], T], prog: str, memory_knobs: str = "the batch size") -> T:
   """Runs `fn`; a bad input or a stop on NaN/Inf becomes one line on stderr and an exit code.
 
@@ -210,6 +219,7 @@ def run(fn: Callable[[], T], prog: str, memory_knobs: str = "the batch size") ->
     logging.debug("Out of memory", exc_info=True)
     detail = next((l.strip() for l in str(e).splitlines() if any(s in l for s in _OOM)),
                   type(e).__name__)
+    _silence_abandoned_tasks()
     print(f"{prog}: error: out of memory ({detail[:300]}); lower {memory_knobs}.",
           file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)
@@ -219,5 +229,6 @@ def run(fn: Callable[[], T], prog: str, memory_knobs: str = "the batch size") ->
     sys.exit(EXIT_NONFINITE)
   except (ValueError, OSError) as e:
     logging.debug("Input error", exc_info=True)
+    _silence_abandoned_tasks()
     print(f"{prog}: error: {one_line(e, 2000)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_BAD_INPUT)
