@@ -13,6 +13,7 @@ from absl import logging
 
 from md4_jax import data as data_lib
 from md4_jax import networks
+from md4_jax.networks import head as head_lib
 from md4_jax.diffusion import sampling
 from md4_jax.experiment import build
 
@@ -88,11 +89,10 @@ def _warn_unsplit_vocabulary(config: ml_collections.ConfigDict) -> None:
   tensor = int(config.mesh.get("tensor", 1))
   if config.network != "transformer" or tensor <= 1:
     return
-  multiple = int(config.transformer.get("vocab_multiple", 1))
-  pad = lambda n: -(-n // multiple) * multiple
-  whole = [f"{what} ({n})" for what, n in (("the head's columns", pad(config.vocab_size)),
-                                           ("the embedding's rows", pad(config.vocab_size + 1)))
-           if n % tensor]
+  multiple = int(config.transformer.vocab_multiple)
+  whole = [f"{what} ({n})" for what, n in (
+      ("the head's columns", head_lib.padded(config.vocab_size, multiple)),
+      ("the embedding's rows", head_lib.padded(config.vocab_size + 1, multiple))) if n % tensor]
   if whole:
     logging.warning(
         "mesh.tensor=%d does not divide %s: they stay whole on every chip. "
