@@ -97,8 +97,7 @@ def test_corrupt_checkpoints_are_reported_moved_aside_and_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_nan_in_the_optimiser_state_is_caught_like_a_nan_loss():
-  experiment = build.setup(helpers.digits_tiny(),
-                           parallel.make_mesh({"data": -1}, devices=jax.devices()[:1]))
+  experiment = build.setup(helpers.digits_tiny(), helpers.one_device())
   state = experiment.init_state()
   poisoned = state.replace(opt_state=jax.tree.map(
       lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if jnp.issubdtype(x.dtype, jnp.floating) else x,
@@ -178,7 +177,7 @@ def test_disk_full_during_a_save_is_one_error_and_keeps_the_previous_checkpoint(
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_network_is_a_mismatch_not_corruption(tmp_path):
-  mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  mesh = helpers.one_device()
   config = helpers.digits_tiny()
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "checkpoints"))
   ckpt.save(1, build.setup(config, mesh).init_state(), config={"step": 1})

@@ -35,7 +35,6 @@ from md4_jax.configs import cifar10
 from md4_jax.configs import imagenet64
 from md4_jax.configs import synthetic_text
 from md4_jax.experiment import build
-from md4_jax.experiment import parallel
 from md4_jax.run import checkpoint as checkpoint_lib
 from md4_jax.run import reference
 from md4_jax.run import workdir as workdir_lib
@@ -74,12 +73,6 @@ def _unet_config():
   uc.attn_resolutions, uc.embed_dim, uc.cond_dim = (), 8, 32
   config.batch_size = config.eval_batch_size = 8
   return config
-
-
-def _one_device():
-  """Conversions in the fast tests place the state on one device: saving a state replicated
-  over the 8 forced CPU devices costs ~4x the time, and any mesh restores it."""
-  return parallel.make_mesh({"data": 1}, jax.devices()[:1])
 
 
 def _normal(rng, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
@@ -409,11 +402,11 @@ def converted_text(text_reference):
   config, ref, ema, nu, directory = text_reference
   config = config.copy_and_resolve_references()
   record = reference.convert(str(directory / "ref"), config, str(directory / "run"),
-                             mesh=_one_device())
+                             mesh=helpers.one_device())
   assert record == {"source": str(directory / "ref" / "checkpoints" / "7" / "train_state"),
                     "step": 7, "parameters": record["parameters"], "ema": "reference",
                     "adam_moments": "reference"}
-  _, _, state = workdir_lib.restore_run(str(directory / "run"), mesh=_one_device())  # Checksums.
+  _, _, state = workdir_lib.restore_run(str(directory / "run"), mesh=helpers.one_device())  # Checksums.
   return config, ref, ema, nu, state, directory
 
 
@@ -459,8 +452,8 @@ def test_scanned_and_padded_convert_and_compute_the_same_logits(converted_text, 
   scanned.scan_layers = True
   scanned.transformer.vocab_multiple = 16
   vocab = config.vocab_size
-  reference.convert(str(directory / "ref"), scanned, str(tmp_path / "run"), mesh=_one_device())
-  _, _, stacked = workdir_lib.restore_run(str(tmp_path / "run"), mesh=_one_device())
+  reference.convert(str(directory / "ref"), scanned, str(tmp_path / "run"), mesh=helpers.one_device())
+  _, _, stacked = workdir_lib.restore_run(str(tmp_path / "run"), mesh=helpers.one_device())
   want = _text_ours(ref, config)
   got = _flat_state(stacked.params)
   for i in range(config.transformer.depth):
@@ -521,8 +514,8 @@ def test_genmd4_converts_its_schedule_exponents_and_computes_the_same_logits(tmp
   ref = _normal(np.random.default_rng(8), shapes)
   write_reference(str(tmp_path / "ref"), 4, ref, ema=None, with_adam=False)
   workdir = str(tmp_path / "run")
-  reference.convert(str(tmp_path / "ref"), config, workdir, mesh=_one_device())
-  _, experiment, state = workdir_lib.restore_run(workdir, mesh=_one_device())
+  reference.convert(str(tmp_path / "ref"), config, workdir, mesh=helpers.one_device())
+  _, experiment, state = workdir_lib.restore_run(workdir, mesh=helpers.one_device())
   want = _text_ours(ref, config)
   assert set(_flat_state(state.params)) == set(want) | {"w_raw"}
   powers = experiment.model.apply({"params": state.ema_params}, method=lambda m: m.powers())
@@ -540,9 +533,9 @@ def test_unet_converts_and_computes_the_same_logits(tmp_path):
   write_reference(str(tmp_path / "ref"), 3, ref, ema=None, with_adam=False)
   workdir = str(tmp_path / "run")
   record = reference.convert(str(tmp_path / "ref" / "checkpoints"), config, workdir,
-                             mesh=_one_device())
+                             mesh=helpers.one_device())
   assert record["ema"] == "copied from params" and record["adam_moments"] == "zeros"
-  _, _, state = workdir_lib.restore_run(workdir, mesh=_one_device())
+  _, _, state = workdir_lib.restore_run(workdir, mesh=helpers.one_device())
   want = _unet_ours(ref, config)
   assert set(_flat_state(state.params)) == set(want)
   z = np.random.default_rng(3).integers(0, 257, (2,) + tuple(config.data_shape)).astype(np.int32)
@@ -566,8 +559,8 @@ def uvit_reference(tmp_path_factory):
 def test_uvit_converts_and_computes_the_same_logits(uvit_reference):
   config, ref, directory = uvit_reference
   workdir = str(directory / "run")
-  reference.convert(str(directory / "ref"), config, workdir, mesh=_one_device())
-  _, _, state = workdir_lib.restore_run(workdir, mesh=_one_device())
+  reference.convert(str(directory / "ref"), config, workdir, mesh=helpers.one_device())
+  _, _, state = workdir_lib.restore_run(workdir, mesh=helpers.one_device())
   assert int(state.step) == 5
   want = _uvit_ours(ref, config)
   assert set(_flat_state(state.params)) == set(want)

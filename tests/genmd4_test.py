@@ -379,7 +379,7 @@ def test_training_step_learns_the_schedule():
   """One jitted train step: the K masks go through the network together, w_raw gets a
   gradient (and no weight decay), the metrics carry the RLOO term and w's range."""
   config = helpers.digits_tiny("tiny_genmd4", weight_decay=0.5, warmup_steps=1)
-  experiment = build.setup(config, parallel.make_mesh({"data": -1}, devices=jax.devices()[:1]))
+  experiment = build.setup(config, helpers.one_device())
   state = experiment.init_state()
   assert state.params["w_raw"].shape == (17,)
   x = jax.random.randint(jax.random.key(0), (16, 8, 8, 1), 0, 17)
@@ -435,8 +435,6 @@ def test_sigterm_resume_is_bit_identical_and_the_clis_work_unchanged(tmp_path):
   info = json.loads(info_file.read_text())
   assert info["nfe"] == 6 and info["cache"] is False
   assert np.load(str(info_file).replace(".json", ".npy")).max() < 17
-  report = evaluate.evaluate_checkpoint(str(full), num_t_samples=2,
-                                        mesh=parallel.make_mesh({"data": -1},
-                                                                devices=jax.devices()[:1]))
+  report = evaluate.evaluate_checkpoint(str(full), num_t_samples=2, mesh=helpers.one_device())
   assert report["metric"] == "bits_per_dim" and np.isfinite(report["bits_per_dim"])
   assert report["step"] == steps and report["nelbo_recon"] > 0  # GenMD4's recon at t1.

@@ -14,7 +14,6 @@ import helpers
 from md4_jax.configs import synthetic_text
 from md4_jax import data as data_lib
 from md4_jax.metrics import evaluation
-from md4_jax.experiment import parallel
 from md4_jax.data import synthetic
 
 
@@ -95,7 +94,7 @@ def test_paired_gap_matches_each_loss_to_its_own_sequence():
   config.eval_batch_size = 48  # 2000 = 41 × 48 + 32: the last batch has padding rows.
   datasets = data_lib.create_datasets(config, 0, 1)
   source = datasets.exact_source
-  mesh = parallel.make_mesh({"data": -1}, devices=jax.devices()[:1])
+  mesh = helpers.one_device()
 
   def eval_step(params, batch, rng):
     del params, rng
