@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 # The host computes nothing: never initialise a local accelerator (or libtpu's search for one).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -50,6 +50,11 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (dat
 _BATCH = flags.DEFINE_integer("batch", 0, "Global training batch (0: config.batch_size).")
 _LARGEST = flags.DEFINE_bool("largest_batch", True,
                              "Bisect on compiles for the largest global batch that fits.")
+_GUESS = flags.DEFINE_integer(
+    "largest_batch_guess", 0, "Start the search for the largest batch here (0: double from "
+    "--batch). Per-chip memory depends on the per-chip batch, so a slice of the same chip "
+    "generation gives a guess: its largest batch / its chips x this slice's chips. Two compiles "
+    "when the guess is the boundary; the search gallops away from it when not.")
 _SIDE_STEPS = flags.DEFINE_bool("side_steps", True, "Also compile the evaluation step (at "
                                  "config.eval_batch_size) and one sampler step (at --batch).")
 _SEARCH = flags.DEFINE_bool("search_mesh", False, "Also compile the data/fsdp/tensor meshes of "
@@ -207,8 +212,11 @@ def search_mesh(config, tpu_slice, num_slices: int, batch: int,
 
 def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int = 1,
          batch: int = 0, largest_batch: bool = True, side_steps: bool = True,
-         mesh_search: bool = False) -> dict:
+         mesh_search: bool = False, largest_batch_guess: int = 0,
+         progress: Callable[[str], None] = lambda line: None) -> dict:
   """The plan of `config` on `num_slices` x `slice_name` (see the module docstring).
+
+  `progress` gets a line as each compile starts and ends (the CLI prints them to stderr).
 
   Raises:
     ValueError: unknown slice, a mesh the slice cannot take, a batch the mesh
@@ -235,25 +243,33 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
                     "source": gen.source},
       "trusted": TRUSTED, "dtype": config.dtype,
   }
+  progress(f"compiling the training step at batch {batch} for {mesh.size} chips")
   out["train"] = _train_report(experiment, batch, tpu_slice)
+  progress(f"batch {batch}: {out['train']['verdict']} ({out['train']['compile_seconds']:.0f} s)")
   if side_steps:
     eval_batch = int(config.eval_batch_size)
     if eval_batch % parallel.batch_size_per_shard(mesh):
       eval_batch = batch
+    progress(f"compiling the evaluation step (batch {eval_batch}) and one sampler step")
     out["eval"] = {"batch_size": eval_batch,
                    **_side_report(aot.compile_eval(experiment, eval_batch))}
     out["sampler"] = {"batch_size": batch, **_side_report(aot.compile_sampler(experiment, batch))}
   if largest_batch:
     unit = _batch_unit(experiment)
-    oom = {}
+    verdicts = {batch: out["train"]["oom"]}  # size -> None (fits) or the out-of-memory line.
     def fits(size):
-      result = aot.compile_train(experiment, size)
-      if not result.fits:
-        oom[size] = result.oom
-      return result.fits
-    good, bad = aot.largest_batch(fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch)
-    out["largest_batch"] = {"fits": good, "fails": bad, "fails_with": oom.get(bad), "unit": unit}
+      if size not in verdicts:
+        start = time.perf_counter()
+        verdicts[size] = aot.compile_train(experiment, size).oom
+        progress(f"largest batch search: {size} {'does not fit' if verdicts[size] else 'fits'} "
+                 f"({time.perf_counter() - start:.0f} s)")
+      return verdicts[size] is None
+    good, bad = aot.largest_batch(fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch,
+                                  guess=largest_batch_guess)
+    out["largest_batch"] = {"fits": good, "fails": bad, "fails_with": verdicts.get(bad),
+                            "unit": unit, "compiles": len(verdicts)}
   if mesh_search:
+    progress("compiling the slice's meshes")
     out["mesh_search"] = search_mesh(config, tpu_slice, num_slices, batch)
     out["suggested_mesh"] = next((r["mesh"] for r in out["mesh_search"] if r.get("suggested")),
                                  None)
@@ -302,7 +318,7 @@ def table(report: dict) -> str:
   if "largest_batch" in report:
     lb = report["largest_batch"]
     if lb["fails"] is None:
-      rows.append(("largest global batch", f"{lb['fits']} fits (stopped at {LARGEST_BATCH_FACTOR}x)"))
+      rows.append(("largest global batch", f"{lb['fits']} fits (the search stopped there)"))
     else:
       fail = f" ({lb['fails_with']})" if lb.get("fails_with") else ""
       rows.append(("largest global batch", f"{lb['fits']} fits; {lb['fails']} does not{fail}"))
@@ -343,7 +359,8 @@ def main(argv):
   def go():
     report = plan(_CONFIG.value, _SLICE.value, num_slices=_NUM_SLICES.value, batch=_BATCH.value,
                   largest_batch=_LARGEST.value, side_steps=_SIDE_STEPS.value,
-                  mesh_search=_SEARCH.value)
+                  mesh_search=_SEARCH.value, largest_batch_guess=_GUESS.value,
+                  progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(table(report), flush=True)
     if _OUT.value:
       with open(_OUT.value, "w") as f:

@@ -69,6 +69,25 @@ def test_largest_batch_bisection_finds_the_boundary():
   assert aot.largest_batch(lambda s: True, 8, 64, limit=256) == (256, None)
 
 
+def test_largest_batch_from_a_guess_takes_two_compiles_when_it_is_the_boundary():
+  for boundary in (0, 8, 96, 1000, 1208, 1216, 3000):
+    for guess in (1208, 1213, 8):
+      calls = []
+      def fits(size, boundary=boundary):
+        calls.append(size)
+        return size <= boundary
+      good, bad = aot.largest_batch(fits, 8, 512, limit=4096, guess=guess)
+      assert (good, bad) == (boundary // 8 * 8, boundary // 8 * 8 + 8), (boundary, guess)
+      assert all(c % 8 == 0 for c in calls) and len(set(calls)) == len(calls)
+      if boundary // 8 * 8 == guess // 8 * 8:
+        assert calls == [guess // 8 * 8, guess // 8 * 8 + 8]
+      # Galloping then bisecting: logarithmic in the guess's error, not in the batch.
+      error = abs(boundary // 8 - guess // 8) + 1
+      assert len(calls) <= 2 * error.bit_length() + 2, (boundary, guess, calls)
+  # Everything fits: the search stops at 2 x guess (the limit is raised to it).
+  assert aot.largest_batch(lambda s: True, 8, 64, limit=256, guess=1000) == (2000, None)
+
+
 def test_collectives_count_loop_bodies_by_trip_count():
   hlo = "\n".join([
       "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
@@ -302,6 +321,34 @@ def test_cli_oversized_batch_is_a_verdict_and_bad_input_one_line(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.startswith("md4_jax.plan")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert proc.stdout == ""
+
+
+@needs_tpu_compiler
+def test_the_largest_batch_compiles_and_one_step_more_does_not():
+  config = tiny()
+  config.data_shape = (4096,)
+  config.attention_impl = "xla"  # [B, H, L, L] scores: the boundary is a few hundred sequences.
+  lines = []
+  # 232 was the boundary with libtpu 0.0.42.1; elsewhere the search gallops away from it. The
+  # precision the CLI compiles with (conftest's "highest" makes 6-pass float32 matmuls).
+  with jax.default_matmul_precision("default"):
+    report = plan_lib.plan(config, "v5e-8", batch=232, side_steps=False, largest_batch_guess=232,
+                           progress=lines.append)
+  lb = report["largest_batch"]
+  assert lb["unit"] == 8 and lb["fails"] == lb["fits"] + 8, lb
+  assert lb["fails_with"].startswith("RESOURCE_EXHAUSTED") and "\n" not in lb["fails_with"]
+  # The planned batch's compile is not repeated: one more compile when 232 is the boundary.
+  if lb["fits"] == 232:
+    assert lb["compiles"] == 2 and report["train"]["verdict"] == "FITS"
+  assert lines[0].startswith("compiling the training step at batch 232 for 8 chips")
+  assert any(l.startswith(f"largest batch search: {lb['fails']} does not fit") for l in lines)
+  # Checked apart from the search: one unit more is refused, and the reported batch compiles
+  # (at 232 the plan's own report of the training step is that compile).
+  with jax.default_matmul_precision("default"):
+    experiment = plan_lib.setup(plan_lib.plan_config(config, 1), tpu_slices.lookup("v5e-8"), 1)
+    assert not aot.compile_train(experiment, lb["fails"]).fits
+    assert aot.compile_train(experiment, lb["fits"]).fits if lb["fits"] != 232 else (
+        report["train"]["verdict"] == "FITS" and report["train"]["per_chip"]["hbm_assigned"] > 0)
 
 
 @needs_tpu_compiler

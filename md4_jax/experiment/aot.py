@@ -130,22 +130,43 @@ def compile_sampler(experiment: build.Experiment, batch_size: int) -> Compiled:
   return compile_or_oom(lambda: fn.lower(variables, rng, z, cond))
 
 
-def largest_batch(fits: Callable[[int], bool], unit: int, start: int,
-                  limit: int) -> tuple[int, Optional[int]]:
+def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int,
+                  guess: Optional[int] = None) -> tuple[int, Optional[int]]:
   """(largest multiple of `unit` for which fits() holds, the next multiple up, which fails).
 
-  Doubles from `start` until a batch fails, then bisects; (0, unit) when even
-  `unit` fails; (the last size tried, None) when every size up to `limit` fits.
+  Without `guess`: doubles from `start` until a batch fails, then bisects. With
+  `guess` (e.g. a smaller slice's largest batch per chip x this slice's chips):
+  tries it and the next multiple up, then gallops away from it by 1, 2, 4, ...
+  units until the boundary is bracketed, then bisects; two calls when the guess is
+  the answer, and `limit` is raised to 2 x guess. (0, unit) when even `unit`
+  fails; (the last size tried, None) when every size up to `limit` fits.
   """
-  start = max(unit, start // unit * unit)
   good, bad = 0, None
-  size = start
-  while size <= limit:
+  if guess:
+    size = max(unit, guess // unit * unit)
+    limit = max(limit, 2 * size) // unit * unit
     if fits(size):
-      good, size = size, size * 2
+      good, step = size, unit
+      while bad is None and good < limit:
+        if fits(min(good + step, limit)):
+          good, step = min(good + step, limit), step * 2
+        else:
+          bad = min(good + step, limit)
     else:
-      bad = size
-      break
+      bad, step = size, unit
+      while good == 0 and bad - step >= unit:
+        if fits(bad - step):
+          good = bad - step
+        else:
+          bad, step = bad - step, step * 2
+  else:
+    size = max(unit, start // unit * unit)
+    while size <= limit:
+      if fits(size):
+        good, size = size, size * 2
+      else:
+        bad = size
+        break
   if bad is None:
     return good, None
   lo, hi = good // unit, bad // unit  # fits(lo * unit) (or lo = 0), not fits(hi * unit).
