@@ -108,9 +108,11 @@ def _train_report(experiment, batch: int, tpu_slice) -> dict:
   fwd = experiment.eval_step().trace(experiment.abstract_state.params, eval_inputs, rng)
   model_flops = 3.0 * aot.matmul_flops(fwd.jaxpr) / chips
   start = time.perf_counter()
-  result, assigned = aot.compile_with_buffer_report(traced.lower)
+  lowered = traced.lower()
+  result, assigned = aot.compile_with_buffer_report(lambda: lowered)
   report = {
       "batch_size": batch, "compile_seconds": round(time.perf_counter() - start, 1),
+      "program_sha256": aot.program_fingerprint(lowered),
       "verdict": "FITS" if result.fits else "DOES NOT FIT", "oom": result.oom,
       "per_chip": {"params": state["params"], "opt_state": state["opt_state"],
                    "ema_params": state["ema_params"], "other_state": state["other"],

@@ -183,6 +183,7 @@ def test_v5e8_plan_has_every_field_and_the_state_bytes_by_hand():
   assert (report["chips"], report["device_kind"]) == (8, "TPU v5 lite")
   train = report["train"]
   assert train["verdict"] == "FITS" and train["oom"] is None
+  assert re.fullmatch(r"[0-9a-f]{64}", train["program_sha256"])
   chip = train["per_chip"]
   for key in ("params", "opt_state", "ema_params", "state", "batch", "arguments", "temporaries",
               "total", "hbm", "tile_padding", "hbm_assigned"):
@@ -216,6 +217,23 @@ def test_v5e8_plan_has_every_field_and_the_state_bytes_by_hand():
   flops = train["flops_per_chip"]
   assert flops["step"] == pytest.approx(flops["model"], rel=0.02)
   assert flops["step"] <= flops["xla"] <= 1.5 * flops["step"]
+
+
+@pytest.mark.skipif(_MISSING is not None, reason=f"no TPU compiler (libtpu): {_MISSING}")
+def test_the_program_fingerprint_tells_the_same_training_step_from_another():
+  from md4_jax.configs import fineweb_edu, openwebtext  # pylint: disable=g-import-not-at-top
+  def fingerprint(config):
+    config = plan_lib.plan_config(config, 1)
+    experiment = plan_lib.setup(config, tpu_slices.lookup("v5e-8"), 1)
+    batch = aot.abstract_batch(experiment.config, 16, experiment.mesh)
+    return aot.program_fingerprint(experiment.train_step.lower(experiment.abstract_state, batch))
+  owt = fingerprint(openwebtext.get_config("tiny"))
+  assert re.fullmatch(r"[0-9a-f]{64}", owt)
+  # Another corpus, the same network and recipe: the same program, so the same verdicts.
+  assert fingerprint(fineweb_edu.get_config("tiny")) == owt
+  other = openwebtext.get_config("tiny")
+  other.learning_rate *= 2
+  assert fingerprint(other) != owt
 
 
 @needs_tpu_compiler

@@ -17,6 +17,7 @@ HBM with others; it is reported, not used for the verdict.
 
 import dataclasses
 import glob
+import hashlib
 import math
 import os
 import re
@@ -182,6 +183,12 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     else:
       hi = mid
   return lo * unit, hi * unit
+
+
+def program_fingerprint(lowered) -> str:
+  """SHA-256 of a lowered program's text without source locations: equal fingerprints are the
+  same program for the compiler (so the same verdict, memory and costs on the same slice)."""
+  return hashlib.sha256(lowered.as_text(debug_info=False).encode()).hexdigest()
 
 
 def compile_with_buffer_report(lower: Callable[[], Any]) -> tuple[Compiled, Optional[int]]:
