@@ -51,10 +51,11 @@ _BATCH = flags.DEFINE_integer("batch", 0, "Global training batch (0: config.batc
 _LARGEST = flags.DEFINE_bool("largest_batch", True,
                              "Bisect on compiles for the largest global batch that fits.")
 _GUESS = flags.DEFINE_integer(
-    "largest_batch_guess", 0, "Start the search for the largest batch here (0: double from "
-    "--batch). Per-chip memory depends on the per-chip batch, so a slice of the same chip "
-    "generation gives a guess: its largest batch / its chips x this slice's chips. Two compiles "
-    "when the guess is the boundary; the search gallops away from it when not.")
+    "largest_batch_guess", 0, "Start the search for the largest batch here (0: grow x8 from "
+    "--batch until the compiler refuses, then follow its out-of-memory figures). Per-chip memory "
+    "depends on the per-chip batch, so a slice of the same chip generation gives a guess: its "
+    "largest batch / its chips x this slice's chips. Two compiles when the guess is the "
+    "boundary.")
 _SIDE_STEPS = flags.DEFINE_bool("side_steps", True, "Also compile the evaluation step (at "
                                  "config.eval_batch_size) and one sampler step (at --batch).")
 _SEARCH = flags.DEFINE_bool("search_mesh", False, "Also compile the data/fsdp/tensor meshes of "
@@ -259,17 +260,24 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
   if largest_batch:
     unit = _batch_unit(experiment)
     verdicts = {batch: out["train"]["oom"]}  # size -> None (fits) or the out-of-memory line.
+    trail = [{"batch": batch, "fits": out["train"]["oom"] is None,
+              "seconds": out["train"]["compile_seconds"]}]
     def fits(size):
       if size not in verdicts:
         start = time.perf_counter()
         verdicts[size] = aot.compile_train(experiment, size).oom
+        seconds = round(time.perf_counter() - start, 1)
+        trail.append({"batch": size, "fits": verdicts[size] is None, "seconds": seconds})
         progress(f"largest batch search: {size} {'does not fit' if verdicts[size] else 'fits'} "
-                 f"({time.perf_counter() - start:.0f} s)")
+                 f"({seconds:.0f} s)")
       return verdicts[size] is None
+    def estimate(size):  # size x available / required, from the compiler's refusal.
+      figures = aot.oom_figures(verdicts.get(size))
+      return None if figures is None else int(size * figures[1] / figures[0])
     good, bad = aot.largest_batch(fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch,
-                                  guess=largest_batch_guess)
+                                  guess=largest_batch_guess, estimate=estimate)
     out["largest_batch"] = {"fits": good, "fails": bad, "fails_with": verdicts.get(bad),
-                            "unit": unit, "compiles": len(verdicts)}
+                            "unit": unit, "compiles": len(verdicts), "trail": trail}
   if mesh_search:
     progress("compiling the slice's meshes")
     out["mesh_search"] = search_mesh(config, tpu_slice, num_slices, batch)

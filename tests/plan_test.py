@@ -88,6 +88,49 @@ def test_largest_batch_from_a_guess_takes_two_compiles_when_it_is_the_boundary()
   assert aot.largest_batch(lambda s: True, 8, 64, limit=256, guess=1000) == (2000, None)
 
 
+def test_largest_batch_follows_the_compilers_out_of_memory_figures():
+  """A compiler that needs fixed + per-example memory and says how much when it refuses."""
+  capacity = 15.75
+  for fixed, per_example, unit in ((3.0, 0.05, 8), (0.4, 0.011, 256), (12.0, 0.9, 4),
+                                   (1.0, 0.0005, 64)):
+    need = lambda size, fixed=fixed, per_example=per_example: fixed + per_example * size
+    boundary = int((capacity - fixed) / per_example) // unit * unit
+    calls = []
+    def fits(size, need=need):
+      calls.append(size)
+      return need(size) <= capacity
+    estimate = lambda size, need=need: int(size * capacity / need(size))
+    for guess in (None, boundary + 40 * unit, boundary // 3):
+      calls.clear()
+      good, bad = aot.largest_batch(fits, unit, 512, limit=64 * 512, guess=guess,
+                                    estimate=estimate)
+      assert (good, bad) == (boundary, boundary + unit), (fixed, guess, calls)
+      assert len(set(calls)) == len(calls), calls
+      # Growth, a few refusals closing in from above, the fit and its neighbour:
+      # bisecting the same bracket takes 8-12 compiles, half of them fits.
+      assert len(calls) <= 6 + (guess == boundary // 3) * 5, (fixed, guess, calls)
+      assert sum(fits_ for fits_ in map(lambda c: need(c) <= capacity, calls)) <= 4, calls
+  # Figures that mislead (or none) cost compiles, never the answer.
+  for estimate in (lambda s: None, lambda s: 10 * s, lambda s: 1, lambda s: s - 1,
+                   lambda s: 3 * s // 4):
+    for boundary in (0, 8, 96, 1000):
+      good, bad = aot.largest_batch(lambda s, b=boundary: s <= b, 8, 64, limit=4096,
+                                    estimate=estimate)
+      assert (good, bad) == (boundary // 8 * 8, boundary // 8 * 8 + 8), boundary
+
+
+def test_out_of_memory_figures_are_read_from_both_of_the_compilers_messages():
+  gib = 2**30
+  assert aot.oom_figures(
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (68.97G) exceeds available HBM (15.75G).") == (68.97 * gib, 15.75 * gib)
+  need, have = aot.oom_figures("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out "
+                               "of memory in memory space hbm. Used 101.5M of 16.00G hbm.")
+  assert (need, have) == (101.5 * 2**20, 16 * gib)
+  assert aot.oom_figures("RESOURCE_EXHAUSTED: something else") is None
+  assert aot.oom_figures(None) is None
+
+
 def test_collectives_count_loop_bodies_by_trip_count():
   hlo = "\n".join([
       "%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {",
@@ -360,6 +403,18 @@ def test_the_largest_batch_compiles_and_one_step_more_does_not():
     assert lb["compiles"] == 2 and report["train"]["verdict"] == "FITS"
   assert lines[0].startswith("compiling the training step at batch 232 for 8 chips")
   assert any(l.startswith(f"largest batch search: {lb['fails']} does not fit") for l in lines)
+  # From a refused batch and no guess, the compiler's figures lead to the same boundary in a few
+  # compiles (at libtpu 0.0.42.1: 1024 needs 68.97G of 15.75G, so 232 fits and 240 does not).
+  with jax.default_matmul_precision("default"):
+    blind = plan_lib.plan(config, "v5e-8", batch=1024, side_steps=False)
+  assert blind["train"]["verdict"] == "DOES NOT FIT"
+  assert (blind["largest_batch"]["fits"], blind["largest_batch"]["fails"]) == (
+      lb["fits"], lb["fails"]), blind["largest_batch"]
+  trail = blind["largest_batch"]["trail"]
+  assert blind["largest_batch"]["compiles"] == len(trail) <= 5, trail
+  assert trail[0] == {"batch": 1024, "fits": False, "seconds": blind["train"]["compile_seconds"]}
+  verdicts = {t["batch"]: t["fits"] for t in trail}
+  assert verdicts[lb["fits"]] and not verdicts[lb["fails"]], trail
   # Checked apart from the search: one unit more is refused, and the reported batch compiles
   # (at 232 the plan's own report of the training step is that compile).
   with jax.default_matmul_precision("default"):

@@ -132,50 +132,92 @@ def compile_sampler(experiment: build.Experiment, batch_size: int) -> Compiled:
 
 
 def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int,
-                  guess: Optional[int] = None) -> tuple[int, Optional[int]]:
+                  guess: Optional[int] = None,
+                  estimate: Optional[Callable[[int], Optional[int]]] = None,
+                  max_estimates: int = 8) -> tuple[int, Optional[int]]:
   """(largest multiple of `unit` for which fits() holds, the next multiple up, which fails).
 
-  Without `guess`: doubles from `start` until a batch fails, then bisects. With
-  `guess` (e.g. a smaller slice's largest batch per chip x this slice's chips):
-  tries it and the next multiple up, then gallops away from it by 1, 2, 4, ...
-  units until the boundary is bracketed, then bisects; two calls when the guess is
-  the answer, and `limit` is raised to 2 x guess. (0, unit) when even `unit`
-  fails; (the last size tried, None) when every size up to `limit` fits.
+  Without `guess`: grows from `start` (x2, or x8 with `estimate`) until a batch
+  fails. With `guess` (e.g. a smaller slice's largest batch per chip x this
+  slice's chips): tries it and the next multiple up (two calls when the guess
+  is the answer; `limit` is raised to 2 x guess), then grows as without one
+  (with `estimate`) or gallops away from it by 1, 2, 4, ... units.
+
+  `estimate(size)`, for a size that failed, is the size its out-of-memory
+  message suggests would fit (size x available / required) or None: the search
+  tries it (again from each new failure, at most `max_estimates` times), gallops
+  up from the first one that fits, then bisects. Where the need is fixed +
+  per-example memory the estimate stays above the boundary and closes on it by
+  the factor fixed / available each time. A failing compile is cheap next to
+  one that fits, so the compiler's figures replace most of the bisection.
+
+  (0, unit) when even `unit` fails; (the last size tried, None) when every size
+  up to `limit` fits.
   """
+  down = lambda size: max(unit, size // unit * unit)
+  growth = 8 if estimate else 2
   good, bad = 0, None
+
+  def grow(size):  # Multiply until a size fails or `limit` fits.
+    nonlocal good, bad
+    while bad is None and fits(size):
+      good = size
+      if size >= limit:
+        return
+      size = min(size * growth, max(limit, size + unit))
+    bad = size
+
   if guess:
-    size = max(unit, guess // unit * unit)
+    size = down(guess)
     limit = max(limit, 2 * size) // unit * unit
-    if fits(size):
+    if not fits(size):
+      bad = size
+    elif estimate:  # The next size up, then on as without a guess.
+      good = size
+      if fits(size + unit):
+        good = size + unit
+        if good < limit:
+          grow(min(good * growth, limit))
+      else:
+        bad = size + unit
+    else:
       good, step = size, unit
       while bad is None and good < limit:
         if fits(min(good + step, limit)):
           good, step = min(good + step, limit), step * 2
         else:
           bad = min(good + step, limit)
-    else:
-      bad, step = size, unit
-      while good == 0 and bad - step >= unit:
-        if fits(bad - step):
-          good = bad - step
-        else:
-          bad, step = bad - step, step * 2
   else:
-    size = max(unit, start // unit * unit)
-    while size <= limit:
-      if fits(size):
-        good, size = size, size * 2
-      else:
-        bad = size
-        break
+    limit = limit // unit * unit
+    grow(down(start))
   if bad is None:
     return good, None
+  estimated = False
+  for _ in range(max_estimates if estimate else 0):  # Follow the compiler's own figures.
+    size = estimate(bad)
+    size = None if size is None else size // unit * unit
+    if size is None or not good < size < bad:
+      break
+    estimated = True
+    if fits(size):
+      good = size
+      break
+    bad = size
+  if good == 0 and (guess or estimated):  # Gallop down from a failure near the boundary.
+    step = unit
+    while good == 0 and bad - step >= unit:
+      if fits(bad - step):
+        good = bad - step
+      else:
+        bad, step = bad - step, step * 2
+  elif estimated:  # Gallop up from the estimate that fit.
+    step = unit
+    while good + step < bad:
+      if fits(good + step):
+        good, step = good + step, step * 2
+      else:
+        bad = good + step
   lo, hi = good // unit, bad // unit  # fits(lo * unit) (or lo = 0), not fits(hi * unit).
-  if lo == 0 and hi > 1:
-    if fits(unit):
-      lo = 1
-    else:
-      return 0, unit
   while hi - lo > 1:
     mid = (lo + hi) // 2
     if fits(mid * unit):
@@ -183,6 +225,28 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     else:
       hi = mid
   return lo * unit, hi * unit
+
+
+_BYTES = r"([\d.]+)\s*([KMGTP]?)i?B?"
+_OOM_FIGURES = (  # (required, available) in the TPU compiler's two out-of-memory messages.
+    re.compile(r"required for HLO temporaries \(" + _BYTES + r"\) exceeds available HBM \("
+               + _BYTES + r"\)"),
+    re.compile(r"Used " + _BYTES + r" of " + _BYTES + r" hbm"),
+)
+
+
+def _to_bytes(number: str, prefix: str) -> float:
+  return float(number) * 1024.0 ** ("KMGTP".index(prefix) + 1 if prefix else 0)
+
+
+def oom_figures(line: Optional[str]) -> Optional[tuple[float, float]]:
+  """(bytes required, bytes available) from the compiler's out-of-memory line, or None."""
+  for pattern in _OOM_FIGURES:
+    match = pattern.search(line or "")
+    if match:
+      need, have = _to_bytes(*match.group(1, 2)), _to_bytes(*match.group(3, 4))
+      return (need, have) if need > 0 else None
+  return None
 
 
 def program_fingerprint(lowered) -> str:
