@@ -260,14 +260,17 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
   if largest_batch:
     unit = _batch_unit(experiment)
     verdicts = {batch: out["train"]["oom"]}  # size -> None (fits) or the out-of-memory line.
+    figures = aot.oom_figures(out["train"]["oom"])
     trail = [{"batch": batch, "fits": out["train"]["oom"] is None,
-              "seconds": out["train"]["compile_seconds"]}]
+              "seconds": out["train"]["compile_seconds"], "required_bytes": figures and figures[0]}]
     def fits(size):
       if size not in verdicts:
         start = time.perf_counter()
         verdicts[size] = aot.compile_train(experiment, size).oom
         seconds = round(time.perf_counter() - start, 1)
-        trail.append({"batch": size, "fits": verdicts[size] is None, "seconds": seconds})
+        figures = aot.oom_figures(verdicts[size])
+        trail.append({"batch": size, "fits": verdicts[size] is None, "seconds": seconds,
+                      "required_bytes": figures and figures[0]})
         progress(f"largest batch search: {size} {'does not fit' if verdicts[size] else 'fits'} "
                  f"({seconds:.0f} s)")
       return verdicts[size] is None

@@ -145,11 +145,12 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
 
   `estimate(size)`, for a size that failed, is the size its out-of-memory
   message suggests would fit (size x available / required) or None: the search
-  tries it (again from each new failure, at most `max_estimates` times), gallops
-  up from the first one that fits, then bisects. Where the need is fixed +
-  per-example memory the estimate stays above the boundary and closes on it by
-  the factor fixed / available each time. A failing compile is cheap next to
-  one that fits, so the compiler's figures replace most of the bisection.
+  tries it (again from each new failure, at most `max_estimates` times),
+  gallops up from the first one that fits, then bisects. Where the need is
+  fixed + per-example memory the estimate stays above the boundary and closes
+  on it by the factor fixed / available each time; where the compiler
+  rematerialises more at larger sizes it closes more slowly, but each step is
+  a refusal, which compiles in a fraction of the time of a program that fits.
 
   (0, unit) when even `unit` fails; (the last size tried, None) when every size
   up to `limit` fits.
@@ -195,8 +196,10 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   estimated = False
   for _ in range(max_estimates if estimate else 0):  # Follow the compiler's own figures.
     size = estimate(bad)
-    size = None if size is None else size // unit * unit
-    if size is None or not good < size < bad:
+    if size is None:
+      break
+    size = size // unit * unit
+    if not good < size < bad:
       break
     estimated = True
     if fits(size):
