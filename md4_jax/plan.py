@@ -260,25 +260,29 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
   if largest_batch:
     unit = _batch_unit(experiment)
     verdicts = {batch: out["train"]["oom"]}  # size -> None (fits) or the out-of-memory line.
-    figures = aot.oom_figures(out["train"]["oom"])
-    trail = [{"batch": batch, "fits": out["train"]["oom"] is None,
-              "seconds": out["train"]["compile_seconds"], "required_bytes": figures and figures[0]}]
+    needs = {}  # size -> bytes: the temporaries of a fit, the requirement of a refusal.
+    trail = []
+    def record(size, oom, temporaries, seconds):
+      figures = aot.oom_figures(oom)
+      verdicts[size], needs[size] = oom, (figures[0] if figures else None) if oom else temporaries
+      trail.append({"batch": size, "fits": oom is None, "seconds": seconds,
+                    "need_bytes": needs[size]})
+    record(batch, out["train"]["oom"], out["train"]["per_chip"].get("temporaries"),
+           out["train"]["compile_seconds"])
     def fits(size):
       if size not in verdicts:
         start = time.perf_counter()
-        verdicts[size] = aot.compile_train(experiment, size).oom
-        seconds = round(time.perf_counter() - start, 1)
-        figures = aot.oom_figures(verdicts[size])
-        trail.append({"batch": size, "fits": verdicts[size] is None, "seconds": seconds,
-                      "required_bytes": figures and figures[0]})
+        result = aot.compile_train(experiment, size)
+        record(size, result.oom, aot.memory(result.compiled)["temp"] if result.fits else None,
+               round(time.perf_counter() - start, 1))
         progress(f"largest batch search: {size} {'does not fit' if verdicts[size] else 'fits'} "
-                 f"({seconds:.0f} s)")
+                 f"({trail[-1]['seconds']:.0f} s)")
       return verdicts[size] is None
-    def estimate(size):  # size x available / required, from the compiler's refusal.
-      figures = aot.oom_figures(verdicts.get(size))
-      return None if figures is None else int(size * figures[1] / figures[0])
+    def capacity():  # What the compiler refuses beyond, from its first refusal.
+      figures = [aot.oom_figures(line) for line in verdicts.values()]
+      return next((f[1] for f in figures if f), None)
     good, bad = aot.largest_batch(fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch,
-                                  guess=largest_batch_guess, estimate=estimate)
+                                  guess=largest_batch_guess, need=needs.get, capacity=capacity)
     out["largest_batch"] = {"fits": good, "fails": bad, "fails_with": verdicts.get(bad),
                             "unit": unit, "compiles": len(verdicts), "trail": trail}
   if mesh_search:

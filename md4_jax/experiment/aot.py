@@ -133,35 +133,40 @@ def compile_sampler(experiment: build.Experiment, batch_size: int) -> Compiled:
 
 def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int,
                   guess: Optional[int] = None,
-                  estimate: Optional[Callable[[int], Optional[int]]] = None,
-                  max_estimates: int = 8) -> tuple[int, Optional[int]]:
+                  need: Optional[Callable[[int], Optional[float]]] = None,
+                  capacity: Optional[Callable[[], Optional[float]]] = None,
+                  ) -> tuple[int, Optional[int]]:
   """(largest multiple of `unit` for which fits() holds, the next multiple up, which fails).
 
-  Without `guess`: grows from `start` (x2, or x8 with `estimate`) until a batch
+  Without `guess`: grows from `start` (x2, or x8 with `need`) until a batch
   fails. With `guess` (e.g. a smaller slice's largest batch per chip x this
   slice's chips): tries it and the next multiple up (two calls when the guess
   is the answer; `limit` is raised to 2 x guess), then grows as without one
-  (with `estimate`) or gallops away from it by 1, 2, 4, ... units.
+  (with `need`) or gallops away from it by 1, 2, 4, ... units.
 
-  `estimate(size)`, for a size that failed, is the size its out-of-memory
-  message suggests would fit (size x available / required) or None: the search
-  tries it (again from each new failure, at most `max_estimates` times),
-  gallops up from the first one that fits, then bisects. Where the need is
-  fixed + per-example memory the estimate stays above the boundary and closes
-  on it by the factor fixed / available each time; where the compiler
-  rematerialises more at larger sizes it closes more slowly, but each step is
-  a refusal, which compiles in a fraction of the time of a program that fits.
+  `need(size)`, for a size already tried, is the memory its compile reported
+  (the temporaries of a program that fits, the requirement in the compiler's
+  refusal) or None; `capacity()` is what the compiler refuses beyond (None while
+  unknown, e.g. until a refusal has said it). With them
+  the bracket closes by false position: the size where the line through the
+  fitting and the refused size's needs reaches `capacity` (from a refusal
+  alone, size x capacity / need); a bisection step instead when the line is
+  unusable or the same end moved twice in a row, so never much slower than
+  bisection. A refusal compiles in a fraction of the time of a program that
+  fits, so overshooting first and following the compiler's figures costs a
+  few compiles where bisection takes 8-17.
 
   (0, unit) when even `unit` fails; (the last size tried, None) when every size
   up to `limit` fits.
   """
   down = lambda size: max(unit, size // unit * unit)
-  growth = 8 if estimate else 2
+  follow = need is not None and capacity is not None
+  growth = 8 if follow else 2
   good, bad = 0, None
 
   def grow(size):  # Multiply until a size fails or `limit` fits.
     nonlocal good, bad
-    while bad is None and fits(size):
+    while fits(size):
       good = size
       if size >= limit:
         return
@@ -173,7 +178,7 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     limit = max(limit, 2 * size) // unit * unit
     if not fits(size):
       bad = size
-    elif estimate:  # The next size up, then on as without a guess.
+    elif follow:  # The next size up, then on as without a guess.
       good = size
       if fits(size + unit):
         good = size + unit
@@ -193,33 +198,29 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     grow(down(start))
   if bad is None:
     return good, None
-  estimated = False
-  for _ in range(max_estimates if estimate else 0):  # Follow the compiler's own figures.
-    size = estimate(bad)
-    if size is None:
-      break
-    size = size // unit * unit
-    if not good < size < bad:
-      break
-    estimated = True
-    if fits(size):
-      good = size
-      break
-    bad = size
-  if good == 0 and (guess or estimated):  # Gallop down from a failure near the boundary.
+  if follow:
+    moved = []  # Which end each step moved.
+    while bad - good > unit:
+      size = _false_position(good, bad, need, capacity())
+      if good == 0:  # Nothing fits yet: from above, as long as the refusals say how much.
+        if size is None or len(moved) >= 8:
+          break
+      elif size is None or moved[-2:] in (["good"] * 2, ["bad"] * 2):
+        size = (good + bad) / 2
+      size = min(max(int(size) // unit * unit, good + unit), bad - unit)
+      if fits(size):
+        good = size
+        moved.append("good")
+      else:
+        bad = size
+        moved.append("bad")
+  if good == 0 and (guess or follow):  # Gallop down from a failure near the boundary.
     step = unit
     while good == 0 and bad - step >= unit:
       if fits(bad - step):
         good = bad - step
       else:
         bad, step = bad - step, step * 2
-  elif estimated:  # Gallop up from the estimate that fit.
-    step = unit
-    while good + step < bad:
-      if fits(good + step):
-        good, step = good + step, step * 2
-      else:
-        bad = good + step
   lo, hi = good // unit, bad // unit  # fits(lo * unit) (or lo = 0), not fits(hi * unit).
   while hi - lo > 1:
     mid = (lo + hi) // 2
@@ -228,6 +229,20 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     else:
       hi = mid
   return lo * unit, hi * unit
+
+
+def _false_position(good: int, bad: int, need: Callable[[int], Optional[float]],
+                    capacity: Optional[float]) -> Optional[float]:
+  """Where the needs measured at `good` (fits; 0: none) and `bad` (refused) reach capacity."""
+  above = need(bad)
+  if capacity is None:
+    return None
+  if not above or above <= capacity:
+    return None
+  below = need(good) if good else None
+  if below is None or not 0 < below < capacity:
+    return None if good else bad * capacity / above
+  return good + (capacity - below) * (bad - good) / (above - below)
 
 
 _BYTES = r"([\d.]+)\s*([KMGTP]?)i?B?"
