@@ -52,7 +52,7 @@ _LARGEST = flags.DEFINE_bool("largest_batch", True,
                              "Bisect on compiles for the largest global batch that fits.")
 _GUESS = flags.DEFINE_integer(
     "largest_batch_guess", 0, "Start the search for the largest batch here (0: grow x8 from "
-    "--batch until the compiler refuses, then follow its out-of-memory figures). Per-chip memory "
+    "--batch until the compiler refuses, then follow its memory figures). Per-chip memory "
     "depends on the per-chip batch, so a slice of the same chip generation gives a guess: its "
     "largest batch / its chips x this slice's chips. Two compiles when the guess is the "
     "boundary.")
