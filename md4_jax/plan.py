@@ -49,7 +49,7 @@ _SLICE = flags.DEFINE_string("slice", None, "Cloud TPU accelerator type, e.g. v5
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (data parallel).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global training batch (0: config.batch_size).")
 _LARGEST = flags.DEFINE_bool("largest_batch", True,
-                             "Bisect on compiles for the largest global batch that fits.")
+                             "Search on compiles for the largest global batch that fits.")
 _GUESS = flags.DEFINE_integer(
     "largest_batch_guess", 0, "Start the search for the largest batch here (0: grow x8 from "
     "--batch until the compiler refuses, then follow its memory figures). Per-chip memory "

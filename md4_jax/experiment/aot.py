@@ -147,14 +147,14 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   `need(size)`, for a size already tried, is the memory its compile reported
   (the temporaries of a program that fits, the requirement in the compiler's
   refusal) or None; `capacity()` is what the compiler refuses beyond (None while
-  unknown, e.g. until a refusal has said it). With them
-  the bracket closes by false position: the size where the line through the
-  fitting and the refused size's needs reaches `capacity` (from a refusal
-  alone, size x capacity / need); a bisection step instead when the line is
-  unusable or the same end moved twice in a row, so never much slower than
-  bisection. A refusal compiles in a fraction of the time of a program that
-  fits, so overshooting first and following the compiler's figures costs a
-  few compiles where bisection takes 8-17.
+  unknown, e.g. until a refusal has said it). With them the bracket closes by
+  false position: the size where the line through the fitting and the refused
+  size's needs reaches capacity (from a refusal alone, size x capacity / need);
+  a bisection step instead when the line is unusable or the same end moved
+  twice in a row, so never much slower than bisection. A refusal compiles in a
+  fraction of the time of a program that fits, so overshooting first and
+  following the compiler's figures costs a few compiles where memory grows
+  about linearly with the batch.
 
   (0, unit) when even `unit` fails; (the last size tried, None) when every size
   up to `limit` fits.
