@@ -259,32 +259,35 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
     out["sampler"] = {"batch_size": batch, **_side_report(aot.compile_sampler(experiment, batch))}
   if largest_batch:
     unit = _batch_unit(experiment)
-    verdicts = {batch: out["train"]["oom"]}  # size -> None (fits) or the out-of-memory line.
-    needs = {}  # size -> bytes: the temporaries of a fit, the requirement of a refusal.
-    trail = []
+    # size -> (None if it fits, else the out-of-memory line; the bytes it needs: the
+    # temporaries of a fit, the requirement of a refusal). The trail keeps the compiles' order.
+    tried, trail = {}, []
+    available = []  # What the compiler refuses beyond, from the first refusal that says it.
     def record(size, oom, temporaries, seconds):
       figures = aot.oom_figures(oom)
-      verdicts[size], needs[size] = oom, (figures[0] if figures else None) if oom else temporaries
+      if figures and not available:
+        available.append(figures[1])
+      tried[size] = oom, (figures[0] if figures else None) if oom else temporaries
       trail.append({"batch": size, "fits": oom is None, "seconds": seconds,
-                    "need_bytes": needs[size]})
+                    "need_bytes": tried[size][1]})
     record(batch, out["train"]["oom"], out["train"]["per_chip"].get("temporaries"),
            out["train"]["compile_seconds"])
     def fits(size):
-      if size not in verdicts:
+      if size not in tried:
         start = time.perf_counter()
         result = aot.compile_train(experiment, size)
         record(size, result.oom, aot.memory(result.compiled)["temp"] if result.fits else None,
                round(time.perf_counter() - start, 1))
-        progress(f"largest batch search: {size} {'does not fit' if verdicts[size] else 'fits'} "
+        progress(f"largest batch search: {size} {'does not fit' if tried[size][0] else 'fits'} "
                  f"({trail[-1]['seconds']:.0f} s)")
-      return verdicts[size] is None
-    def capacity():  # What the compiler refuses beyond, from its first refusal.
-      figures = [aot.oom_figures(line) for line in verdicts.values()]
-      return next((f[1] for f in figures if f), None)
-    good, bad = aot.largest_batch(fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch,
-                                  guess=largest_batch_guess, need=needs.get, capacity=capacity)
-    out["largest_batch"] = {"fits": good, "fails": bad, "fails_with": verdicts.get(bad),
-                            "unit": unit, "compiles": len(verdicts), "trail": trail}
+      return tried[size][0] is None
+    good, bad = aot.largest_batch(
+        fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch, guess=largest_batch_guess,
+        need=lambda size: tried[size][1] if size in tried else None,
+        capacity=lambda: available[0] if available else None)
+    out["largest_batch"] = {"fits": good, "fails": bad,
+                            "fails_with": tried[bad][0] if bad in tried else None,
+                            "unit": unit, "compiles": len(tried), "trail": trail}
   if mesh_search:
     progress("compiling the slice's meshes")
     out["mesh_search"] = search_mesh(config, tpu_slice, num_slices, batch)

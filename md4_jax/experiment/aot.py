@@ -234,9 +234,9 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
 def _false_position(good: int, bad: int, need: Callable[[int], Optional[float]],
                     capacity: Optional[float]) -> Optional[float]:
   """Where the needs measured at `good` (fits; 0: none) and `bad` (refused) reach capacity."""
-  above = need(bad)
   if capacity is None:
     return None
+  above = need(bad)
   if not above or above <= capacity:
     return None
   below = need(good) if good else None
