@@ -278,8 +278,10 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, *, num_slices: int 
         result = aot.compile_train(experiment, size)
         record(size, result.oom, aot.memory(result.compiled)["temp"] if result.fits else None,
                round(time.perf_counter() - start, 1))
-        progress(f"largest batch search: {size} {'does not fit' if tried[size][0] else 'fits'} "
-                 f"({trail[-1]['seconds']:.0f} s)")
+        oom, need = tried[size]
+        progress(f"largest batch search: {size} {'does not fit' if oom else 'fits'} "
+                 f"({trail[-1]['seconds']:.0f} s; {_gib(need)} "
+                 f"{'required' if oom else 'of temporaries'} per chip)")
       return tried[size][0] is None
     good, bad = aot.largest_batch(
         fits, unit, batch, limit=LARGEST_BATCH_FACTOR * batch, guess=largest_batch_guess,

@@ -15,7 +15,9 @@ it: its temporaries include on-chip VMEM/SMEM buffers and buffers that share
 HBM with others; it is reported, not used for the verdict.
 """
 
+import ctypes
 import dataclasses
+import gc
 import glob
 import hashlib
 import math
@@ -95,6 +97,7 @@ class Compiled:
 
 
 def compile_or_oom(lower: Callable[[], Any], compiler_options: Optional[dict] = None) -> Compiled:
+  """Compile, or the compiler's out-of-memory line; JAX's caches are emptied afterwards."""
   try:
     return Compiled(compiled=lower().compile(compiler_options=compiler_options))
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError's type moves.
@@ -102,6 +105,24 @@ def compile_or_oom(lower: Callable[[], Any], compiler_options: Optional[dict] = 
     if line is None:
       raise
     return Compiled(oom=line)
+  finally:
+    release_host_memory()
+
+
+def release_host_memory() -> None:
+  """Drop JAX's caches of traced and compiled programs and hand freed memory back to the OS.
+
+  JAX keeps every executable `.lower().compile()` builds; a plan compiles one shape after
+  another and never runs them, so without this the host's memory grows by each program (an
+  ImageNet 64 search on v5p-128 reached 24 GB after a dozen compiles and was killed). The
+  executable a caller holds stays alive.
+  """
+  jax.clear_caches()
+  gc.collect()
+  try:  # glibc keeps freed arenas mapped; elsewhere there is nothing to trim.
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
 
 
 def compile_train(experiment: build.Experiment, batch_size: int) -> Compiled:
@@ -147,13 +168,15 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   `need(size)`, for a size already tried, is the memory its compile reported
   (the temporaries of a program that fits, the requirement in the compiler's
   refusal) or None; `capacity()` is what the compiler refuses beyond (None while
-  unknown, e.g. until a refusal has said it). With them the bracket closes by
-  false position: the size where the line through the fitting and the refused
-  size's needs reaches capacity (from a refusal alone, size x capacity / need);
-  a bisection step instead when the line is unusable or the same end moved
-  twice in a row, so never much slower than bisection. A refusal compiles in a
-  fraction of the time of a program that fits, so overshooting first and
-  following the compiler's figures costs a few compiles where memory grows
+  unknown, e.g. until a refusal has said it). With them the bracket closes on
+  the compiler's figures: the size where the line through the smallest and the
+  largest fit's temporaries reaches capacity, while that lies below the smallest
+  refusal; else by false position, where the line through the largest fit's and
+  the smallest refusal's needs does (from a refusal alone, size x capacity /
+  need); a bisection step instead when neither line is usable or the same end
+  moved twice in a row, so never much slower than bisection. A refusal
+  compiles in a fraction of the time of a program that fits, so overshooting
+  first and following the figures costs a few compiles where memory grows
   about linearly with the batch.
 
   (0, unit) when even `unit` fails; (the last size tried, None) when every size
@@ -163,6 +186,8 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   follow = need is not None and capacity is not None
   growth = 8 if follow else 2
   good, bad = 0, None
+  fitted = []  # Every size that fitted, for the line through their temporaries.
+  fits = _noting_fits(fits, fitted)
 
   def grow(size):  # Multiply until a size fails or `limit` fits.
     nonlocal good, bad
@@ -176,6 +201,8 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   if guess:
     size = down(guess)
     limit = max(limit, 2 * size) // unit * unit
+    if follow and start != size and need(start) is not None:
+      fits(start)  # Tried already (e.g. the plan's own compile): a point for the fits' line.
     if not fits(size):
       bad = size
     elif follow:  # The next size up, then on as without a guess.
@@ -201,7 +228,7 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   if follow:
     moved = []  # Which end each step moved.
     while bad - good > unit:
-      size = _false_position(good, bad, need, capacity())
+      size = _estimate(good, bad, fitted, need, capacity())
       if good == 0:  # Nothing fits yet: from above, as long as the refusals say how much.
         if size is None or len(moved) >= 8:
           break
@@ -229,6 +256,39 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     else:
       hi = mid
   return lo * unit, hi * unit
+
+
+def _noting_fits(fits: Callable[[int], bool], fitted: list[int]) -> Callable[[int], bool]:
+  """fits(), appending each size that fits to `fitted`."""
+  def noted(size: int) -> bool:
+    if fits(size):
+      fitted.append(size)
+      return True
+    return False
+  return noted
+
+
+def _estimate(good: int, bad: int, fitted: list[int], need: Callable[[int], Optional[float]],
+              capacity: Optional[float]) -> Optional[float]:
+  """Where memory reaches capacity: on the line through the smallest and largest fits'
+  temporaries when it lands below the refused size, else by false position.
+
+  The fits' temporaries are what the compiler placed; a refusal far beyond the boundary can
+  report more than their line predicts, and a line through it then lands short, each time on
+  one more program that fits: the slowest compile (ImageNet 64 on v5p-128 crept from 8256 to
+  10048 in seven fits of about 5 minutes each, between refusals at 66048, 37312, 23168).
+  Once the fits' line has been refused, the refusal is near the boundary and its figure is used.
+  """
+  if capacity is None:
+    return None
+  points = sorted((s, need(s)) for s in fitted if s > 0)
+  points = [(s, n) for s, n in points if n and 0 < n < capacity]
+  if len(points) >= 2 and points[-1][1] > points[0][1]:
+    (s0, n0), (s1, n1) = points[0], points[-1]
+    at = s1 + (capacity - n1) * (s1 - s0) / (n1 - n0)
+    if at < bad:
+      return at
+  return _false_position(good, bad, need, capacity)
 
 
 def _false_position(good: int, bad: int, need: Callable[[int], Optional[float]],
