@@ -169,15 +169,14 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   (the temporaries of a program that fits, the requirement in the compiler's
   refusal) or None; `capacity()` is what the compiler refuses beyond (None while
   unknown, e.g. until a refusal has said it). With them the bracket closes on
-  the compiler's figures: the size where the line through the smallest and the
-  largest fit's temporaries reaches capacity, while that lies below the smallest
-  refusal; else by false position, where the line through the largest fit's and
-  the smallest refusal's needs does (from a refusal alone, size x capacity /
-  need); a bisection step instead when neither line is usable or the same end
-  moved twice in a row, so never much slower than bisection. A refusal
-  compiles in a fraction of the time of a program that fits, so overshooting
-  first and following the figures costs a few compiles where memory grows
-  about linearly with the batch.
+  the compiler's figures (`_estimate`: the line through the two smallest
+  refusals' requirements, the line through the fits' temporaries, or false
+  position between the largest fit and the smallest refusal; from a refusal
+  alone, size x capacity / need); a bisection step instead when none lands
+  inside the bracket or the same end moved twice in a row, so never much
+  slower than bisection. A refusal compiles in a fraction of the time of a
+  program that fits, so overshooting first and following the figures costs a
+  few compiles where memory grows about linearly with the batch.
 
   (0, unit) when even `unit` fails; (the last size tried, None) when every size
   up to `limit` fits.
@@ -186,8 +185,8 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   follow = need is not None and capacity is not None
   growth = 8 if follow else 2
   good, bad = 0, None
-  fitted = []  # Every size that fitted, for the line through their temporaries.
-  fits = _noting_fits(fits, fitted)
+  tried = {}  # size -> whether it fitted, for the lines through the compiler's figures.
+  fits = _noting_fits(fits, tried)
 
   def grow(size):  # Multiply until a size fails or `limit` fits.
     nonlocal good, bad
@@ -202,7 +201,7 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
     size = down(guess)
     limit = max(limit, 2 * size) // unit * unit
     if follow and start != size and need(start) is not None:
-      fits(start)  # Tried already (e.g. the plan's own compile): a point for the fits' line.
+      fits(start)  # Tried already (the plan's own compile): a point for the lines, free.
     if not fits(size):
       bad = size
     elif follow:  # The next size up, then on as without a guess.
@@ -228,7 +227,7 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   if follow:
     moved = []  # Which end each step moved.
     while bad - good > unit:
-      size = _estimate(good, bad, fitted, need, capacity())
+      size = _estimate(good, bad, tried, need, capacity())
       if good == 0:  # Nothing fits yet: from above, as long as the refusals say how much.
         if size is None or len(moved) >= 8:
           break
@@ -258,35 +257,41 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, limit: int
   return lo * unit, hi * unit
 
 
-def _noting_fits(fits: Callable[[int], bool], fitted: list[int]) -> Callable[[int], bool]:
-  """fits(), appending each size that fits to `fitted`."""
+def _noting_fits(fits: Callable[[int], bool], tried: dict[int, bool]) -> Callable[[int], bool]:
+  """fits(), noting each size's verdict in `tried`."""
   def noted(size: int) -> bool:
-    if fits(size):
-      fitted.append(size)
-      return True
-    return False
+    tried[size] = fits(size)
+    return tried[size]
   return noted
 
 
-def _estimate(good: int, bad: int, fitted: list[int], need: Callable[[int], Optional[float]],
-              capacity: Optional[float]) -> Optional[float]:
-  """Where memory reaches capacity: on the line through the smallest and largest fits'
-  temporaries when it lands below the refused size, else by false position.
+def _estimate(good: int, bad: int, tried: dict[int, bool],
+              need: Callable[[int], Optional[float]], capacity: Optional[float]) -> Optional[float]:
+  """Where the program's memory reaches capacity, from the compiler's figures; None if unknown.
 
-  The fits' temporaries are what the compiler placed; a refusal far beyond the boundary can
-  report more than their line predicts, and a line through it then lands short, each time on
-  one more program that fits: the slowest compile (ImageNet 64 on v5p-128 crept from 8256 to
-  10048 in seven fits of about 5 minutes each, between refusals at 66048, 37312, 23168).
-  Once the fits' line has been refused, the refusal is near the boundary and its figure is used.
+  In order, the first that lands inside (good, bad):
+  - the line through the two smallest refusals' requirements, extended down to capacity: above
+    the boundary the TPU compiler's requirement grows about linearly with the batch (ImageNet 64
+    on v5p-128: 100.66G at 13120, 154.80G at 16576; the line reaches 95.74G at 12807, the
+    boundary is 13056);
+  - the line through the smallest and largest fit's temporaries, where they still grow with
+    the batch (below the boundary the compiler fills the HBM it has, recomputing less: 85.4 GiB
+    at 4096 and 88.0 GiB at 13056 there, so this line often lands beyond the refusals);
+  - false position between the largest fit and the smallest refusal (from a refusal alone,
+    size x capacity / need).
   """
   if capacity is None:
     return None
-  points = sorted((s, need(s)) for s in fitted if s > 0)
-  points = [(s, n) for s, n in points if n and 0 < n < capacity]
-  if len(points) >= 2 and points[-1][1] > points[0][1]:
-    (s0, n0), (s1, n1) = points[0], points[-1]
-    at = s1 + (capacity - n1) * (s1 - s0) / (n1 - n0)
-    if at < bad:
+  def crossing(points):
+    (s0, n0), (s1, n1) = points
+    return s1 + (capacity - n1) * (s1 - s0) / (n1 - n0) if n1 > n0 else None
+  refused = sorted((s, need(s)) for s, ok in tried.items() if not ok)
+  refused = [(s, n) for s, n in refused if n and n > capacity][:2]
+  fitted = sorted((s, need(s)) for s, ok in tried.items() if ok)
+  fitted = [(s, n) for s, n in fitted if n and 0 < n < capacity]
+  for points in (refused, fitted[:1] + fitted[-1:]):
+    at = crossing(points) if len(points) == 2 and points[0][0] < points[1][0] else None
+    if at is not None and good < at < bad:
       return at
   return _false_position(good, bad, need, capacity)
 
