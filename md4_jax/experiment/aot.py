@@ -282,15 +282,13 @@ def _estimate(good: int, bad: int, tried: dict[int, bool],
   """
   if capacity is None:
     return None
-  def crossing(points):
-    (s0, n0), (s1, n1) = points
-    return s1 + (capacity - n1) * (s1 - s0) / (n1 - n0) if n1 > n0 else None
   refused = sorted((s, need(s)) for s, ok in tried.items() if not ok)
   refused = [(s, n) for s, n in refused if n and n > capacity][:2]
   fitted = sorted((s, need(s)) for s, ok in tried.items() if ok)
   fitted = [(s, n) for s, n in fitted if n and 0 < n < capacity]
   for points in (refused, fitted[:1] + fitted[-1:]):
-    at = crossing(points) if len(points) == 2 and points[0][0] < points[1][0] else None
+    at = (_crossing(*points, capacity)
+          if len(points) == 2 and points[0][0] < points[1][0] else None)
     if at is not None and good < at < bad:
       return at
   return _false_position(good, bad, need, capacity)
@@ -307,7 +305,14 @@ def _false_position(good: int, bad: int, need: Callable[[int], Optional[float]],
   below = need(good) if good else None
   if below is None or not 0 < below < capacity:
     return None if good else bad * capacity / above
-  return good + (capacity - below) * (bad - good) / (above - below)
+  return _crossing((good, below), (bad, above), capacity)
+
+
+def _crossing(a: tuple[int, float], b: tuple[int, float], capacity: float) -> Optional[float]:
+  """The size where the line through two (size, need) points reaches capacity; None if flat
+  or falling."""
+  (s0, n0), (s1, n1) = a, b
+  return s0 + (capacity - n0) * (s1 - s0) / (n1 - n0) if n1 > n0 else None
 
 
 _BYTES = r"([\d.]+)\s*([KMGTP]?)i?B?"
